@@ -1,0 +1,61 @@
+"""Small tensor helpers shared by the engines and by plugins (losses, combiners, generators).
+
+Shapes: teacher logits ``[K, B, C]``, ``known`` ``[K, C]`` (bool: teacher k knows class c),
+probabilities ``[..., C]`` summing to 1 over the last axis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The logit given to a class a teacher cannot predict (or that has probability 0): finite,
+# so no NaN ever appears, and low enough that exp() of it is 0 at any usable temperature.
+IMPOSSIBLE = -1e4
+
+
+def masked_log_softmax(
+    logits: torch.Tensor, known: torch.Tensor | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """``log_softmax(logits / T)`` over the classes in ``known`` (others get IMPOSSIBLE)."""
+    z = logits.float() / temperature
+    if known is not None:
+        mask = known if known.dim() == z.dim() else known.unsqueeze(-2)
+        z = z.masked_fill(~mask, IMPOSSIBLE)
+    return torch.log_softmax(z.clamp_min(IMPOSSIBLE), dim=-1)
+
+
+def teacher_probs(
+    logits: torch.Tensor, known: torch.Tensor | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Each teacher's probabilities at temperature T, renormalized over the classes it knows."""
+    return masked_log_softmax(logits, known, temperature).exp()
+
+
+def standardize(
+    logits: torch.Tensor, known: torch.Tensor | None = None, eps: float = 1e-6
+) -> torch.Tensor:
+    """Logit standardization (Sun et al. 2024): z-score each logit vector over known classes."""
+    z = logits.float()
+    if known is None:
+        known = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
+    mask = (known if known.dim() == z.dim() else known.unsqueeze(-2)).expand_as(z)
+    # ignore impossible classes (very low logits) so one zero probability does not dominate
+    valid = mask & (z > IMPOSSIBLE / 2)
+    count = valid.sum(-1, keepdim=True).clamp_min(1)
+    mean = (z * valid).sum(-1, keepdim=True) / count
+    var = (((z - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    out = (z - mean) / (var.sqrt() + eps)
+    return torch.where(valid, out, torch.full_like(out, IMPOSSIBLE))
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) over the last axis; 0·log 0 counts as 0."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
+
+
+def normalize_weights(weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Non-negative weights rescaled to sum to 1 along ``dim`` (uniform where all are 0)."""
+    weights = weights.clamp_min(0)
+    total = weights.sum(dim, keepdim=True)
+    uniform = torch.full_like(weights, 1.0 / weights.shape[dim])
+    return torch.where(total > 0, weights / total.clamp_min(1e-30), uniform)

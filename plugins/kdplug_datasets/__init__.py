@@ -1,0 +1,137 @@
+"""Data sources: disk, parquet, csv, imagefolder, hf (the hub) and sklearn's bundled sets.
+
+Every factory returns a ``datasets.Dataset``; the core's data path detects its columns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kdplug
+from kdplug import UsageError
+
+__version__ = kdplug.__version__
+
+
+def _existing(ref: str, what: str) -> Path:
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise UsageError(f"{what}: no such file or directory: {ref}")
+    return path
+
+
+def _one_split(data, split: str | None, ref: str):
+    """A Dataset from a Dataset or DatasetDict, choosing ``split``."""
+    from datasets import DatasetDict
+
+    if not isinstance(data, DatasetDict):
+        return data
+    if split is None:
+        split = "train" if "train" in data else (next(iter(data)) if len(data) == 1 else None)
+    if split not in data:
+        raise UsageError(f"{ref}: choose a split with split=NAME (splits: {list(data)})")
+    return data[split]
+
+
+def disk(ref: str, split: str | None = None):
+    """A dataset saved with datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    import datasets
+
+    path = _existing(ref, "disk")
+    try:
+        data = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise UsageError(f"disk:{ref} is not a readable saved dataset ({exc})") from exc
+    return _one_split(data, split, ref)
+
+
+def _files(builder: str, ref: str, **kwargs):
+    import datasets
+
+    path = _existing(ref, builder)
+    files = sorted(str(p) for p in path.glob(f"*.{builder}")) if path.is_dir() else [str(path)]
+    if not files:
+        raise UsageError(f"{builder}: no .{builder} files in {ref}")
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    except Exception as exc:  # datasets raises many types for a bad file
+        raise UsageError(f"{builder}:{ref} could not be read: {exc}") from exc
+
+
+def parquet(ref: str):
+    """Parquet file(s): a file or a directory of *.parquet (tabular or with an image column)."""
+    return _files("parquet", ref)
+
+
+def csv(ref: str):
+    """CSV file(s): a file or a directory of *.csv; numeric columns are the features."""
+    return _files("csv", ref)
+
+
+def imagefolder(ref: str, split: str = "train"):
+    """A folder of images with one subfolder per class (datasets' imagefolder builder)."""
+    import datasets
+
+    path = _existing(ref, "imagefolder")
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    except Exception as exc:
+        raise UsageError(f"imagefolder:{ref} could not be read: {exc}") from exc
+
+
+def hf(ref: str, split: str = "train", config: str | None = None, revision: str | None = None):
+    """A dataset from the Hugging Face hub or a local dataset directory (load_dataset)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(ref, config, split=split, revision=revision)
+    except Exception as exc:
+        raise UsageError(f"hf:{ref} could not be loaded: {type(exc).__name__}: {exc}") from exc
+
+
+SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer")
+
+
+def sklearn(ref: str):
+    """scikit-learn's bundled data: digits (8x8 grayscale images), iris, wine, breast_cancer."""
+    if ref not in SKLEARN_SETS:
+        raise UsageError(f"sklearn:{ref} is not bundled; choose one of {', '.join(SKLEARN_SETS)}")
+    return _sklearn_dataset(ref)
+
+
+def _sklearn_dataset(ref: str):
+    import datasets
+    import numpy as np
+    from sklearn import datasets as bundled
+
+    data = getattr(bundled, f"load_{ref}")()
+    names = [str(n) for n in data.target_names]
+    label = datasets.ClassLabel(names=names)
+    if ref == "digits":
+        images = (data.images * (255.0 / 16.0)).round().astype(np.uint8)
+        features = datasets.Features({"image": datasets.Image(), "label": label})
+        columns = {"image": list(images), "label": data.target.tolist()}
+    else:
+        keys = [
+            str(n).replace(" ", "_").replace("(", "").replace(")", "") for n in data.feature_names
+        ]
+        features = datasets.Features(
+            {**{k: datasets.Value("float32") for k in keys}, "label": label}
+        )
+        columns = {
+            **{k: data.data[:, i].tolist() for i, k in enumerate(keys)},
+            "label": data.target.tolist(),
+        }
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    dataset._fingerprint = f"sklearn-{ref}-v1"
+    return dataset
+
+
+@kdplug.hookimpl
+def register_datasets(register):
+    register("disk", disk)
+    register("parquet", parquet)
+    register("csv", csv)
+    register("imagefolder", imagefolder)
+    register("hf", hf)
+    register("sklearn", sklearn)
