@@ -1,0 +1,64 @@
+"""Shared test setup: no network, one thread per process, tiny datasets made here."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(
+    *args: str,
+    env: dict | None = None,
+    check: bool = False,
+    timeout: float = 600,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python -m kdplug ARGS`` in a real subprocess and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-m", "kdplug", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"kdplug {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def digits_splits(tmp_path_factory) -> dict[str, str]:
+    """scikit-learn digits saved to disk as labeled / unlabeled / test splits (disk: specs).
+
+    labeled: 150 rows, unlabeled: 1200 rows (labels kept, for measuring), test: 447 rows.
+    """
+    import numpy as np
+
+    from kdplug.data import load_data
+
+    dataset = load_data("sklearn:digits").dataset
+    order = np.random.default_rng(0).permutation(len(dataset))
+    parts = {"labeled": order[:150], "unlabeled": order[150:1350], "test": order[1350:]}
+    root = tmp_path_factory.mktemp("digits")
+    paths = {}
+    for name, rows in parts.items():
+        path = root / name
+        dataset.select(sorted(rows.tolist())).save_to_disk(str(path))
+        paths[name] = f"disk:{path}"
+    return paths
