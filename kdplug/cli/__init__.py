@@ -76,7 +76,8 @@ def build_cli() -> click.Group:
     from kdplug.plugins import get_manager
 
     for module in pkgutil.iter_modules(__path__):
-        for command in importlib.import_module(f"{__name__}.{module.name}").COMMANDS:
+        imported = importlib.import_module(f"{__name__}.{module.name}")
+        for command in getattr(imported, "COMMANDS", ()):
             cli.add_command(command)
     get_manager().add_commands(cli)
     return cli

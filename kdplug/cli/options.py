@@ -1,0 +1,55 @@
+"""Click options shared by the commands that run teachers over data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import click
+
+from kdplug.device import DEVICES
+
+
+def teachers_option(required: bool = True) -> Callable:
+    return click.option(
+        "--teacher",
+        "teachers",
+        multiple=True,
+        required=required,
+        metavar="SPEC",
+        help="A teacher spec; repeat for several teachers.",
+    )
+
+
+def _allow_pickle(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        os.environ["KDPLUG_ALLOW_PICKLE"] = "1"
+    return value
+
+
+allow_pickle_option = click.option(
+    "--allow-pickle",
+    is_flag=True,
+    expose_value=False,
+    callback=_allow_pickle,
+    help="Trust pickle/joblib model files (they can run arbitrary code when loaded).",
+)
+
+calibration_option = click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Temperatures from `kdplug teachers calibrate`, applied to the teachers.",
+)
+
+device_option = click.option(
+    "--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} (or cuda:N)."
+)
+
+batch_size_option = click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Rows per batch.",
+)
