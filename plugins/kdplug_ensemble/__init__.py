@@ -1,1 +1,65 @@
-"""x"""
+"""Combiners: turn K teachers' logits into per-row teacher weights and one soft target.
+
+A combiner is called as ``combiner(logits [K, B, C], known [K, C], labels [B],
+temperature)`` and returns ``(weights [K, B], target [B, C])``. Weights come from the
+teachers' probabilities at temperature 1; the target mixes their probabilities at
+``temperature``. See docs/combiners.md.
+"""
+
+from __future__ import annotations
+
+import kdplug
+
+__version__ = kdplug.__version__
+
+
+def mean():
+    """Average of the teachers' probabilities (equal weights)."""
+    from kdplug_ensemble.mean import Mean
+
+    return Mean()
+
+
+def mean_logits():
+    """Softmax of the teachers' average log-probabilities (equal weights)."""
+    from kdplug_ensemble.mean import MeanLogits
+
+    return MeanLogits()
+
+
+def weighted(weights: list[float] | None = None):
+    """Fixed teacher weights, e.g. weighted:weights=0.5;0.3;0.2 (normalized to sum 1)."""
+    from kdplug_ensemble.weighted import Weighted
+
+    return Weighted(weights=weights)
+
+
+def entropy():
+    """EBKD: lower-entropy (more confident) teachers weigh more, per row."""
+    from kdplug_ensemble.confidence import Entropy
+
+    return Entropy()
+
+
+def ca_mkd():
+    """CA-MKD: weights from each teacher's cross-entropy on the label (entropy if unlabeled)."""
+    from kdplug_ensemble.confidence import ConfidenceAware
+
+    return ConfidenceAware()
+
+
+def best():
+    """Per row, all weight on the teacher with the highest max-probability."""
+    from kdplug_ensemble.confidence import Best
+
+    return Best()
+
+
+@kdplug.hookimpl
+def register_combiners(register):
+    register("mean", mean)
+    register("mean-logits", mean_logits)
+    register("weighted", weighted)
+    register("entropy", entropy)
+    register("ca-mkd", ca_mkd)
+    register("best", best)

@@ -1,1 +1,70 @@
-"""x"""
+"""Loss strategies: ``ce``, ``kd`` (Hinton), ``dkd`` (decoupled KD), ``dist`` (DIST).
+
+The engine's total loss on a batch is ``ce_weight * CE(labeled rows) + kd_weight * loss``;
+each loss below is the distillation part. Options and defaults live only in these
+factories; the implementations (which import torch) validate them. See docs/losses.md.
+"""
+
+from __future__ import annotations
+
+import kdplug
+
+__version__ = kdplug.__version__
+
+
+def ce(ce_weight: float = 1.0):
+    """Cross-entropy on the labeled rows only; no teachers are run."""
+    from kdplug_losses.ce import LabelsOnly
+
+    return LabelsOnly(ce_weight=ce_weight)
+
+
+def kd(T: float = 4.0, standardize: bool = False, ce_weight: float = 0.1, kd_weight: float = 0.9):
+    """Hinton KD: T^2 * KL(target || softmax(student / T)) on every row."""
+    from kdplug_losses.kd import KD
+
+    return KD(T=T, standardize=standardize, ce_weight=ce_weight, kd_weight=kd_weight)
+
+
+def dkd(
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    T: float = 4.0,
+    warmup: int = 20,
+    standardize: bool = False,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+):
+    """Decoupled KD: T^2 * (alpha * TCKD + beta * NCKD), warmed up over `warmup` epochs."""
+    from kdplug_losses.dkd import DKD
+
+    return DKD(
+        alpha=alpha,
+        beta=beta,
+        T=T,
+        warmup=warmup,
+        standardize=standardize,
+        ce_weight=ce_weight,
+        kd_weight=kd_weight,
+    )
+
+
+def dist(
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    tau: float = 1.0,
+    ce_weight: float = 1.0,
+    kd_weight: float = 1.0,
+):
+    """DIST: tau^2 * (beta * inter + gamma * intra), 1 - Pearson correlation terms."""
+    from kdplug_losses.dist import DIST
+
+    return DIST(beta=beta, gamma=gamma, tau=tau, ce_weight=ce_weight, kd_weight=kd_weight)
+
+
+@kdplug.hookimpl
+def register_losses(register):
+    register("ce", ce)
+    register("kd", kd)
+    register("dkd", dkd)
+    register("dist", dist)

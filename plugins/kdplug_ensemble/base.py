@@ -1,0 +1,57 @@
+"""The shared part of every combiner: per-row weights, then a per-class mixture."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from kdplug import ops
+
+
+def class_weights(weights: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Teacher weights ``[K, B]`` spread per class ``[K, B, C]`` and renormalized over the
+    teachers that know each class (0 for a class no weighted teacher knows)."""
+    per_class = weights.unsqueeze(-1) * known.unsqueeze(1).to(weights.dtype)
+    total = per_class.sum(0, keepdim=True)
+    return torch.where(total > 0, per_class / total.clamp_min(1e-30), torch.zeros_like(total))
+
+
+def mixture(weights: torch.Tensor, probs: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Target ``[B, C]``: the per-class weighted mixture of ``probs`` ``[K, B, C]``, each row
+    renormalized to sum to 1."""
+    target = (class_weights(weights, known) * probs).sum(0)
+    return ops.normalize_weights(target, dim=-1)
+
+
+class Combiner(ABC):
+    """A combiner whose target is a mixture of probabilities. Subclasses define
+    ``weights(log_probs [K, B, C] at temperature 1, labels [B]) -> [K, B]``."""
+
+    name = "combiner"
+
+    @abstractmethod
+    def weights(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-row teacher weights ``[K, B]`` (>= 0; normalized afterwards)."""
+
+    def target(
+        self, weights: torch.Tensor, logits: torch.Tensor, known: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
+        """Mixture of each teacher's probabilities at ``temperature``."""
+        return mixture(weights, ops.teacher_probs(logits, known, temperature), known)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        known: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[K, B, C]``, known ``[K, C]``, labels ``[B]`` -> weights ``[K, B]``,
+        target ``[B, C]``."""
+        log_probs = ops.masked_log_softmax(logits, known)
+        weights = ops.normalize_weights(self.weights(log_probs, labels), dim=0)
+        return weights, self.target(weights, logits, known, temperature)
+
+    def __repr__(self) -> str:
+        return self.name
