@@ -86,7 +86,7 @@ class PluginManager:
                 continue
             if dist != FIRST_PARTY and (not autoload or (only and not names & only)):
                 continue
-            info = PluginInfo(ep.name, _dist_version(ep), dist)
+            info = self.plugins[ep.name] = PluginInfo(ep.name, _dist_version(ep), dist)
             try:
                 module = ep.load()
             except Exception as exc:

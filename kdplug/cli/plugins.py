@@ -63,19 +63,22 @@ def _pip(action: list[str], packages: tuple[str, ...]) -> None:
         raise click.exceptions.Exit(code)
 
 
-@click.command("install")
-@click.argument("packages", nargs=-1, required=True)
+@click.command("install", context_settings={"ignore_unknown_options": True})
+@click.argument("packages", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("-U", "--upgrade", is_flag=True, help="Upgrade packages already installed.")
 @click.option("-e", "--editable", is_flag=True, help="Install a local directory in editable mode.")
 def install_command(packages: tuple[str, ...], upgrade: bool, editable: bool) -> None:
-    """Install plugin PACKAGES with the pip of the Python kdplug runs in."""
+    """Install plugin PACKAGES with the pip of the Python kdplug runs in.
+
+    Other pip options pass through, e.g. `kdplug install ./my-plugin --no-deps`.
+    """
     if editable:
         packages = tuple(arg for package in packages for arg in ("-e", package))
     _pip(["install"] + (["--upgrade"] if upgrade else []), packages)
 
 
-@click.command("uninstall")
-@click.argument("packages", nargs=-1, required=True)
+@click.command("uninstall", context_settings={"ignore_unknown_options": True})
+@click.argument("packages", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def uninstall_command(packages: tuple[str, ...], yes: bool) -> None:
     """Uninstall plugin PACKAGES from the Python kdplug runs in."""

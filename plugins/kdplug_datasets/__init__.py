@@ -40,8 +40,10 @@ def disk(ref: str, split: str | None = None):
     path = _existing(ref, "disk")
     try:
         data = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        raise UsageError(f"disk:{ref} is not a readable saved dataset ({exc})") from exc
+    except Exception as exc:  # datasets raises many types for a bad or empty directory
+        raise UsageError(
+            f"disk:{ref} is not a readable saved dataset ({type(exc).__name__}: {exc})"
+        ) from exc
     return _one_split(data, split, ref)
 
 
@@ -52,10 +54,25 @@ def _files(builder: str, ref: str, **kwargs):
     files = sorted(str(p) for p in path.glob(f"*.{builder}")) if path.is_dir() else [str(path)]
     if not files:
         raise UsageError(f"{builder}: no .{builder} files in {ref}")
+    if all(_empty(builder, f) for f in files):
+        raise UsageError(f"{builder}:{ref}: the dataset is empty")
     try:
         return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for a bad file
         raise UsageError(f"{builder}:{ref} could not be read: {exc}") from exc
+
+
+def _empty(builder: str, file: str) -> bool:
+    """Whether a parquet/csv file holds no data rows (datasets refuses such files)."""
+    if builder == "parquet":
+        import pyarrow.parquet
+
+        try:
+            return pyarrow.parquet.ParquetFile(file).metadata.num_rows == 0
+        except Exception:
+            return False  # let datasets report what is wrong with it
+    with open(file, encoding="utf-8", errors="replace") as fh:
+        return sum(1 for line, _ in zip(fh, range(2)) if line.strip()) < 2
 
 
 def parquet(ref: str):

@@ -1,0 +1,180 @@
+"""The plugin manager: entry points, failure isolation, env switches, event hooks."""
+
+import json
+import textwrap
+
+import pytest
+
+import kdplug
+from kdplug.plugins import PluginManager
+from tests.conftest import run_cli
+
+
+def fake_distribution(root, dist, module, source, ep_name=None):
+    """Write an installed-looking distribution (dist-info + module) under ``root``."""
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[kdplug]\n{ep_name or dist} = {module}\n")
+
+
+GOOD = """
+    import kdplug
+
+    def shout(ref: str, volume: int = 1):
+        '''A teacher that shouts.'''
+        return ref * volume
+
+    @kdplug.hookimpl
+    def register_teachers(register):
+        register("shout", shout)
+"""
+BROKEN_IMPORT = "raise RuntimeError('cannot import me')\n"
+BROKEN_HOOK = """
+    import kdplug
+
+    @kdplug.hookimpl
+    def register_losses(register):
+        raise ValueError('bad registration')
+"""
+MISSPELLED = """
+    import kdplug
+
+    @kdplug.hookimpl
+    def register_teacher(register):
+        pass
+"""
+DUPLICATE = """
+    import kdplug
+
+    @kdplug.hookimpl
+    def register_datasets(register):
+        register("disk", lambda ref: None)
+"""
+
+
+@pytest.fixture
+def site(tmp_path):
+    fake_distribution(tmp_path, "kdplug-good", "kdplug_good", GOOD, "good")
+    fake_distribution(tmp_path, "kdplug-broken", "kdplug_broken", BROKEN_IMPORT, "broken")
+    fake_distribution(tmp_path, "kdplug-badhook", "kdplug_badhook", BROKEN_HOOK, "badhook")
+    fake_distribution(tmp_path, "kdplug-typo", "kdplug_typo", MISSPELLED, "typo")
+    fake_distribution(tmp_path, "kdplug-dup", "kdplug_dup", DUPLICATE, "dup")
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+def plugins_json(env, **extra):
+    result = run_cli("plugins", "--json", env={**env, **extra})
+    assert result.returncode == 0, result.stderr
+    return {p["name"]: p for p in json.loads(result.stdout)}, result.stderr
+
+
+def test_first_party_plugins_are_listed():
+    result = run_cli("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    plugins = {p["name"]: p for p in json.loads(result.stdout)}
+    assert {"datasets", "timm", "torch", "sklearn", "losses", "ensemble", "pseudolabel"} <= set(
+        plugins
+    )
+    assert plugins["datasets"]["distribution"] == "kdplug"
+    assert "sklearn" in plugins["datasets"]["components"]["datasets"]
+    assert "register_datasets" in plugins["datasets"]["hooks"]
+
+
+def test_broken_plugins_are_isolated_and_reported(site):
+    plugins, stderr = plugins_json(site)
+    assert plugins["good"]["error"] is None
+    assert plugins["good"]["components"] == {"teachers": ["shout"]}
+    assert plugins["good"]["version"] == "1.2.3"
+    assert "cannot import me" in plugins["broken"]["error"]
+    assert "bad registration" in plugins["badhook"]["error"]
+    assert "register_teacher" in plugins["typo"]["error"]
+    assert "'datasets' and plugin 'dup'" in plugins["dup"]["error"]
+    assert plugins["datasets"]["error"] is None  # first-party wins the name
+    assert "plugin 'broken' failed to load" in stderr
+    listed = run_cli("list", "teachers", "--json", env=site)
+    assert "shout" in [c["name"] for c in json.loads(listed.stdout)]
+
+
+def test_strict_mode_reraises(site):
+    result = run_cli("plugins", env={**site, "KDPLUG_STRICT_PLUGINS": "1"})
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Error: plugin" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, expect_good",
+    [
+        ({"KDPLUG_DISABLE_PLUGIN_AUTOLOAD": "1"}, False),
+        ({"KDPLUG_LOAD_PLUGINS": "good"}, True),
+        ({"KDPLUG_LOAD_PLUGINS": "kdplug-broken"}, False),
+        ({"KDPLUG_BLOCK_PLUGINS": "good,broken"}, False),
+    ],
+)
+def test_environment_switches(site, extra, expect_good):
+    plugins, _ = plugins_json(site, **extra)
+    assert ("good" in plugins) is expect_good
+    assert "datasets" in plugins  # first-party plugins load unless blocked
+    if extra.get("KDPLUG_LOAD_PLUGINS") == "kdplug-broken":
+        assert set(plugins) & {"good", "badhook", "typo", "dup"} == set()
+
+
+def test_blocking_a_first_party_plugin():
+    plugins, _ = plugins_json({}, KDPLUG_BLOCK_PLUGINS="pseudolabel")
+    assert "pseudolabel" not in plugins and "datasets" in plugins
+
+
+def test_event_hooks_reach_plugins_and_failures_are_isolated(caplog):
+    seen = []
+
+    class Listener:
+        @kdplug.hookimpl
+        def on_epoch_end(self, run, epoch, metrics):
+            seen.append((run, epoch, metrics["loss"]))
+
+        @kdplug.hookimpl
+        def on_fit_end(self, run, summary):
+            seen.append(("end", summary))
+
+    class Faulty:
+        @kdplug.hookimpl
+        def on_epoch_end(self, epoch):
+            raise RuntimeError("listener bug")
+
+        @kdplug.hookimpl
+        def on_fit_start(self, run):
+            seen.append(("start", run))
+
+        @kdplug.hookimpl
+        def on_labels_written(self, run, path, report):
+            seen.append(("labels", path, report["rows"]))
+
+    manager = PluginManager()
+    manager.add(Listener(), "listener")
+    manager.add(Faulty(), "faulty")
+    manager.notify("on_fit_start", run="r")
+    manager.notify("on_epoch_end", run="r", epoch=3, metrics={"loss": 0.5})
+    manager.notify("on_fit_end", run="r", summary={"best": 1})
+    manager.notify("on_labels_written", run="r", path="out", report={"rows": 7})
+    assert ("r", 3, 0.5) in seen and ("end", {"best": 1}) in seen
+    assert ("start", "r") in seen and ("labels", "out", 7) in seen
+    assert "plugin 'faulty' raised in on_epoch_end" in caplog.text
+
+
+def test_register_commands_hook_adds_a_command(tmp_path):
+    source = """
+        import click
+        import kdplug
+
+        @kdplug.hookimpl
+        def register_commands(cli):
+            @cli.command()
+            @click.argument("name")
+            def hello(name):
+                '''Say hello.'''
+                click.echo(f"hello {name}")
+    """
+    fake_distribution(tmp_path, "kdplug-hello", "kdplug_hello", source, "hello")
+    result = run_cli("hello", "world", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout == "hello world\n"
