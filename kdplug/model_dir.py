@@ -1,0 +1,146 @@
+"""The student model directory: a plain timm model that needs no kdplug to use.
+
+``DIR/config.json`` holds ``architecture``, ``num_classes``, ``in_chans``, ``classes``,
+``input_size`` ``[C, H, W]``, ``mean`` and ``std``; ``DIR/model.safetensors`` holds the state
+dict of ``timm.create_model(architecture, num_classes=..., in_chans=...)``. Inference: resize
+``[0, 1]`` images to ``input_size``, then ``(x - mean) / std``, then the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdplug.errors import UsageError
+from kdplug.outputs import atomic_path, file_hash
+from kdplug.preprocess import Preprocess
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+REQUIRED = ("architecture", "num_classes", "in_chans", "classes", "input_size", "mean", "std")
+
+
+def save_student(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    architecture: str,
+    classes: list[str],
+    input_size: list[int],
+    mean: list[float],
+    std: list[float],
+) -> None:
+    """Write ``model``'s weights and config as a student directory, atomically (whole dir)."""
+    from safetensors.torch import save_file
+
+    from kdplug import __version__
+
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    config = {
+        "architecture": architecture,
+        "num_classes": len(classes),
+        "in_chans": int(input_size[0]),
+        "classes": list(classes),
+        "input_size": [int(s) for s in input_size],
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "kdplug_version": __version__,
+    }
+    with atomic_path(path, directory=True) as tmp:
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def student_path(path: str | os.PathLike) -> Path:
+    """The student directory at ``path``, or at ``path/student`` for a distill run directory."""
+    path = Path(path)
+    if not (path / CONFIG).exists() and (path / "student" / CONFIG).exists():
+        path = path / "student"
+    if not path.is_dir():
+        raise UsageError(f"no such student directory: {path}")
+    return path
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated ``config.json`` of the student directory at ``path``."""
+    file = student_path(path) / CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{file.parent} is not a student directory (no {CONFIG})") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{file} is not readable JSON ({exc})") from None
+    missing = [k for k in REQUIRED if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise UsageError(f"{file} lacks {', '.join(missing)}")
+    if len(config["classes"]) != config["num_classes"] or len(config["input_size"]) != 3:
+        raise UsageError(f"{file}: classes/num_classes or input_size [C, H, W] disagree")
+    return config
+
+
+def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The timm model (eval mode, CPU) and config of the student directory at ``path``."""
+    import timm
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = student_path(path)
+    config = read_config(path)
+    try:
+        model = timm.create_model(
+            config["architecture"],
+            pretrained=False,
+            num_classes=config["num_classes"],
+            in_chans=config["in_chans"],
+        )
+    except RuntimeError as exc:
+        raise UsageError(f"{path}: timm cannot build {config['architecture']!r} ({exc})") from None
+    weights = path / WEIGHTS
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except FileNotFoundError:
+        raise UsageError(f"{path} has no {WEIGHTS}") from None
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise UsageError(f"{weights} is corrupt or does not fit the config: {reason}") from None
+    return model.eval(), config
+
+
+class Classifier(torch.nn.Module):
+    """A model on ``[0, 1]`` images: ``preprocess`` then ``model`` -> logits ``[B, C]``.
+
+    Attributes ``classes`` (names in output order, or None) and ``fingerprint`` (a hash of
+    the files it came from); this is what a model teacher is.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Preprocess,
+        classes: list[str] | None,
+        fingerprint: str,
+    ):
+        super().__init__()
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.classes = classes
+        self.fingerprint = fingerprint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocess(x))
+
+
+def load_classifier(path: str | os.PathLike) -> Classifier:
+    """The student directory at ``path`` as a Classifier (its own resize and normalization)."""
+    model, config = load_student(path)
+    preprocess = Preprocess(
+        size=config["input_size"],
+        mean=config["mean"],
+        std=config["std"],
+        in_chans=config["in_chans"],
+    )
+    return Classifier(model, preprocess, list(config["classes"]), file_hash(student_path(path)))
