@@ -115,6 +115,7 @@ class PluginManager:
             except Exception as exc:
                 for registry in self.registries.values():
                     registry.remove_plugin(name)
+                self.pm.unregister(plugin)
                 info.components = {}
                 self._failed(info, f"{hook_name} failed: {type(exc).__name__}: {exc}", exc)
                 return info
