@@ -44,7 +44,8 @@ def standardize(
     count = valid.sum(-1, keepdim=True).clamp_min(1)
     mean = (z * valid).sum(-1, keepdim=True) / count
     var = (((z - mean) * valid) ** 2).sum(-1, keepdim=True) / count
-    out = (z - mean) / (var.sqrt() + eps)
+    # clamp before sqrt: its gradient at var = 0 (all logits equal) would be NaN
+    out = (z - mean) / (var.clamp_min(eps * eps).sqrt() + eps)
     return torch.where(valid, out, torch.full_like(out, IMPOSSIBLE))
 
 
