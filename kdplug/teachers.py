@@ -15,8 +15,17 @@ from typing import Any
 
 import torch
 
+from kdplug.calibration import apply_temperature, load_temperatures
 from kdplug.errors import UsageError
 from kdplug.ops import IMPOSSIBLE
+
+__all__ = [
+    "TeacherOutputs",
+    "TeacherSet",
+    "alignment",
+    "build_teacher_set",
+    "load_temperatures",
+]
 
 
 @dataclass
@@ -51,7 +60,8 @@ def alignment(
 class TeacherSet:
     """Runs K teachers on a batch and aligns their logits to ``classes``.
 
-    ``temperatures`` (from calibration) divide each teacher's logits before alignment.
+    ``temperatures`` (from calibration) scale each teacher's logits before alignment
+    (``calibration.apply_temperature``: a class with probability 0 stays at 0).
     ``skip_bad_rows`` marks rows where a teacher returns NaN/Inf instead of failing.
     """
 
@@ -93,6 +103,16 @@ class TeacherSet:
     def fingerprints(self) -> list[str | None]:
         return [getattr(t, "fingerprint", None) for t in self.teachers]
 
+    def check_rows(self, rows: int) -> None:
+        """Refuse precomputed-logit teachers whose row count differs from the data's."""
+        for teacher, name in zip(self.teachers, self.names):
+            count = getattr(teacher, "num_rows", None)
+            if getattr(teacher, "uses_row_index", False) and count is not None and count != rows:
+                raise UsageError(
+                    f"teacher {name} holds {count} rows but the data has {rows}; row i of a "
+                    "logits file must be row i of the data it is used with"
+                )
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, index: torch.Tensor | None = None) -> TeacherOutputs:
         """Run every teacher once on ``x`` and return aligned ``[K, B, C]`` logits.
@@ -105,30 +125,13 @@ class TeacherSet:
             (len(self.teachers), B, C), IMPOSSIBLE, dtype=torch.float32, device=x.device
         )
         bad = torch.zeros(B, dtype=torch.bool, device=x.device)
-        for k, (teacher, name, index, temp) in enumerate(
+        for k, (teacher, name, columns, temperature) in enumerate(
             zip(self.teachers, self.names, self.index, self.temperatures)
         ):
-            if getattr(teacher, "uses_row_index", False):
-                if index is None:
-                    raise UsageError(f"teacher {name} needs row indices, which this run lacks")
-                z = teacher(x, index)
-            else:
-                z = teacher(x)
-            z = torch.as_tensor(z).to(device=x.device, dtype=torch.float32)
-            if z.dim() != 2 or z.shape[0] != B:
-                raise UsageError(
-                    f"teacher {name} returned shape {tuple(z.shape)}, expected [{B}, classes]"
-                )
-            if index is None and z.shape[1] != C:
-                raise UsageError(
-                    f"teacher {name} predicts {z.shape[1]} classes but the data has {C} "
-                    f"({self.classes[:20]}); give the teacher class names or matching data"
-                )
-            if index is not None and z.shape[1] <= int(index.max()):
-                raise UsageError(
-                    f"teacher {name} returned {z.shape[1]} logits but names "
-                    f"{int(index.max()) + 1}+ classes"
-                )
+            z = self._run(teacher, name, x, index)
+            wanted = C if columns is None else len(getattr(teacher, "classes", ()))
+            if z.dim() != 2 or z.shape[0] != B or z.shape[1] != wanted:
+                raise UsageError(self._shape_error(name, tuple(z.shape), B, wanted, columns))
             finite = torch.isfinite(z).all(dim=1)
             if not finite.all():
                 if not self.skip_bad_rows:
@@ -140,46 +143,39 @@ class TeacherSet:
                     )
                 bad |= ~finite
                 z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=IMPOSSIBLE)
-            z = (z / temp).clamp_min(IMPOSSIBLE)
-            if index is None:
+            z = z.clamp_min(IMPOSSIBLE)
+            if temperature != 1.0:
+                z = apply_temperature(z, temperature)
+            if columns is None:
                 out[k] = z
             else:
-                have = index >= 0
-                out[k][:, have.to(x.device)] = z[:, index[have].to(x.device)]
+                have = columns >= 0
+                out[k][:, have.to(x.device)] = z[:, columns[have].to(x.device)]
         self.batches_seen += 1
         return TeacherOutputs(out, self.known.to(x.device), bad if bad.any() else None)
 
+    @staticmethod
+    def _run(teacher: Any, name: str, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        if getattr(teacher, "uses_row_index", False):
+            if index is None:
+                raise UsageError(f"teacher {name} needs row indices, which this run lacks")
+            z = teacher(x, index)
+        else:
+            z = teacher(x)
+        return torch.as_tensor(z).to(device=x.device, dtype=torch.float32)
 
-def load_temperatures(
-    path: str, specs: Sequence[str], fingerprints: Sequence[str | None]
-) -> list[float]:
-    """Temperatures for ``specs`` from a ``kdplug teachers calibrate`` file.
-
-    Entries match by spec and by the teacher's file fingerprint; a teacher whose file
-    changed since calibration, or that the file does not cover, is an error.
-    """
-    import json
-    from pathlib import Path
-
-    try:
-        entries = json.loads(Path(path).read_text())["teachers"]
-    except FileNotFoundError:
-        raise UsageError(f"calibration file not found: {path}") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{path} is not a kdplug calibration file ({exc})") from None
-    by_spec = {e["spec"]: e for e in entries}
-    temperatures = []
-    for spec, fingerprint in zip(specs, fingerprints):
-        entry = by_spec.get(spec)
-        if entry is None:
-            raise UsageError(f"{path} has no temperature for teacher {spec}; calibrate it first")
-        if entry.get("fingerprint") != fingerprint:
-            raise UsageError(
-                f"teacher {spec} changed since {path} was written (file hash "
-                "differs); calibrate it again"
+    def _shape_error(
+        self, name: str, shape: tuple, rows: int, wanted: int, columns: torch.Tensor | None
+    ) -> str:
+        if len(shape) != 2 or shape[0] != rows:
+            return f"teacher {name} returned shape {shape}, expected [{rows}, classes]"
+        if columns is None:
+            return (
+                f"teacher {name} predicts {shape[1]} classes but the data has {wanted} "
+                f"{self.classes[:20]}; give the teacher class names (classes=a;b;...) or "
+                "use data with the same classes"
             )
-        temperatures.append(float(entry["temperature"]))
-    return temperatures
+        return f"teacher {name} returned {shape[1]} logits but names {wanted} classes"
 
 
 def build_teacher_set(

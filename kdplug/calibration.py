@@ -1,0 +1,112 @@
+"""Temperature scaling of teachers (Guo et al. 2017) and the calibration file.
+
+One scalar ``T > 0`` per teacher divides its logits; it is fitted by minimizing the NLL of
+``softmax(z / T)`` on labeled rows and never changes a teacher's argmax. For a teacher
+whose outputs are probabilities ``z = log p``, so ``softmax(z / T) ∝ p^(1/T)``; classes
+with probability exactly 0 (logit ``ops.IMPOSSIBLE``) stay at 0 for every T.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kdplug.errors import UsageError
+from kdplug.ops import IMPOSSIBLE
+
+# fitted temperatures are kept in this range, so a perfectly separable split cannot push
+# T to 0 (or a useless teacher to infinity)
+T_MIN, T_MAX = 0.05, 20.0
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """``logits [..., C]`` divided by T, impossible classes left at IMPOSSIBLE.
+
+    Each row is shifted so its maximum is 0 first (softmax does not change), so the
+    best class stays above IMPOSSIBLE for any T > 0 and the argmax never moves.
+    Keeps float64 input in float64; T may be a tensor (differentiable).
+    """
+    z = logits if logits.is_floating_point() else logits.float()
+    impossible = z <= IMPOSSIBLE
+    top = z.masked_fill(impossible, -math.inf).amax(-1, keepdim=True)
+    top = torch.nan_to_num(top, nan=0.0, posinf=0.0, neginf=0.0)
+    scaled = ((z - top) / temperature).clamp_min(IMPOSSIBLE)
+    return scaled.masked_fill(impossible, IMPOSSIBLE)
+
+
+def _usable(
+    logits: torch.Tensor, labels: torch.Tensor, known: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labeled rows whose label the teacher can predict at all, with masked logits."""
+    z = logits.double()
+    if known is not None:
+        z = z.masked_fill(~known.to(z.device).expand_as(z), IMPOSSIBLE)
+    labels = labels.to(z.device).long()
+    rows = labels >= 0
+    safe = labels.clamp_min(0)
+    rows &= z[torch.arange(len(z), device=z.device), safe] > IMPOSSIBLE
+    return z[rows], labels[rows]
+
+
+def fit_temperature(
+    logits: torch.Tensor, labels: torch.Tensor, known: torch.Tensor | None = None
+) -> float:
+    """The T in [T_MIN, T_MAX] minimizing the NLL of ``softmax(logits / T)``.
+
+    ``logits [N, C]``, ``labels [N]`` (-1 rows ignored), ``known [C]`` or ``[N, C]`` bool
+    (classes the teacher can predict). Rows whose label the teacher gives probability 0
+    say nothing about T and are left out. Optimizes ``log T`` with LBFGS.
+    """
+    z, y = _usable(logits, labels, known)
+    if len(y) == 0:
+        raise UsageError("no labeled rows that the teacher can predict; cannot fit a temperature")
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        bounded = log_t.clamp(math.log(T_MIN), math.log(T_MAX))
+        loss = F.cross_entropy(apply_temperature(z, bounded.exp()), y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return float(min(max(math.exp(float(log_t)), T_MIN), T_MAX))
+
+
+def load_temperatures(
+    path: str, specs: Sequence[str], fingerprints: Sequence[str | None]
+) -> list[float]:
+    """Temperatures for ``specs`` from a ``kdplug teachers calibrate`` file.
+
+    Entries match by spec and by the teacher's file fingerprint; a teacher whose file
+    changed since calibration, or that the file does not cover, is an error.
+    """
+    try:
+        entries = json.loads(Path(path).read_text())["teachers"]
+        by_spec = {e["spec"]: e for e in entries}
+    except FileNotFoundError:
+        raise UsageError(f"calibration file not found: {path}") from None
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise UsageError(f"{path} is not a kdplug calibration file ({exc})") from None
+    temperatures = []
+    for spec, fingerprint in zip(specs, fingerprints):
+        entry = by_spec.get(spec)
+        if entry is None:
+            raise UsageError(f"{path} has no temperature for teacher {spec}; calibrate it first")
+        if entry.get("fingerprint") != fingerprint:
+            raise UsageError(
+                f"teacher {spec} changed since {path} was written (file hash "
+                "differs); calibrate it again"
+            )
+        temperature = entry.get("temperature")
+        if not isinstance(temperature, int | float) or not temperature > 0:
+            raise UsageError(f"{path}: teacher {spec} has no positive temperature")
+        temperatures.append(float(temperature))
+    return temperatures
