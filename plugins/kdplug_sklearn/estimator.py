@@ -1,0 +1,120 @@
+"""Loading a fitted estimator safely and running it as a teacher on flattened inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdplug import UsageError
+from kdplug.outputs import file_hash
+from kdplug.teacher_io import (
+    PICKLE_SUFFIXES,
+    class_names,
+    existing_file,
+    pickle_allowed,
+    probs_to_logits,
+    refuse_pickle,
+)
+
+
+class EstimatorTeacher:
+    """``teacher(x [B, ...]) -> logits [B, C]``: the estimator on ``x`` flattened to ``[B, D]``.
+
+    predict_proba outputs are probabilities and become ``log p`` (zeros as IMPOSSIBLE);
+    decision_function scores are used as logits (binary scores ``s`` as ``[0, s]``).
+    """
+
+    def __init__(self, estimator: Any, classes: list[str], fingerprint: str, source: str):
+        self.estimator = estimator
+        self.classes = classes
+        self.fingerprint = fingerprint
+        self.source = source
+        self.probs = hasattr(estimator, "predict_proba")
+        self.features = getattr(estimator, "n_features_in_", None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.detach().reshape(len(x), -1).float().cpu().numpy()
+        if self.features is not None and rows.shape[1] != self.features:
+            raise UsageError(
+                f"{self.source} expects {self.features} features, the data gives "
+                f"{rows.shape[1]} per row (x flattened from {tuple(x.shape[1:])})"
+            )
+        if self.probs:
+            out = torch.from_numpy(np.asarray(self.estimator.predict_proba(rows), np.float32))
+            return probs_to_logits(out).to(x.device)
+        scores = np.asarray(self.estimator.decision_function(rows), dtype=np.float32)
+        if scores.ndim == 1:
+            scores = np.stack([np.zeros_like(scores), scores], axis=1)
+        return torch.from_numpy(scores).to(x.device)
+
+
+def load_estimator(ref: str, allow_pickle: bool, trusted: Any, classes: Any) -> EstimatorTeacher:
+    """Load ``ref`` (.skops, or a pickle with the opt-in) and check it is a fitted classifier."""
+    source = f"sklearn:{ref}"
+    path = existing_file(ref, "sklearn")
+    suffix = path.suffix.lower()
+    if suffix == ".skops":
+        estimator = _load_skops(path, source, allow_pickle, trusted)
+    elif suffix in PICKLE_SUFFIXES:
+        if not pickle_allowed(allow_pickle):
+            raise refuse_pickle(source, path, ".skops (skops.io.dump)")
+        estimator = _load_pickle(path, source)
+    else:
+        raise UsageError(
+            f"{source}: unknown file type {suffix!r}; use .skops (safe) or "
+            f"{'/'.join(PICKLE_SUFFIXES)} (pickle, opt-in)"
+        )
+    if not (hasattr(estimator, "predict_proba") or hasattr(estimator, "decision_function")):
+        raise UsageError(
+            f"{source}: holds a {type(estimator).__name__}, not an estimator with "
+            "predict_proba or decision_function"
+        )
+    own = getattr(estimator, "classes_", None)
+    if own is None:
+        raise UsageError(f"{source}: the estimator is not fitted (it has no classes_)")
+    names = class_names(classes, source) or [str(c) for c in own]
+    if len(names) != len(own):
+        raise UsageError(
+            f"{source}: {len(names)} class names given but the estimator has {len(own)} classes"
+        )
+    return EstimatorTeacher(estimator, names, file_hash(path), source)
+
+
+def _load_skops(path: Path, source: str, allow_pickle: bool, trusted: Any) -> Any:
+    import skops.io
+
+    allowed = [
+        str(t) for t in (trusted if isinstance(trusted, list) else [trusted] if trusted else [])
+    ]
+    try:
+        needed = skops.io.get_untrusted_types(file=path)
+        refused = [t for t in needed if t not in allowed]
+        if refused and not pickle_allowed(allow_pickle):
+            raise UsageError(
+                f"{source}: the file needs types skops does not trust by default: {refused}; "
+                f"if you trust them add trusted={';'.join(refused)} to the spec (or pass "
+                "--allow-pickle to trust every type in the file)"
+            )
+        return skops.io.load(path, trusted=needed or None)
+    except UsageError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, KeyError, json errors for a bad file
+        raise UsageError(
+            f"{source}: cannot read {path} as a skops file (corrupt or truncated): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _load_pickle(path: Path, source: str) -> Any:
+    import joblib
+
+    try:
+        return joblib.load(path)
+    except Exception as exc:
+        raise UsageError(
+            f"{source}: cannot unpickle {path} (corrupt, truncated, or made with other "
+            f"library versions): {type(exc).__name__}: {exc}"
+        ) from None
