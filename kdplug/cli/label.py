@@ -1,0 +1,131 @@
+"""``kdplug label``: pseudo-label a dataset with one or more teachers."""
+
+from __future__ import annotations
+
+import click
+
+from kdplug.cli.options import (
+    allow_pickle_option,
+    batch_size_option,
+    calibration_option,
+    device_option,
+    teachers_option,
+)
+
+
+def _classes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise click.BadParameter(f"expected distinct names separated by commas, got {value!r}")
+    return names
+
+
+@click.command("label")
+@teachers_option()
+@click.option("--data", required=True, metavar="DATA", help="The data to label (a DATA spec).")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Output dataset directory."
+)
+@click.option("--combiner", default="mean", show_default=True, metavar="SPEC")
+@click.option(
+    "--generator",
+    default="threshold",
+    show_default=True,
+    metavar="SPEC",
+    help="Label generator, e.g. threshold,tau=0.9 (see `kdplug list label-generators`).",
+)
+@calibration_option
+@batch_size_option
+@device_option
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace whatever OUT holds.")
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=8192,
+    show_default=True,
+    help="Rows per shard (the unit written to disk and skipped on --resume).",
+)
+@click.option("--with-inputs", is_flag=True, help="Copy DATA's input columns into OUT.")
+@click.option(
+    "--eval-labels",
+    default=None,
+    metavar="DATA",
+    help="True labels, row for row, to measure the labels against (default: DATA's own).",
+)
+@click.option(
+    "--classes",
+    callback=_classes,
+    default=None,
+    metavar="A,B,C",
+    help="Class names of the run (default: DATA's).",
+)
+@allow_pickle_option
+@click.option(
+    "--skip-bad-rows",
+    is_flag=True,
+    help="Reject rows where a teacher gives NaN/Inf (counted in the report) instead of failing.",
+)
+def label_command(
+    teachers: tuple[str, ...],
+    data: str,
+    out: str,
+    combiner: str,
+    generator: str,
+    calibration: str | None,
+    batch_size: int,
+    device: str,
+    resume: bool,
+    overwrite: bool,
+    shard_size: int,
+    with_inputs: bool,
+    eval_labels: str | None,
+    classes: list[str] | None,
+    skip_bad_rows: bool,
+) -> None:
+    """Label DATA with the teachers; write OUT as a dataset with report.json and report.png."""
+    from kdplug.label import LabelConfig, run_label
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    report = run_label(
+        LabelConfig(
+            teachers=list(teachers),
+            data=data,
+            out=out,
+            combiner=combiner,
+            generator=generator,
+            calibration=calibration,
+            batch_size=batch_size,
+            device=device,
+            resume=resume,
+            overwrite=overwrite,
+            shard_size=shard_size,
+            with_inputs=with_inputs,
+            eval_labels=eval_labels,
+            classes=classes,
+            skip_bad_rows=skip_bad_rows,
+        )
+    )
+    click.echo(summary(report, out))
+
+
+def summary(report: dict, out: str) -> str:
+    """One or two lines: rows, accepted, coverage and (with true labels) accuracy."""
+    line = (
+        f"labeled {report['rows']} rows: {report['accepted']} accepted "
+        f"(coverage {report['coverage']:.1%}) -> {out}"
+    )
+    evaluation = report.get("eval")
+    if evaluation and evaluation["accuracy_accepted"] is not None:
+        line += (
+            f"\naccuracy of accepted labels {evaluation['accuracy_accepted']:.2%} "
+            f"on {evaluation['accepted_labeled_rows']} rows with true labels; "
+            f"all rows {evaluation['accuracy_all']:.2%}"
+        )
+    return line
+
+
+COMMANDS = [label_command]

@@ -1,0 +1,364 @@
+"""The labeling engine: teachers over DATA in shards, then one generator over all rows.
+
+1. Each shard (a fixed row range, kdplug.shards) runs the teachers batch by batch and is
+   written atomically to ``OUT/.shards/``: per-teacher probabilities ``[K, R, C]``, the
+   combiner's target ``[R, C]`` and weights ``[K, R]``, and the bad-row mask ``[R]``.
+   ``resume`` skips every finished shard, whichever process wrote it.
+2. The shards are merged and the label generator decides every row at once.
+3. The labeled dataset, ``report.json`` and ``report.png`` are built in a temporary
+   directory that replaces ``OUT`` whole, so an interrupted run never looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdplug.data import DataSource, batches, load_data
+from kdplug.device import pick_device
+from kdplug.errors import PluginError, UsageError
+from kdplug.label_report import build_report, save_report_figure
+from kdplug.ops import entropy, teacher_probs
+from kdplug.outputs import atomic_path, prepare_out_dir, write_json
+from kdplug.plugins import create, get_manager
+from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
+from kdplug.spec import parse_spec
+from kdplug.teachers import TeacherSet, build_teacher_set
+
+MARKER = "run.json"
+SHARDS = ".shards"
+
+
+@dataclass
+class LabelConfig:
+    """Everything ``kdplug label`` takes; ``batch_size``, ``device`` and ``progress`` may
+    change when a run is resumed, the rest may not."""
+
+    teachers: list[str]
+    data: str
+    out: str
+    combiner: str = "mean"
+    generator: str = "threshold"
+    calibration: str | None = None
+    batch_size: int = 256
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    shard_size: int = 8192
+    with_inputs: bool = False
+    eval_labels: str | None = None
+    classes: list[str] | None = None
+    skip_bad_rows: bool = False
+    progress: bool = True
+
+
+@dataclass
+class LabelRun:
+    """What the ``on_labels_written`` hook receives as ``run``."""
+
+    config: dict[str, Any]
+    out: Path
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def run_label(cfg: LabelConfig) -> dict[str, Any]:
+    """Label ``cfg.data`` into ``cfg.out``; return the report (also in ``OUT/report.json``)."""
+    started = time.perf_counter()
+    if cfg.shard_size < 1:
+        raise UsageError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    source = load_data(cfg.data, cfg.classes)
+    classes = run_classes(cfg, source)
+    truth = true_labels(cfg, source, classes)
+    teacher_set = build_teacher_set(cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows)
+    combiner = create("combiners", cfg.combiner)
+    generator = create("label-generators", cfg.generator)
+    record = run_record(cfg, source, classes, teacher_set)
+    out = prepare_out_dir(
+        cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, marker=MARKER, config=record
+    )
+    if (out / "report.json").exists():  # a finished run, resumed: nothing left to do
+        return json.loads((out / "report.json").read_text())
+
+    device = pick_device(cfg.device)
+    teacher_set.to(device)
+    shards = plan_shards(len(source), cfg.shard_size, out / SHARDS)
+    todo = [s for s in shards if not is_finished(s)]
+    label_shards(source, teacher_set, combiner, todo, cfg.batch_size, device, cfg.progress)
+    merged = merge_shards(shards)
+    labels = apply_generator(generator, cfg.generator, merged, teacher_set.known.cpu())
+    columns = label_columns(labels, merged["teacher_probs"], private=is_private(generator))
+    labeled_rows = sum(s.stop - s.start for s in todo)
+    report = build_report(
+        record=record,
+        columns=columns,
+        merged=merged,
+        info=labels.info,
+        generator_options=generator_options(cfg.generator),
+        truth=truth,
+        seconds=time.perf_counter() - started,
+        labeled_rows=labeled_rows,
+    )
+    topk = getattr(generator, "topk", None)
+    dataset = build_dataset(source if cfg.with_inputs else None, classes, columns, topk)
+    write_run(out, dataset, report, columns)
+    run = LabelRun(record, out, {"shards": len(shards), "labeled_this_time": labeled_rows})
+    get_manager().notify("on_labels_written", run=run, path=str(out), report=report)
+    return report
+
+
+def run_classes(cfg: LabelConfig, source: DataSource) -> list[str]:
+    """The run's class names: ``--classes``, else the data's."""
+    if cfg.classes:
+        return list(cfg.classes)
+    if source.classes:
+        return list(source.classes)
+    raise UsageError(
+        f"{cfg.data} has no label column to take class names from; pass --classes a,b,c "
+        "(in the teachers' output order)"
+    )
+
+
+def true_labels(cfg: LabelConfig, source: DataSource, classes: list[str]) -> np.ndarray | None:
+    """True labels ``[N]`` (-1 unknown) from ``--eval-labels`` or DATA, or None if none."""
+    if cfg.eval_labels:
+        eval_source = load_data(cfg.eval_labels, classes)
+        if len(eval_source) != len(source):
+            raise UsageError(
+                f"--eval-labels {cfg.eval_labels} has {len(eval_source)} rows, "
+                f"DATA has {len(source)}; they must match row for row"
+            )
+        if eval_source.label_column is None:
+            raise UsageError(
+                f"--eval-labels {cfg.eval_labels} has no label column "
+                f"(columns: {list(eval_source.dataset.features)})"
+            )
+        labels = eval_source.labels()
+    else:
+        labels = source.labels()
+    return labels if (labels >= 0).any() else None
+
+
+def run_record(
+    cfg: LabelConfig, source: DataSource, classes: list[str], teacher_set: TeacherSet
+) -> dict[str, Any]:
+    """The run's identity: what a resumed run must match, written to run.json and the report."""
+    return {
+        "teachers": [
+            {"spec": spec, "fingerprint": fp}
+            for spec, fp in zip(cfg.teachers, teacher_set.fingerprints())
+        ],
+        "data": {"spec": cfg.data, "fingerprint": source.fingerprint, "rows": len(source)},
+        "classes": classes,
+        "combiner": cfg.combiner,
+        "generator": cfg.generator,
+        "calibration": cfg.calibration,
+        "temperatures": teacher_set.temperatures,
+        "shard_size": cfg.shard_size,
+        "with_inputs": cfg.with_inputs,
+        "eval_labels": cfg.eval_labels,
+        "skip_bad_rows": cfg.skip_bad_rows,
+    }
+
+
+def autocast(device: torch.device):
+    """AMP on CUDA (bfloat16 where supported), nothing elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def label_shards(
+    source: DataSource,
+    teacher_set: TeacherSet,
+    combiner: Any,
+    shards: list[Shard],
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Run the teachers and the combiner over ``shards``, writing each when it is done."""
+    from tqdm.auto import tqdm
+
+    total = sum(math.ceil((s.stop - s.start) / batch_size) for s in shards)
+    with tqdm(total=total, unit="batch", desc="label", disable=not progress) as bar:
+        for shard in shards:
+            tensors = label_rows(source, teacher_set, combiner, shard.rows, batch_size, device, bar)
+            write_shard(shard, tensors)
+
+
+@torch.inference_mode()
+def label_rows(
+    source: DataSource,
+    teacher_set: TeacherSet,
+    combiner: Any,
+    rows: range,
+    batch_size: int,
+    device: torch.device,
+    bar: Any,
+) -> dict[str, torch.Tensor]:
+    """The tensors of rows ``rows``: ``teacher_probs [K, R, C]``, ``target [R, C]``,
+    ``weights [K, R]`` and ``bad [R]`` (a teacher gave NaN/Inf; with skip_bad_rows)."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("teacher_probs", "target", "weights")}
+    bad_parts = []
+    for x, _, idx in batches(source, batch_size, indices=list(rows)):
+        x, idx = x.to(device, non_blocking=True), idx.to(device)
+        with autocast(device):
+            out = teacher_set(x, idx)
+        logits = out.logits.float()
+        unlabeled = torch.full((x.shape[0],), -1, dtype=torch.long, device=device)
+        weights, target = combiner(logits, out.known, unlabeled, 1.0)
+        parts["teacher_probs"].append(teacher_probs(logits, out.known).cpu())
+        parts["target"].append(target.float().cpu())
+        parts["weights"].append(weights.float().cpu())
+        bad = out.bad_rows if out.bad_rows is not None else torch.zeros(x.shape[0], dtype=bool)
+        bad_parts.append(bad.cpu())
+        bar.update(1)
+    return {
+        "teacher_probs": torch.cat(parts["teacher_probs"], dim=1),
+        "target": torch.cat(parts["target"]),
+        "weights": torch.cat(parts["weights"], dim=1),
+        "bad": torch.cat(bad_parts),
+    }
+
+
+def merge_shards(shards: list[Shard]) -> dict[str, torch.Tensor]:
+    """All shards' tensors joined in row order."""
+    loaded = [read_shard(s) for s in shards]
+    return {
+        "teacher_probs": torch.cat([t["teacher_probs"] for t in loaded], dim=1),
+        "target": torch.cat([t["target"] for t in loaded]),
+        "weights": torch.cat([t["weights"] for t in loaded], dim=1),
+        "bad": torch.cat([t["bad"] for t in loaded]),
+    }
+
+
+def apply_generator(generator: Any, spec: str, merged: dict, known: torch.Tensor) -> Any:
+    """Run the generator on the good rows and spread its decision over all rows
+    (bad rows: label -1, not accepted, uniform probs). Returns a ``kdplug.Labels``."""
+    from kdplug import Labels
+
+    good = ~merged["bad"]
+    if not good.any():
+        raise UsageError("every row had NaN or Inf teacher outputs; nothing to label")
+    target, probs = merged["target"][good], merged["teacher_probs"][:, good]
+    decided = generator(target, probs, known)
+    n, C = target.shape
+    name = parse_spec(spec).name
+    for attr, shape in (("label", (n,)), ("accepted", (n,)), ("probs", (n, C))):
+        value = getattr(decided, attr, None)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise PluginError(
+                f"label generator {name!r} returned {attr} of shape {got}, expected {shape}"
+            )
+    N = len(good)
+    label = torch.full((N,), -1, dtype=torch.long)
+    accepted = torch.zeros(N, dtype=torch.bool)
+    soft = torch.full((N, C), 1.0 / C, dtype=torch.float32)
+    label[good] = torch.where(decided.accepted, decided.label.long(), -1)
+    accepted[good] = decided.accepted.bool()
+    soft[good] = decided.probs.float()
+    return Labels(label, accepted, soft, dict(decided.info))
+
+
+def is_private(generator: Any) -> bool:
+    """A generator with ``private = True`` (pate) releases only its labels and probs."""
+    return bool(getattr(generator, "private", False))
+
+
+def generator_options(spec: str) -> dict[str, Any]:
+    """The generator's options as run: its factory's defaults updated by the spec."""
+    parsed = parse_spec(spec)
+    component = get_manager().registries["label-generators"].get(parsed.name)
+    accepted = component.options() or {}
+    defaults = {name: p.default for name, p in accepted.items() if p.default is not p.empty}
+    return {**defaults, **parsed.options}
+
+
+def label_columns(labels: Any, probs_k: torch.Tensor, private: bool) -> dict[str, np.ndarray]:
+    """The dataset's columns as arrays (``probs`` [N, C]; the rest [N]).
+
+    ``agreement`` is the fraction of teachers whose argmax is the row's class: its label,
+    or the argmax of its probs where rejected. Private generators get no agreement column.
+    """
+    probs = labels.probs
+    row_class = torch.where(labels.accepted, labels.label, probs.argmax(1))
+    columns = {
+        "index": np.arange(len(probs), dtype=np.int64),
+        "label": labels.label.numpy(),
+        "accepted": labels.accepted.numpy(),
+        "confidence": probs.max(1).values.numpy(),
+        "entropy": entropy(probs).float().numpy(),
+        "agreement": (probs_k.argmax(-1) == row_class).float().mean(0).numpy(),
+        "probs": probs.numpy(),
+    }
+    if private:
+        del columns["agreement"]
+    return columns
+
+
+def build_dataset(
+    source: DataSource | None, classes: list[str], columns: dict[str, np.ndarray], topk: int | None
+) -> Any:
+    """The output ``datasets.Dataset``: our columns, as top-k pairs when ``topk``, and the
+    input columns first when ``source`` is given."""
+    import datasets
+
+    columns = dict(columns)
+    C = len(classes)
+    features = {
+        "index": datasets.Value("int64"),
+        "label": datasets.ClassLabel(names=classes),
+        "accepted": datasets.Value("bool"),
+        "confidence": datasets.Value("float32"),
+        "entropy": datasets.Value("float32"),
+        "agreement": datasets.Value("float32"),
+    }
+    if topk is None:
+        features["probs"] = datasets.Sequence(datasets.Value("float32"), length=C)
+    else:
+        k = min(topk, C)
+        values, indices = torch.from_numpy(columns.pop("probs")).topk(k, dim=1)
+        columns["topk_indices"], columns["topk_values"] = indices.numpy(), values.numpy()
+        features["topk_indices"] = datasets.Sequence(datasets.Value("int64"), length=k)
+        features["topk_values"] = datasets.Sequence(datasets.Value("float32"), length=k)
+    features = datasets.Features({k: v for k, v in features.items() if k in columns})
+    ours = datasets.Dataset.from_dict(columns, features=features)
+    if source is None:
+        return ours
+    inputs = source.dataset.select_columns(source.input_columns).flatten_indices()
+    taken = set(ours.column_names)
+    inputs = inputs.rename_columns({c: f"input_{c}" for c in inputs.column_names if c in taken})
+    return datasets.concatenate_datasets([inputs, ours], axis=1)
+
+
+def write_run(
+    out: Path,
+    dataset: Any,
+    report: dict[str, Any],
+    columns: dict[str, np.ndarray],
+) -> None:
+    """Replace ``out`` whole by the dataset, report.json, report.png and run.json."""
+    import datasets
+
+    with atomic_path(out, directory=True) as tmp:
+        progress = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            dataset.save_to_disk(str(tmp))
+        finally:
+            if progress:
+                datasets.enable_progress_bars()
+        write_json(tmp / "report.json", report)
+        save_report_figure(report, columns, tmp / "report.png")
+        shutil.copy2(out / MARKER, tmp / MARKER)
