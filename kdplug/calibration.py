@@ -77,7 +77,7 @@ def fit_temperature(
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return float(min(max(math.exp(float(log_t)), T_MIN), T_MAX))
+    return float(min(max(math.exp(float(log_t.detach())), T_MIN), T_MAX))
 
 
 def load_temperatures(
