@@ -1,6 +1,9 @@
 """Loss strategies against independent numpy computations on small hand-made tensors."""
 
 import math
+import re
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +239,35 @@ def test_gradients_reach_the_student(spec):
 def test_bad_options_are_usage_errors(spec, message):
     with pytest.raises(UsageError, match=message):
         create("losses", spec)
+
+
+# -- the docs: every spec in their shell examples builds, every Python example runs --------
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def code_blocks(page: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("page", ["losses.md", "combiners.md"])
+def test_doc_examples_use_valid_specs(page):
+    commands = [block.replace("\\\n", " ") for block in code_blocks(page, "bash")]
+    assert commands
+    for command in commands:
+        args = shlex.split(command)
+        teachers = args.count("--teacher")
+        for flag, value in zip(args, args[1:]):
+            if flag == "--loss":
+                create("losses", value)
+            elif flag == "--combiner":
+                logits = torch.randn(teachers, 2, 3)
+                known = torch.ones(teachers, 3, dtype=torch.bool)
+                create("combiners", value)(logits, known, torch.tensor([0, -1]), 1.0)
+
+
+@pytest.mark.parametrize("page", ["losses.md", "combiners.md"])
+def test_doc_python_examples_run(page):
+    blocks = code_blocks(page, "python")
+    assert blocks
+    for block in blocks:
+        exec(compile(block, page, "exec"), {})
