@@ -92,7 +92,7 @@ def agreement(min_agree: int = 2):
 def dawid_skene(
     soft: bool = False,
     max_iter: int = 100,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     smoothing: float = 0.01,
     tau: float = 0.0,
 ):

@@ -1,7 +1,7 @@
 """Dawid-Skene (1979): EM over per-teacher confusion matrices, without ground truth.
 
 Teacher k has ``theta_k[c, l] = P(k says l | true class c)``; classes have priors ``pi``.
-Posteriors ``q [N, C]`` start from the mean vote, then alternate
+Posteriors ``q [N, C]`` start from the (hard) majority vote, then alternate
 M-step ``pi_c = mean_i q_i(c)``, ``theta_k[c, l] ∝ sum_i q_i(c) v_ik(l) + smoothing``
 and E-step ``log q_i(c) = log pi_c + sum_k sum_l v_ik(l) log theta_k[c, l] + const``,
 with ``v_ik`` teacher k's one-hot vote (or its probabilities when ``soft``).
@@ -32,13 +32,10 @@ class DawidSkene:
 
     def __call__(self, target, teacher_probs, known) -> Labels:
         K, N, C = teacher_probs.shape
-        if self.soft:
-            v = teacher_probs.double()
-        else:
-            v = torch.nn.functional.one_hot(votes(teacher_probs), C).double()
+        hard = torch.nn.functional.one_hot(votes(teacher_probs), C).double()
+        v = teacher_probs.double() if self.soft else hard
         said = known.to(v.device).unsqueeze(1)  # [K, 1, C]: the labels teacher k can say
-        q = v.mean(0)
-        q = q / q.sum(1, keepdim=True)
+        q = hard.mean(0)  # the majority vote: one overconfident teacher cannot dominate it
         converged, iterations = False, 0
         while iterations < self.max_iter and not converged:
             iterations += 1
