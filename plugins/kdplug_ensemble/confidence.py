@@ -43,7 +43,7 @@ class ConfidenceAware(Combiner):
     def weights(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         K, B, _ = log_probs.shape
         labeled = labels >= 0
-        index = labels.clamp_min(0).view(1, B, 1).expand(K, B, 1)
+        index = labels.long().clamp_min(0).view(1, B, 1).expand(K, B, 1)
         cross_entropy = -log_probs.gather(-1, index).squeeze(-1)
         if K == 1:
             by_label = torch.ones_like(cross_entropy)

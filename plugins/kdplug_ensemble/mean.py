@@ -32,5 +32,6 @@ class MeanLogits(Mean):
         per_class = class_weights(weights, known)
         log_probs = ops.masked_log_softmax(logits, known)
         mean = (per_class * log_probs).sum(0)
-        mean = mean.masked_fill(per_class.sum(0) == 0, ops.IMPOSSIBLE)
+        # -inf, not IMPOSSIBLE: a mean log-probability can itself be far below IMPOSSIBLE
+        mean = mean.masked_fill(per_class.sum(0) == 0, float("-inf"))
         return torch.softmax(mean / temperature, dim=-1)

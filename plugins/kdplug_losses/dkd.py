@@ -46,7 +46,7 @@ class DKD(Distillation):
         """Student logits ``[B, C]``, target probabilities ``[B, C]`` at T, labels ``[B]``."""
         target = target.float()
         log_q = self.student_log_probs(student_logits)
-        y = torch.where(labels >= 0, labels, target.argmax(-1)).unsqueeze(-1)
+        y = torch.where(labels >= 0, labels.long(), target.argmax(-1)).unsqueeze(-1)
         is_y = torch.zeros_like(target, dtype=torch.bool).scatter_(-1, y, True)
 
         # binary [target class, rest]; the rest is summed, not 1 - p_y, to keep its precision
@@ -59,9 +59,7 @@ class DKD(Distillation):
 
         # the other classes, renormalized; a target with no mass outside y gives NCKD = 0
         others_t = target.masked_fill(is_y, 0) / p_rest.clamp_min(1e-30).unsqueeze(-1)
-        log_others_q = (
-            log_q.masked_fill(is_y, float("-inf")) - log_q_rest.unsqueeze(-1)
-        ).masked_fill(is_y, 0)
+        log_others_q = (log_q - log_q_rest.unsqueeze(-1)).masked_fill(is_y, 0)
         nckd = kl_rows(others_t, log_others_q)
 
         loss = self.alpha * tckd + self.beta * nckd
