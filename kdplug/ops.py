@@ -16,12 +16,16 @@ IMPOSSIBLE = -1e4
 def masked_log_softmax(
     logits: torch.Tensor, known: torch.Tensor | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
-    """``log_softmax(logits / T)`` over the classes in ``known`` (others get IMPOSSIBLE)."""
-    z = logits.float() / temperature
+    """``log_softmax(logits / T)`` over the classes in ``known``.
+
+    Known logits are floored at IMPOSSIBLE and unknown classes sit below that floor, so
+    an unknown class never gets mass, even from a teacher whose logits are all at the floor.
+    """
+    z = (logits.float() / temperature).clamp_min(IMPOSSIBLE)
     if known is not None:
         mask = known if known.dim() == z.dim() else known.unsqueeze(-2)
-        z = z.masked_fill(~mask, IMPOSSIBLE)
-    return torch.log_softmax(z.clamp_min(IMPOSSIBLE), dim=-1)
+        z = z.masked_fill(~mask, 2 * IMPOSSIBLE)
+    return torch.log_softmax(z, dim=-1)
 
 
 def teacher_probs(
