@@ -97,7 +97,7 @@ def dawid_skene(
     tau: float = 0.0,
 ):
     """Dawid-Skene EM over per-teacher confusion matrices; needs no ground truth."""
-    from kdplug_pseudolabel.dawid_skene import DawidSkene
+    from kdplug_pseudolabel.dawid_skene_em import DawidSkene
 
     if max_iter < 1:
         raise UsageError(f"dawid-skene: max_iter must be >= 1, got {max_iter}")
@@ -115,7 +115,7 @@ def pate(
     delta: float = 1e-5,
 ):
     """PATE GNMax: noisy argmax of teacher votes, with the privacy spent (epsilon, delta)."""
-    from kdplug_pseudolabel.pate import Pate
+    from kdplug_pseudolabel.gnmax import Pate
 
     _positive("pate", "sigma", sigma)
     if threshold is not None and (
