@@ -1,0 +1,77 @@
+"""``kdplug distill``: train a timm student from teachers (or from labels alone)."""
+
+from __future__ import annotations
+
+import click
+from click.core import ParameterSource
+
+from kdplug.cli.options import allow_pickle_option, calibration_option, teachers_option
+
+
+@click.command("distill")
+@teachers_option(required=False)
+@click.option("--student", metavar="SPEC", help="The student, e.g. timm:resnet18.")
+@click.option("--train", metavar="DATA", help="Labeled training data (a DATA spec).")
+@click.option("--unlabeled", metavar="DATA", help="Unlabeled data: teachers' targets only.")
+@click.option("--val", metavar="DATA", help="Labeled validation data (picks the best epoch).")
+@click.option("--out", metavar="DIR", help="Run directory (student/, metrics, checkpoint).")
+@click.option("--loss", metavar="SPEC", help="Loss strategy (default kd; ce = labels only).")
+@click.option("--combiner", metavar="SPEC", help="Multi-teacher combiner (default mean).")
+@click.option("--epochs", type=int, help="Epochs (default 10).")
+@click.option("--batch-size", type=int, help="Rows per batch (default 128).")
+@click.option("--lr", type=float, help="Peak learning rate of AdamW + cosine (default 1e-3).")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default auto).")
+@click.option("--seed", type=int, help="Random seed (default 0).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a different run already in --out.")
+@click.option("--keep", help="Which student to keep: best (by val accuracy) or last.")
+@click.option("--ema", is_flag=True, help="Keep an EMA of the weights; validate and save it.")
+@click.option(
+    "--augment",
+    is_flag=False,
+    flag_value="default",
+    metavar="[KEY=VALUE,...]",
+    help="timm training augmentation (alone: timm's defaults), e.g. "
+    "'auto_augment=rand-m9-mstd0.5,mixup=0.2'.",
+)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
+@click.option(
+    "--skip-bad-rows", is_flag=True, help="Drop rows where a teacher gives NaN/Inf; count them."
+)
+@click.option("--workers", type=int, help="Data loader workers (default: by data size).")
+@calibration_option
+@allow_pickle_option
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML file with the same keys as the flags; flags given here override it.",
+)
+@click.pass_context
+def distill_command(ctx: click.Context, config_file: str | None, **flags) -> None:
+    """Distill one or more teachers into a small student on labeled (+ unlabeled) data.
+
+    \b
+    kdplug distill --teacher timm:resnet50,checkpoint=t.safetensors \\
+        --student timm:resnet10t --train disk:data/train --unlabeled disk:data/raw \\
+        --val disk:data/val --out runs/r10t --epochs 20
+    """
+    from kdplug.distill import DistillConfig, distill, read_config_file
+
+    values = read_config_file(config_file) if config_file else {}
+    flags["compile"] = flags.pop("compile_")
+    for name, value in flags.items():
+        param = "compile_" if name == "compile" else name
+        if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE:
+            values[name] = list(value) if name == "teachers" else value
+    source = f"config file {config_file}" if config_file else "distill"
+    summary = distill(DistillConfig.from_mapping(values, source))
+    best = summary["best_val_accuracy"]
+    result = f"student written to {summary['student']}"
+    if best is not None:
+        result += f" (val accuracy: best {best:.4f} at epoch {summary['best_epoch']}, kept "
+        result += f"{summary['kept']})"
+    click.echo(result)
+
+
+COMMANDS = [distill_command]

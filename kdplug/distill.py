@@ -1,0 +1,761 @@
+"""The training engine: distill K teachers into a student, or train it on labels alone.
+
+Per batch ``(x, y, idx)`` of the train rows (then the unlabeled rows, label -1):
+
+    producer(x, idx) -> TeacherOutputs -> combiner -> target [B, C] at the loss's T
+    total = ce_weight * CE(student, labels of labeled rows) + kd_weight * loss(student, target)
+
+The producer is any callable ``producer(x, idx) -> TeacherOutputs`` with ``names`` and
+``fingerprints()``: the live teachers (``kdplug.teachers.TeacherSet``) or a teacher store.
+``Trainer`` holds the per-step code; ``distill`` the epochs, files and resume. Only the main
+process writes files (``is_main_process``).
+
+Files in ``out``: run.json (config), checkpoint.pt (written atomically each epoch end),
+metrics.jsonl (one line per epoch), student/ (kdplug.model_dir), summary.json, curves.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdplug.data import DataSource, batches, load_data
+from kdplug.errors import UsageError
+from kdplug.ops import standardize
+from kdplug.preprocess import Preprocess
+from kdplug.spec import parse_spec
+
+log = logging.getLogger("kdplug")
+
+MARKER = "run.json"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+STUDENT = "student"
+CURVES = "curves.png"
+OPTIMIZER = "adamw"
+WEIGHT_DECAY = 0.05
+SCHEDULER = "cosine"
+EMA_DECAY = 0.999
+STATS_ROWS = 2048  # rows used to measure the data's mean/std
+VAL_CACHE_BYTES = 256 * 2**20  # val data up to this size is decoded once and kept
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distill run is made of; the keys of ``--config FILE.yaml``."""
+
+    student: str = ""
+    train: str = ""
+    out: str = ""
+    teachers: list[str] = field(default_factory=list)
+    unlabeled: str | None = None
+    val: str | None = None
+    loss: str = "kd"
+    combiner: str = "mean"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    device: str = "auto"
+    seed: int = 0
+    calibration: str | None = None
+    keep: str = "best"
+    ema: bool = False
+    augment: str | None = None
+    compile: bool = False
+    skip_bad_rows: bool = False
+    workers: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+    # how a run is run, not what it computes: free to change on --resume
+    RUNTIME = ("device", "workers", "resume", "overwrite")
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str = "config") -> DistillConfig:
+        """Build from a dict with flag-style keys (``batch-size``, ``teacher``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        aliases = {"teacher": "teachers"}
+        given: dict[str, Any] = {}
+        for key, value in values.items():
+            name = aliases.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+            if name not in names:
+                known = ", ".join(sorted(n.replace("_", "-") for n in names))
+                raise UsageError(f"{source}: unknown key {key!r} (known: {known})")
+            given[name] = value
+        if isinstance(given.get("teachers"), str):
+            given["teachers"] = [given["teachers"]]
+        if given.get("augment") is True:
+            given["augment"] = "default"
+        elif given.get("augment") is False:
+            given["augment"] = None
+        config = cls(**given)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        """Refuse missing or out-of-range values with one sentence naming the key."""
+        for key in ("student", "train", "out"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise UsageError(f"{source}: --{key} is required")
+        if not isinstance(self.teachers, list | tuple) or not all(
+            isinstance(t, str) and t for t in self.teachers
+        ):
+            raise UsageError(f"{source}: teachers must be a list of spec strings")
+        self.teachers = list(self.teachers)
+        _check_int(source, "epochs", self.epochs, 1)
+        _check_int(source, "batch-size", self.batch_size, 1)
+        _check_int(source, "seed", self.seed, 0)
+        if self.workers is not None:
+            _check_int(source, "workers", self.workers, 0)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float):
+            raise UsageError(f"{source}: lr must be a number, got {self.lr!r}")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise UsageError(f"{source}: lr must be > 0, got {self.lr}")
+        if self.keep not in ("best", "last"):
+            raise UsageError(f"{source}: keep must be best or last, got {self.keep!r}")
+        for key in ("ema", "compile", "skip_bad_rows", "resume", "overwrite"):
+            if not isinstance(getattr(self, key), bool):
+                raise UsageError(f"{source}: {key} must be true or false")
+        for key in ("unlabeled", "val", "calibration", "augment", "loss", "combiner", "device"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"{source}: {key} must be a string, got {value!r}")
+
+    def record(self) -> dict[str, Any]:
+        """What identifies the run (stored in run.json; ``--resume`` must match it)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME}
+
+
+def _check_int(source: str, key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UsageError(f"{source}: {key} must be an integer >= {low}, got {value!r}")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The mapping in a YAML (or JSON) config file."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"config file {path} is not readable YAML ({exc})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a torch.distributed run."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class TrainRows:
+    """The train rows, then the unlabeled rows (label -1), as one source for ``batches``.
+
+    Row ``i < len(train)`` is train row ``i``; row ``len(train) + j`` is unlabeled row ``j``.
+    """
+
+    def __init__(self, train: DataSource, unlabeled: DataSource | None):
+        self.train, self.unlabeled = train, unlabeled
+        self.split = len(train)
+
+    def __len__(self) -> int:
+        return self.split + (len(self.unlabeled) if self.unlabeled is not None else 0)
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` float32 ``[B, C, H, W]``, ``y`` int64 ``[B]``, ``idx`` int64 ``[B]``."""
+        idx = torch.tensor(indices, dtype=torch.int64)
+        is_train = idx < self.split
+        x = torch.empty((len(idx), *self.train.input_shape), dtype=torch.float32)
+        y = torch.full((len(idx),), -1, dtype=torch.int64)
+        if is_train.any():
+            xt, yt, _ = self.train.batch(idx[is_train].tolist())
+            x[is_train], y[is_train] = xt, yt
+        if not is_train.all():
+            xu, _, _ = self.unlabeled.batch((idx[~is_train] - self.split).tolist())
+            x[~is_train] = xu
+        return x, y, idx
+
+
+def data_normalization(source: DataSource) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of up to ``STATS_ROWS`` evenly spaced rows of ``source``."""
+    rows = np.linspace(0, len(source) - 1, min(len(source), STATS_ROWS)).round().astype(int)
+    x, _, _ = source.batch(sorted(set(rows.tolist())))
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return mean.tolist(), std.tolist()
+
+
+@dataclass
+class Parts:
+    """What ``distill`` builds from the config before it writes anything."""
+
+    train: DataSource
+    unlabeled: DataSource | None
+    val: DataSource | None
+    classes: list[str]
+    model: torch.nn.Module
+    architecture: str
+    mean: list[float]
+    std: list[float]
+    loss: Any
+    combiner: Any
+    producer: Any
+    augment: tuple[Any, Any] | None
+
+
+def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
+    """Load the data and build the student, loss, combiner and teachers (or refuse)."""
+    from kdplug.augment import parse_augment
+    from kdplug.plugins import create
+    from kdplug.teachers import build_teacher_set
+
+    augment = parse_augment(config.augment)
+    train = load_data(config.train)
+    if train.kind != "image":
+        raise UsageError(f"--train {config.train}: distill trains image students; this is tabular")
+    if train.classes is None:
+        raise UsageError(f"--train {config.train}: no label column (it needs labels)")
+    classes = list(train.classes)
+    if not (train.labels() >= 0).any():
+        raise UsageError(f"--train {config.train}: no labeled rows (all labels are missing)")
+    unlabeled = load_data(config.unlabeled) if config.unlabeled else None
+    if unlabeled is not None and tuple(unlabeled.input_shape) != tuple(train.input_shape):
+        raise UsageError(
+            f"--unlabeled images are {list(unlabeled.input_shape)} but --train images are "
+            f"{list(train.input_shape)} (use image_size=N on both data specs)"
+        )
+    val = load_data(config.val, classes=classes) if config.val else None
+    if val is not None:
+        if tuple(val.input_shape) != tuple(train.input_shape):
+            raise UsageError(
+                f"--val images are {list(val.input_shape)} but --train images are "
+                f"{list(train.input_shape)} (use image_size=N on both data specs)"
+            )
+        if not (val.labels() >= 0).any():
+            raise UsageError(f"--val {config.val}: no rows labeled with the train classes")
+
+    spec = parse_spec(config.student)
+    if {"num_classes", "in_chans"} & set(spec.options):
+        raise UsageError(f"--student {config.student}: num_classes and in_chans come from the data")
+    model = create("students", spec, len(classes), train.in_chans)
+    normalization = getattr(model, "input_normalization", None)
+    mean, std = normalization if normalization is not None else data_normalization(train)
+    architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or spec.ref
+    loss = create("losses", config.loss)
+    combiner = None
+    if loss.uses_teachers:
+        combiner = create("combiners", config.combiner)
+        if producer is None:
+            if not config.teachers:
+                raise UsageError(
+                    f"loss {config.loss} distills from teachers: give --teacher SPEC "
+                    "(or --loss ce to train on the labels alone)"
+                )
+            producer = build_teacher_set(
+                config.teachers, classes, config.calibration, config.skip_bad_rows
+            )
+    else:
+        if unlabeled is not None:
+            raise UsageError(
+                f"loss {config.loss} uses labels only: --unlabeled rows would be unused"
+            )
+        if config.teachers:
+            log.warning("loss %s uses no teachers; the --teacher specs are not run", config.loss)
+
+    return Parts(
+        train,
+        unlabeled,
+        val,
+        classes,
+        model,
+        architecture,
+        list(mean),
+        list(std),
+        loss,
+        combiner,
+        producer,
+        augment,
+    )
+
+
+def _describe(source: DataSource | None, spec: str | None) -> dict[str, Any] | None:
+    if source is None:
+        return None
+    return {
+        "spec": spec,
+        "fingerprint": source.fingerprint,
+        "rows": len(source),
+        "labeled_rows": int((source.labels() >= 0).sum()),
+    }
+
+
+class Trainer:
+    """The student, its optimizer, scheduler and EMA, and one training step.
+
+    ``step(x, y, idx)`` takes a CPU batch (``x`` in [0, 1]) and returns per-step sums as
+    tensors on the device (no host sync): ``loss``, ``ce``, ``kd``, ``rows``, ``bad_rows``
+    and ``weights`` ``[K]`` (each teacher's summed weight).
+    """
+
+    def __init__(
+        self, parts: Parts, config: DistillConfig, device: torch.device, updates_per_epoch: int
+    ):
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3
+
+        self.device, self.cuda = device, device.type == "cuda"
+        self.memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        self.model = parts.model.to(device, memory_format=self.memory_format)
+        self.normalize = Preprocess(
+            mean=parts.mean, std=parts.std, in_chans=parts.train.in_chans
+        ).to(device)
+        self.loss, self.combiner, self.producer = parts.loss, parts.combiner, parts.producer
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.optimizer = create_optimizer_v2(
+            self.model, opt=OPTIMIZER, lr=config.lr, weight_decay=WEIGHT_DECAY
+        )
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer,
+            sched=SCHEDULER,
+            num_epochs=config.epochs,
+            step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch,
+        )
+        self.ema = ModelEmaV3(self.model, decay=EMA_DECAY, use_warmup=True) if config.ema else None
+        self.augment, self.mixup = None, None
+        if parts.augment is not None:
+            from kdplug.augment import Augment, MixupLabels
+
+            transform, mixup = parts.augment
+            self.augment = Augment(parts.train.input_shape, transform)
+            self.mixup = MixupLabels(mixup, len(parts.classes)) if mixup else None
+        self.updates = 0
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The model to validate and save: the EMA when asked for, else the student."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def teacher_target(
+        self, x: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Teacher weights ``[K, B]``, target ``[B, C]`` and the rows to drop (or None)."""
+        with torch.inference_mode():
+            out = self.producer(x, idx)
+            logits = out.logits
+            if self.loss.standardize:
+                logits = standardize(logits, out.known)
+            weights, target = self.combiner(logits, out.known, labels, self.loss.temperature)
+        bad = out.bad_rows.clone() if out.bad_rows is not None else None
+        return weights.clone(), target.float().clone(), bad
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        self.model.train()
+        if hasattr(self.loss, "set_epoch"):
+            self.loss.set_epoch(epoch, epochs)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimizer step on a CPU batch; see the class docstring for what it returns."""
+        if self.augment is not None:
+            x = self.augment(x)
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        labels = y.to(self.device, non_blocking=True)
+        soft, valid = None, None
+        if self.mixup is not None:
+            x, soft, valid = self.mixup(x, labels)
+            if soft is not None:  # mixed rows have no single label
+                labels = torch.full_like(labels, -1)
+        stats: dict[str, torch.Tensor] = {}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            if self.loss.uses_teachers:
+                weights, target, bad = self.teacher_target(x, idx, labels)
+            logits = self.forward(self.normalize(x)).float()
+        if self.loss.uses_teachers:
+            if bad is not None:  # --skip-bad-rows: a teacher gave NaN/Inf on these rows
+                keep = ~bad
+                stats["bad_rows"] = bad.sum()
+                weights = weights * keep
+                logits, target, labels = logits[keep], target[keep], labels[keep]
+                if soft is not None:
+                    soft, valid = soft[keep], valid[keep]
+                if not len(logits):
+                    return stats
+            stats["weights"] = weights.sum(1)
+        if soft is not None:
+            ce = -(soft * torch.log_softmax(logits, -1)).sum(-1)
+            ce = (ce * valid).sum() / valid.sum().clamp_min(1)
+        else:
+            count = (labels >= 0).sum().clamp_min(1)
+            ce = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / count
+        kd = self.loss(logits, target, labels) if self.loss.uses_teachers else ce.new_zeros(())
+        total = self.loss.ce_weight * ce + self.loss.kd_weight * kd
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.updates += 1
+        self.scheduler.step_update(num_updates=self.updates)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.updates)
+        rows = len(logits)
+        stats.update(loss=total.detach() * rows, ce=ce.detach() * rows, kd=kd.detach() * rows)
+        stats["rows"] = rows
+        return stats
+
+    def end_epoch(self, epoch: int) -> None:
+        self.scheduler.step(epoch + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "updates": self.updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.updates = state["updates"]
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, as types ``torch.load(weights_only=True)`` reads."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    from kdplug.outputs import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(
+            f"checkpoint {path} is not readable ({type(exc).__name__}); start over with --overwrite"
+        ) from None
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Peak memory: the CUDA allocator's, else the process's resident set size."""
+    if device.type == "cuda":
+        return {"device": "cuda", "bytes": int(torch.cuda.max_memory_allocated(device))}
+    return {
+        "device": "cpu-rss",
+        "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+    }
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Train losses and val accuracy per epoch."""
+    from kdplug.figures import new_figure, save_figure
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = new_figure(1, 2, figsize=(10, 4))
+    for key in ("loss", "ce", "kd"):
+        left.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    left.set_xlabel("epoch")
+    left.set_title("train loss")
+    left.legend()
+    accuracy = [h["val_accuracy"] for h in history]
+    if any(a is not None for a in accuracy):
+        right.plot(epochs, [np.nan if a is None else a for a in accuracy], marker="o")
+    right.set_xlabel("epoch")
+    right.set_title("val accuracy")
+    save_figure(fig, path)
+
+
+def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
+    """Run (or resume) a distillation and return its summary (summary.json's content).
+
+    ``producer``: a teacher-output producer used instead of the live teachers of ``config``.
+    """
+    from kdplug.device import pick_device, seed_everything
+    from kdplug.outputs import prepare_out_dir
+    from kdplug.plugins import get_manager
+    from kdplug.run import Run
+
+    config.validate()
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+    parts = build_parts(config, producer)
+    main = is_main_process()
+    out = Path(config.out)
+    if main:
+        record = config.record()
+        prepare_out_dir(
+            out, resume=config.resume, overwrite=config.overwrite, marker=MARKER, config=record
+        )
+    rows = TrainRows(parts.train, parts.unlabeled)
+    if parts.producer is not None and hasattr(parts.producer, "to"):
+        parts.producer.to(device)
+    if hasattr(parts.producer, "check_rows"):
+        parts.producer.check_rows(len(rows))
+    trainer = Trainer(parts, config, device, max(1, len(rows) // config.batch_size))
+    val = val_batches(parts.val, config, trainer.cuda)
+    names = teacher_names(parts)
+    progress = start_progress(out, trainer, config, main)
+    if progress["epoch"] >= config.epochs and (out / SUMMARY).exists():
+        log.info("%s is already finished", out)
+        return json.loads((out / SUMMARY).read_text())
+
+    run = Run(config=config.record(), out=out, state=progress)
+    if main:
+        get_manager().notify("on_fit_start", run=run)
+    for epoch in range(progress["epoch"], config.epochs):
+        line = train_epoch(trainer, rows, val, names, config, epoch, show=main)
+        accuracy = line["val_accuracy"]
+        best = progress["best_accuracy"]
+        improved = accuracy is not None and (best is None or accuracy > best)
+        progress["history"].append(line)
+        progress["epoch"] = epoch + 1
+        if improved:
+            progress["best_accuracy"], progress["best_epoch"] = accuracy, epoch + 1
+            if keeps_best(config, parts):
+                state = trainer.eval_model.state_dict()
+                progress["best_state"] = {k: v.detach().cpu().clone() for k, v in state.items()}
+        if main:
+            end_epoch_files(out, trainer, parts, progress, line, improved)
+            get_manager().notify("on_epoch_end", run=run, epoch=epoch + 1, metrics=line)
+
+    summary = make_summary(config, parts, progress, device)
+    if main:
+        if keeps_best(config, parts) and progress["best_state"] is not None:
+            trainer.eval_model.load_state_dict(progress["best_state"])
+        save_model_dir(out, trainer.eval_model, parts)
+        plot_curves(progress["history"], out / CURVES)
+        from kdplug.outputs import write_json
+
+        write_json(out / SUMMARY, summary)
+        get_manager().notify("on_fit_end", run=run, summary=summary)
+    return summary
+
+
+def teacher_names(parts: Parts) -> list[str]:
+    """The teachers' specs, in order; none when the loss uses no teachers."""
+    return list(parts.producer.names) if parts.loss.uses_teachers else []
+
+
+def keeps_best(config: DistillConfig, parts: Parts) -> bool:
+    """The student kept is the best by val accuracy (else the last epoch's)."""
+    return config.keep == "best" and parts.val is not None
+
+
+def start_progress(
+    out: Path, trainer: Trainer, config: DistillConfig, main: bool
+) -> dict[str, Any]:
+    """Fresh progress, or the checkpoint's under ``--resume`` (trainer and RNGs restored)."""
+    checkpoint = out / CHECKPOINT
+    if not (config.resume and checkpoint.exists()):
+        return {
+            "epoch": 0,
+            "best_accuracy": None,
+            "best_epoch": None,
+            "best_state": None,
+            "history": [],
+        }
+    stored = load_checkpoint(checkpoint)
+    trainer.load_state_dict(stored["trainer"])
+    set_rng_state(stored["rng"])
+    progress = stored["progress"]
+    if main:  # metrics lines after the checkpoint's epoch belong to an epoch that is redone
+        from kdplug.outputs import write_text
+
+        write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in progress["history"]))
+    log.info("resuming %s after epoch %d of %d", out, progress["epoch"], config.epochs)
+    return progress
+
+
+def train_epoch(
+    trainer: Trainer,
+    rows: TrainRows,
+    val: Any,
+    names: list[str],
+    config: DistillConfig,
+    epoch: int,
+    show: bool,
+) -> dict[str, Any]:
+    """Train one epoch on ``rows``, validate on the ``val`` batches (or None); returns the
+    epoch's metrics.jsonl line (``names``: the teachers, for their mean weights)."""
+    from tqdm import tqdm
+
+    trainer.begin_epoch(epoch, config.epochs)
+    loader = batches(
+        rows,
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        epoch=epoch,
+        workers=config.workers,
+        pin_memory=trainer.cuda,
+        drop_last=True,
+    )
+    totals: dict[str, Any] = {}
+    start = time.perf_counter()
+    for x, y, idx in tqdm(
+        loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show or None
+    ):
+        for key, value in trainer.step(x, y, idx).items():
+            totals[key] = totals[key] + value if key in totals else value
+    trainer.end_epoch(epoch)
+    train_time = time.perf_counter() - start
+    seen = max(int(totals.get("rows", 0)), 1)
+    accuracy, val_nll = validate(trainer, val)
+    weights = (totals["weights"] / seen).tolist() if "weights" in totals else []
+    return {
+        "epoch": epoch + 1,
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        **{
+            key: float(totals[key]) / seen if key in totals else 0.0 for key in ("loss", "ce", "kd")
+        },
+        "val_accuracy": accuracy,
+        "val_nll": val_nll,
+        "teacher_weights": dict(zip(names, weights)),
+        "bad_rows": int(totals.get("bad_rows", 0)),
+        "samples_per_s": seen / train_time,
+        "epoch_time_s": time.perf_counter() - start,
+    }
+
+
+def val_batches(val: DataSource | None, config: DistillConfig, pin: bool) -> Any:
+    """The val batches: decoded once and kept when they fit in ``VAL_CACHE_BYTES``, else a
+    loader that reads them each epoch; None without ``--val``."""
+    if val is None:
+        return None
+    loader = batches(val, config.batch_size, workers=config.workers, pin_memory=pin)
+    if len(val) * math.prod(val.input_shape) * 4 <= VAL_CACHE_BYTES:
+        return list(loader)
+    return loader
+
+
+def validate(trainer: Trainer, loader: Any) -> tuple[float | None, float | None]:
+    """Val accuracy and NLL of the EMA (or the student), or (None, None) without val data."""
+    if loader is None:
+        return None, None
+    from kdplug import metrics
+    from kdplug.evaluate import predict
+
+    model = trainer.eval_model.eval()
+    probs, labels = predict(lambda x: model(trainer.normalize(x)), loader, trainer.device)
+    return metrics.accuracy(probs, labels), metrics.nll(probs, labels)
+
+
+def save_model_dir(out: Path, model: torch.nn.Module, parts: Parts) -> None:
+    from kdplug.model_dir import save_student
+
+    save_student(
+        out / STUDENT,
+        model,
+        architecture=parts.architecture,
+        classes=parts.classes,
+        input_size=list(parts.train.input_shape),
+        mean=parts.mean,
+        std=parts.std,
+    )
+
+
+def end_epoch_files(
+    out: Path,
+    trainer: Trainer,
+    parts: Parts,
+    progress: dict[str, Any],
+    line: dict[str, Any],
+    improved: bool,
+) -> None:
+    """The student (when it improved), then the checkpoint, then the metrics line."""
+    from kdplug.outputs import append_jsonl
+
+    if improved and progress["best_state"] is not None:  # keeping the best: save it now
+        save_model_dir(out, trainer.eval_model, parts)
+    state = {"trainer": trainer.state_dict(), "rng": rng_state(), "progress": progress}
+    save_checkpoint(out / CHECKPOINT, state)
+    append_jsonl(out / METRICS, line)
+    accuracy = line["val_accuracy"]
+    log.info(
+        "epoch %d: loss %.4f, val accuracy %s, %.0f samples/s",
+        line["epoch"],
+        line["loss"],
+        "-" if accuracy is None else f"{accuracy:.4f}",
+        line["samples_per_s"],
+    )
+
+
+def make_summary(
+    config: DistillConfig, parts: Parts, progress: dict[str, Any], device: torch.device
+) -> dict[str, Any]:
+    """summary.json: accuracies, epoch times, peak memory, teachers, data, versions."""
+    import timm
+
+    from kdplug.outputs import versions
+
+    history = progress["history"]
+    names = teacher_names(parts)
+    fingerprints = parts.producer.fingerprints() if names else []
+    return {
+        "status": "finished",
+        "epochs": config.epochs,
+        "final_val_accuracy": history[-1]["val_accuracy"],
+        "best_val_accuracy": progress["best_accuracy"],
+        "best_epoch": progress["best_epoch"],
+        "kept": "best" if keeps_best(config, parts) else "last",
+        "student": str(Path(config.out) / STUDENT),
+        "student_architecture": parts.architecture,
+        "normalization": {"mean": parts.mean, "std": parts.std},
+        "epoch_times_s": [h["epoch_time_s"] for h in history],
+        "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])),
+        "peak_memory": peak_memory(device),
+        "bad_rows": sum(h["bad_rows"] for h in history),
+        "device": str(device),
+        "teachers": [{"spec": n, "fingerprint": f} for n, f in zip(names, fingerprints)],
+        "data": {
+            "train": _describe(parts.train, config.train),
+            "unlabeled": _describe(parts.unlabeled, config.unlabeled),
+            "val": _describe(parts.val, config.val),
+        },
+        "config": config.record(),
+        "versions": {**versions(), "torch": torch.__version__, "timm": timm.__version__},
+    }
