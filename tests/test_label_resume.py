@@ -1,0 +1,103 @@
+"""An interrupted `kdplug label` (SIGKILL mid-run) resumed with --resume gives exactly the
+rows of an uninterrupted run."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from kdplug.label import LabelConfig, run_label
+from tests.conftest import run_cli
+
+SHARD_SIZE = 50
+ROWS = 1200  # the unlabeled digits split: 24 shards
+
+
+@pytest.fixture(scope="module")
+def slow_teacher(tmp_path_factory) -> str:
+    """A random CNN run on the 8x8 digits upsampled to 48x48: slow enough to be killed."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
+    ).eval()
+    path = tmp_path_factory.mktemp("slow") / "slow.pt"
+    torch.jit.save(torch.jit.script(net), path)
+    return f"torchscript:{path},size=48"
+
+
+def label_args(teacher: str, data: str, out) -> list[str]:
+    return [
+        *["label", "--teacher", teacher, "--data", data, "--out", str(out)],
+        *["--generator", "class-balanced,quantile=0.8", "--device", "cpu"],
+        *["--shard-size", str(SHARD_SIZE), "--batch-size", "25"],
+    ]
+
+
+def finished_shards(out) -> int:
+    return len(list((out / ".shards").glob("*.safetensors")))
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(
+    slow_teacher, digits_splits, tmp_path
+):
+    data = digits_splits["unlabeled"]
+    full = tmp_path / "full"
+    run_label(
+        LabelConfig(
+            teachers=[slow_teacher],
+            data=data,
+            out=str(full),
+            generator="class-balanced,quantile=0.8",
+            device="cpu",
+            shard_size=SHARD_SIZE,
+            batch_size=25,
+            progress=False,
+        )
+    )
+
+    part = tmp_path / "part"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdplug", *label_args(slow_teacher, data, part)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while finished_shards(part) < 3:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no shard was written in time"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    done = finished_shards(part)
+    assert 3 <= done < ROWS // SHARD_SIZE
+    assert not (part / "report.json").exists()
+    with pytest.raises(FileNotFoundError):
+        datasets.load_from_disk(str(part))
+
+    result = run_cli(*label_args(slow_teacher, data, part), "--resume")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((part / "report.json").read_text())
+    assert report["rows_labeled_this_run"] == ROWS - done * SHARD_SIZE
+
+    expected = datasets.load_from_disk(str(full))
+    resumed = datasets.load_from_disk(str(part))
+    assert resumed.features == expected.features
+    for column in expected.column_names:
+        assert np.array_equal(np.asarray(resumed[column]), np.asarray(expected[column])), column
+    first = json.loads((full / "report.json").read_text())
+    for key in ("seconds", "rows_labeled_this_run"):
+        first.pop(key), report.pop(key)
+    assert report == first
