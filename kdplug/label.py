@@ -75,12 +75,14 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     started = time.perf_counter()
     if cfg.shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1, got {cfg.shard_size}")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    combiner = create("combiners", cfg.combiner)
+    generator = create("label-generators", cfg.generator)
     source = load_data(cfg.data, cfg.classes)
     classes = run_classes(cfg, source)
     truth = true_labels(cfg, source, classes)
     teacher_set = build_teacher_set(cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows)
-    combiner = create("combiners", cfg.combiner)
-    generator = create("label-generators", cfg.generator)
     record = run_record(cfg, source, classes, teacher_set)
     out = prepare_out_dir(
         cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, marker=MARKER, config=record

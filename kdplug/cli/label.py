@@ -88,8 +88,6 @@ def label_command(
     """Label DATA with the teachers; write OUT as a dataset with report.json and report.png."""
     from kdplug.label import LabelConfig, run_label
 
-    if resume and overwrite:
-        raise click.UsageError("--resume and --overwrite exclude each other")
     report = run_label(
         LabelConfig(
             teachers=list(teachers),
