@@ -21,7 +21,7 @@ from kdplug.calibration import apply_temperature, fit_temperature, load_temperat
 from kdplug.data import DataSource, batches, load_data
 from kdplug.errors import KdplugError, UsageError
 from kdplug.outputs import atomic_path, versions, write_json
-from kdplug.teachers import TeacherSet, build_teacher_set
+from kdplug.teachers import TeacherSet, create_teachers
 
 
 @dataclass
@@ -85,8 +85,9 @@ def calibrate(
     skip_bad_rows: bool = False,
 ) -> dict[str, Any]:
     """Fit one temperature per teacher on ``data`` and write them to ``out`` (JSON, atomic)."""
+    teachers = create_teachers(specs)  # bad teacher files fail before the data is read
     source = labeled_source(data)
-    teacher_set = build_teacher_set(specs, source.classes, skip_bad_rows=skip_bad_rows)
+    teacher_set = TeacherSet(teachers, specs, source.classes, skip_bad_rows=skip_bad_rows)
     found = collect(teacher_set, source, batch_size, torch.device(device), "calibrate")
     entries = []
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
@@ -171,13 +172,14 @@ def report(
     """Judge the teachers on ``data``; with ``out``, write report.json and PNG figures there."""
     if out is not None:
         _check_out(Path(out), overwrite)
+    teachers = create_teachers(specs)  # bad teacher files fail before the data is read
     source = labeled_source(data)
-    teacher_set = build_teacher_set(specs, source.classes, skip_bad_rows=skip_bad_rows)
+    teacher_set = TeacherSet(teachers, specs, source.classes, skip_bad_rows=skip_bad_rows)
     temperatures = None
     if calibration:
         temperatures = load_temperatures(calibration, specs, teacher_set.fingerprints())
     found = collect(teacher_set, source, batch_size, torch.device(device), "report")
-    labels, teachers, calibrated = found.labels, [], []
+    labels, entries, calibrated = found.labels, [], []
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
         logits, known = found.logits[k], found.known[k]
         entry = {
@@ -196,7 +198,7 @@ def report(
                 "reliability": metrics.reliability(probs, labels),
             }
         calibrated.append(logits)
-        teachers.append(entry)
+        entries.append(entry)
     ensemble = torch.stack(calibrated)
     predictions = ops.teacher_probs(ensemble, found.known).argmax(-1)
     combiners, skipped = combiner_scores(ensemble, found.known, labels, batch_size)
@@ -207,7 +209,7 @@ def report(
         "rows": len(labels),
         "skipped_rows": found.skipped,
         "calibration": calibration,
-        "teachers": teachers,
+        "teachers": entries,
         "agreement": metrics.agreement_matrix(predictions.numpy()).tolist(),
         "combiners": combiners,
         "skipped_combiners": skipped,

@@ -24,6 +24,7 @@ __all__ = [
     "TeacherSet",
     "alignment",
     "build_teacher_set",
+    "create_teachers",
     "load_temperatures",
 ]
 
@@ -178,6 +179,13 @@ class TeacherSet:
         return f"teacher {name} returned {shape[1]} logits but names {wanted} classes"
 
 
+def create_teachers(specs: Sequence[str]) -> list[Any]:
+    """Build each teacher from its spec through the plugins (fails on the first bad one)."""
+    from kdplug.plugins import create
+
+    return [create("teachers", spec) for spec in specs]
+
+
 def build_teacher_set(
     specs: Sequence[str],
     classes: Sequence[str],
@@ -185,9 +193,7 @@ def build_teacher_set(
     skip_bad_rows: bool = False,
 ) -> TeacherSet:
     """Build every teacher from its spec (through the plugins) into one TeacherSet."""
-    from kdplug.plugins import create
-
-    teachers = [create("teachers", spec) for spec in specs]
+    teachers = create_teachers(specs)
     temperatures = None
     if calibration:
         temperatures = load_temperatures(

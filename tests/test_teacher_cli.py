@@ -1,0 +1,166 @@
+"""``kdplug teachers calibrate`` and ``report`` in real subprocesses, and their bad inputs."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from kdplug.plugins import get_manager
+from tests.conftest import run_cli
+from tests.teacher_fixtures import TinyCNN, digits_arrays, fit_logistic, save_torchscript
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class TouchMarker:
+    """Unpickling this creates a marker file: it stands for arbitrary code in a pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.fixture(scope="module")
+def files(digits_splits, tmp_path_factory):
+    """Teachers for the labeled digits split (150 rows) and broken files, by name."""
+    import joblib
+
+    root = tmp_path_factory.mktemp("teachers")
+    lr = fit_logistic(digits_splits["test"])
+    x, y = digits_arrays(digits_splits["labeled"])
+    flat = x.reshape(len(x), -1).numpy()
+    log_probs = np.log(lr.predict_proba(flat)).astype(np.float32)
+    np.save(root / "hot.npy", log_probs * 10)  # the same model, deliberately over-confident
+    nan = log_probs.copy()
+    nan[[3, 40], 0] = np.nan
+    np.save(root / "nan.npy", nan)
+    np.save(root / "three.npy", log_probs[:, :3])
+    joblib.dump(lr, root / "lr.joblib")
+    torch.manual_seed(0)
+    cnn = TinyCNN().eval()
+    save_torchscript(cnn, root / "cnn.ts")
+    (root / "bad.ts").write_bytes(b"PK\x03\x04 this is not a TorchScript archive")
+    (root / "bad.onnx").write_bytes(b"\x08\x07 not a protobuf model")
+    (root / "bad.safetensors").write_bytes(b"\xff\x00\x00\x00\x00\x00\x00\x00{")
+    with torch.no_grad():
+        cnn_pred = cnn(x).argmax(1).numpy()
+    paths = {p.name.replace(".", "_"): str(p) for p in root.iterdir()}
+    paths.update(
+        root=str(root),
+        data=digits_splits["labeled"],
+        labels=y.numpy(),
+        lr_pred=lr.predict(flat),
+        cnn_pred=cnn_pred,
+    )
+    return paths
+
+
+def test_calibrate_then_report_with_figures(files, tmp_path):
+    teachers = [f"logits:{files['hot_npy']}", f"sklearn:{files['lr_joblib']}"]
+    teachers.append(f"torchscript:{files['cnn_ts']}")
+    # the joblib (pickle) teacher loads because of --allow-pickle
+    args = [arg for spec in teachers for arg in ("--teacher", spec)] + ["--allow-pickle"]
+    calib = tmp_path / "calib.json"
+    run_cli(
+        "teachers", "calibrate", *args, "--data", files["data"], "--out", str(calib), check=True
+    )
+    record = json.loads(calib.read_text())
+    hot = record["teachers"][0]
+    assert [e["spec"] for e in record["teachers"]] == teachers
+    assert hot["fingerprint"].startswith("sha256:") and hot["temperature"] > 3
+    assert hot["ece_after"] < hot["ece_before"] and hot["nll_after"] < hot["nll_before"]
+    assert record["rows"] == 150
+
+    out = tmp_path / "report"
+    result = run_cli(
+        "teachers", "report", *args, "--data", files["data"], "--calibration", str(calib),
+        "--out", str(out), check=True,
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    labels = files["labels"]
+    first, second, third = report["teachers"]
+    assert first["accuracy"] == pytest.approx(np.mean(files["lr_pred"] == labels))
+    assert second["accuracy"] == pytest.approx(first["accuracy"])
+    assert first["calibrated"]["ece"] == pytest.approx(hot["ece_after"])
+    assert first["calibrated"]["ece"] < first["ece"]
+    agreement = np.array(report["agreement"])
+    np.testing.assert_allclose(np.diag(agreement), 1.0)
+    assert agreement[0, 1] == pytest.approx(1.0)
+    assert agreement[0, 2] == pytest.approx(np.mean(files["lr_pred"] == files["cnn_pred"]))
+    judged = {c["name"] for c in report["combiners"]} | {
+        s["name"] for s in report["skipped_combiners"]
+    }
+    assert judged == set(get_manager().registries["combiners"].names())
+    for name in ("agreement.png", "reliability-0.png", "reliability-1.png", "reliability-2.png"):
+        assert (out / name).read_bytes().startswith(PNG)
+    assert "ECE after" in result.stdout and "cnn.ts" in result.stdout
+
+
+def bad_input_cases():
+    return [
+        ("missing file", ["sklearn:{root}/absent.skops"], [], "no such file"),
+        ("corrupt TorchScript", ["torchscript:{bad_ts}"], [], "cannot load .* as TorchScript"),
+        ("corrupt ONNX", ["onnx:{bad_onnx}"], [], "as an ONNX model"),
+        ("corrupt safetensors", ["logits:{bad_safetensors}"], [], "as safetensors"),
+        (
+            "no class overlap",
+            ["logits:{hot_npy},classes=a;b;c;d;e;f;g;h;i;j"],
+            [],
+            r"shares no class with the data: teacher classes \['a', 'b'.* data classes \['0'",
+        ),
+        ("class count", ["logits:{three_npy}"], [], "predicts 3 classes but the data has 10"),
+        ("NaN logits", ["logits:{nan_npy}"], [], r"nan\.npy returned NaN or Inf .* batch 0"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "teachers, extra, message",
+    [case[1:] for case in bad_input_cases()],
+    ids=[case[0] for case in bad_input_cases()],
+)
+def test_bad_input_is_one_line_and_exit_code_2(files, tmp_path, teachers, extra, message):
+    import re
+
+    args = [a for spec in teachers for a in ("--teacher", spec.format_map(files))]
+    out = tmp_path / "out"
+    extra = [a.format_map(files) for a in extra]
+    result = run_cli(
+        "teachers", "report", *args, *extra, "--data", files["data"], "--out", str(out)
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert not out.exists()
+
+
+def test_skip_bad_rows_drops_and_counts_nan_rows(files):
+    result = run_cli(
+        "teachers", "report", "--teacher", f"logits:{files['nan_npy']}", "--data", files["data"],
+        "--skip-bad-rows", "--json", check=True,
+    )  # fmt: skip
+    report = json.loads(result.stdout)
+    assert report["skipped_rows"] == 2 and report["rows"] == 148
+    keep = np.ones(150, dtype=bool)
+    keep[[3, 40]] = False
+    expected = np.mean(files["lr_pred"][keep] == files["labels"][keep])
+    assert report["teachers"][0]["accuracy"] == pytest.approx(expected)
+
+
+def test_malicious_pickle_is_not_loaded_without_the_opt_in(files, tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "model.pkl"
+    evil.write_bytes(pickle.dumps(TouchMarker(marker)))
+    base = ["teachers", "calibrate", "--teacher", f"sklearn:{evil}", "--data", files["data"]]
+    base += ["--out", str(tmp_path / "calib.json")]
+    refused = run_cli(*base, env={"KDPLUG_ALLOW_PICKLE": ""})
+    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr
+    assert "runs any code" in refused.stderr and not marker.exists()
+    assert not (tmp_path / "calib.json").exists()
+    # test_teacher_sources shows the same payload does run once the opt-in is given
