@@ -3,7 +3,8 @@
 A combiner is called as ``combiner(logits [K, B, C], known [K, C], labels [B],
 temperature)`` and returns ``(weights [K, B], target [B, C])``. Weights come from the
 teachers' probabilities at temperature 1; the target mixes their probabilities at
-``temperature``. See docs/combiners.md.
+``temperature``. ``auto`` is fitted on labeled rows first (its ``fit`` method, called by
+the engines). See docs/combiners.md.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def best():
     return Best()
 
 
+def auto(per_class: bool = False, pool: str = "cv", folds: int = 5, reg: float = 1.0):
+    """Fitted on labeled rows: calibrated teachers, NLL-fitted weights, cross-validated pool."""
+    from kdplug_ensemble.auto import Auto
+
+    return Auto(per_class=per_class, pool=pool, folds=folds, reg=reg)
+
+
 @kdplug.hookimpl
 def register_combiners(register):
     register("mean", mean)
@@ -63,3 +71,4 @@ def register_combiners(register):
     register("entropy", entropy)
     register("ca-mkd", ca_mkd)
     register("best", best)
+    register("auto", auto)

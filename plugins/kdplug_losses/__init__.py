@@ -2,7 +2,8 @@
 
 The engine's total loss on a batch is ``ce_weight * CE(labeled rows) + kd_weight * loss``;
 each loss below is the distillation part. Options and defaults live only in these
-factories; the implementations (which import torch) validate them. See docs/losses.md.
+factories; the implementations (which import torch) validate them. ``kd`` and ``dkd``
+accept ``T=auto`` (chosen on labeled rows by the loss's ``fit``). See docs/losses.md.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ def ce(ce_weight: float = 1.0):
     return LabelsOnly(ce_weight=ce_weight)
 
 
-def kd(T: float = 4.0, standardize: bool = False, ce_weight: float = 0.1, kd_weight: float = 0.9):
-    """Hinton KD: T^2 * KL(target || softmax(student / T)) on every row."""
+def kd(
+    T: float | str = 4.0, standardize: bool = False, ce_weight: float = 0.1, kd_weight: float = 0.9
+):
+    """Hinton KD: T^2 * KL(target || softmax(student / T)) on every row; T=auto fits T."""
     from kdplug_losses.kd import KD
 
     return KD(T=T, standardize=standardize, ce_weight=ce_weight, kd_weight=kd_weight)
@@ -29,13 +32,13 @@ def kd(T: float = 4.0, standardize: bool = False, ce_weight: float = 0.1, kd_wei
 def dkd(
     alpha: float = 1.0,
     beta: float = 8.0,
-    T: float = 4.0,
+    T: float | str = 4.0,
     warmup: int = 20,
     standardize: bool = False,
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
 ):
-    """Decoupled KD: T^2 * (alpha * TCKD + beta * NCKD), warmed up over `warmup` epochs."""
+    """Decoupled KD: T^2 * (alpha * TCKD + beta * NCKD), warm-up over `warmup` epochs; T=auto."""
     from kdplug_losses.dkd import DKD
 
     return DKD(

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from kdplug import ops
-from kdplug_losses.checks import loss_weights, positive
+from kdplug import UsageError, ops
+from kdplug_losses.checks import loss_weights, temperature_or_auto
 
 
 class Distillation:
     """Base of the teacher-using losses. Subclasses implement ``__call__``.
 
     ``temperature`` is the T at which the engine builds the target; with ``standardize``
-    the engine z-scores the teacher logits and the loss z-scores the student's.
+    the engine z-scores the teacher logits and the loss z-scores the student's. Given as
+    ``auto``, T is chosen by ``fit`` on the labeled rows before training (``kdplug.fitting``).
     """
 
     uses_teachers = True
@@ -27,9 +30,36 @@ class Distillation:
         temperature_option: str = "T",
     ):
         self.name = name
-        self.temperature = positive(name, temperature_option, temperature)
+        self.temperature_option = temperature_option
+        self.chosen_temperature = temperature_or_auto(name, temperature_option, temperature)
+        self.auto_temperature = self.chosen_temperature is None
         self.standardize = bool(standardize)
         self.ce_weight, self.kd_weight = loss_weights(name, ce_weight, kd_weight)
+
+    @property
+    def temperature(self) -> float:
+        if self.chosen_temperature is None:
+            raise UsageError(
+                f"{self.name}: {self.temperature_option}=auto is chosen on labeled rows before "
+                "training, and this run has none; give a number instead"
+            )
+        return self.chosen_temperature
+
+    def fit(
+        self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, combiner: Any
+    ) -> dict[str, Any]:
+        """With ``T=auto``, choose T on the labeled rows: the candidate whose tempered
+        combined target has the lowest held-out NLL (``kdplug.fitting.choose_temperature``).
+        ``logits [K, N, C]``, ``labels [N]``. Returns the choice ({} for a given T)."""
+        from kdplug.fitting import choose_temperature
+
+        if not self.auto_temperature:
+            return {}
+        if not (labels >= 0).any():
+            return {self.temperature_option: None, "rows": 0}
+        choice = choose_temperature(combiner, logits, known, labels)
+        self.chosen_temperature = choice["T"]
+        return {self.temperature_option: choice.pop("T"), **choice}
 
     def student_log_probs(self, student_logits: torch.Tensor) -> torch.Tensor:
         """``log_softmax(z / T)`` of the student ``[B, C]``, z standardized when asked."""
@@ -37,8 +67,17 @@ class Distillation:
         return torch.log_softmax(z / self.temperature, dim=-1)
 
     def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v}" for k, v in vars(self).items() if k != "name")
+        hidden = ("name", "temperature_option", "chosen_temperature", "auto_temperature")
+        options = {k: v for k, v in vars(self).items() if k not in hidden}
+        options = {self.temperature_option: self.describe_temperature(), **options}
+        options = ", ".join(f"{k}={v}" for k, v in options.items())
         return f"{self.name}({options})"
+
+    def describe_temperature(self) -> str:
+        """The temperature for reprs: the number, ``auto`` or ``auto->T`` once chosen."""
+        if not self.auto_temperature:
+            return f"{self.chosen_temperature}"
+        return "auto" if self.chosen_temperature is None else f"auto->{self.chosen_temperature}"
 
 
 def kl_rows(target: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,17 @@ def positive(loss: str, option: str, value: float) -> float:
     return float(value)
 
 
+def temperature_or_auto(loss: str, option: str, value: float | str) -> float | None:
+    """A temperature > 0, or None for ``auto`` (chosen later on labeled rows)."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise UsageError(f"{loss}: {option} must be > 0 or auto, got {value!r}")
+        return None
+    if isinstance(value, bool):
+        raise UsageError(f"{loss}: {option} must be > 0 or auto, got {value}")
+    return positive(loss, option, value)
+
+
 def non_negative(loss: str, option: str, value: float) -> float:
     """``value`` as a float, refused unless finite and >= 0."""
     if not math.isfinite(value) or value < 0:

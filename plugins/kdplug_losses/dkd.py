@@ -22,7 +22,7 @@ class DKD(Distillation):
         self,
         alpha: float,
         beta: float,
-        T: float,
+        T: float | str,
         warmup: int,
         standardize: bool,
         ce_weight: float,

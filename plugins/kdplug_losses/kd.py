@@ -10,7 +10,7 @@ from kdplug_losses.base import Distillation, kl_rows
 class KD(Distillation):
     """``T^2 * KL(target || softmax(s / T))``, averaged over the batch's rows."""
 
-    def __init__(self, T: float, standardize: bool, ce_weight: float, kd_weight: float):
+    def __init__(self, T: float | str, standardize: bool, ce_weight: float, kd_weight: float):
         super().__init__("kd", T, standardize, ce_weight, kd_weight)
 
     def __call__(

@@ -1,0 +1,139 @@
+"""Fitting components on labeled rows: the optional ``fit`` methods the engines call.
+
+A combiner may define ``fit(logits [K, N, C], known [K, C], labels [N]) -> dict`` and a
+loss strategy ``fit(logits, known, labels, combiner) -> dict`` (e.g. ``kd,T=auto``). An
+engine collects the teachers' outputs on its labeled rows and calls ``fit_components``
+once, before it combines any row; the returned dicts are JSON-ready and the engine writes
+them into its metrics/report files. Held-out evaluation of a fitted combiner
+(``held_out_targets``) and the choice of the distillation temperature live here too.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kdplug import metrics, ops
+
+log = logging.getLogger("kdplug")
+
+# the distillation temperatures T=auto chooses from: KD softens targets, never sharpens
+TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+FOLDS = 5
+
+
+def split_folds(n: int, folds: int, seed: int = 0) -> list[torch.Tensor]:
+    """``folds`` disjoint sets of row positions covering ``range(n)`` (a seeded shuffle)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [part for part in torch.tensor_split(order, folds) if len(part)]
+
+
+def can_fit(component: Any) -> bool:
+    return callable(getattr(component, "fit", None))
+
+
+def held_out_targets(
+    combiner: Any,
+    logits: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+    temperatures: Sequence[float] = (1.0,),
+    folds: int = FOLDS,
+    chunk: int = 4096,
+) -> dict[float, torch.Tensor]:
+    """The combiner's target ``[N, C]`` on the labeled rows at each temperature, every row
+    from a combiner that did not see its label.
+
+    A combiner with ``fit`` is copied and fitted on the other folds of each held-out fold
+    (k-fold; with fewer than 2 labeled rows the given combiner is used as it is). Rows are
+    combined with label -1, as unlabeled rows are. ``logits [K, N, C]``, ``labels [N]``.
+    """
+    rows = labels >= 0
+    logits, labels = logits[:, rows], labels[rows]
+    N = len(labels)
+    out = {T: logits.new_zeros(N, logits.shape[-1]) for T in temperatures}
+    parts = split_folds(N, min(folds, N)) if can_fit(combiner) and N >= 2 else []
+    plan = [(held, fitted_copy(combiner, logits, known, labels, held)) for held in parts]
+    plan = plan or [(torch.arange(N), combiner)]
+    for held, fitted in plan:
+        for start in range(0, len(held), chunk):
+            index = held[start : start + chunk]
+            unlabeled = torch.full((len(index),), -1, dtype=torch.long)
+            for T in temperatures:
+                out[T][index] = fitted(logits[:, index], known, unlabeled, T)[1].to(logits)
+    return out
+
+
+def fitted_copy(
+    combiner: Any,
+    logits: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+    held: torch.Tensor,
+) -> Any:
+    """A copy of ``combiner`` fitted on every labeled row except those in ``held``."""
+    train = torch.ones(len(labels), dtype=torch.bool)
+    train[held] = False
+    fitted = copy.deepcopy(combiner)
+    fitted.fit(logits[:, train], known, labels[train])
+    return fitted
+
+
+def choose_temperature(
+    combiner: Any,
+    logits: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: Sequence[float] = TEMPERATURES,
+    folds: int = FOLDS,
+) -> dict[str, Any]:
+    """The candidate T whose tempered combined target has the lowest held-out NLL on the
+    labeled rows (``held_out_targets``); ties go to the smaller T."""
+    targets = held_out_targets(combiner, logits, known, labels, candidates, folds)
+    labels = labels[labels >= 0]
+    nll = {T: metrics.nll(targets[T], labels) for T in candidates}
+    best = min(candidates, key=lambda T: (nll[T], T))
+    return {
+        "T": float(best),
+        "rows": len(labels),
+        "held_out_nll": {f"{T:g}": round(value, 6) for T, value in nll.items()},
+    }
+
+
+def fit_components(
+    combiner: Any,
+    loss: Any,
+    logits: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+) -> dict[str, Any]:
+    """Call ``combiner.fit`` and then ``loss.fit`` (those that exist) on the labeled rows.
+
+    ``logits [K, N, C]`` are the teachers' outputs as the engine hands them to the combiner
+    (standardized here when the loss standardizes), ``labels [N]`` (-1 rows are ignored by
+    the fits). ``loss`` may be None (labeling). Returns ``{"combiner": ..., "loss": ...}``
+    with the entries of the components that fitted, and logs one line for each.
+    """
+    if loss is not None and getattr(loss, "standardize", False):
+        logits = ops.standardize(logits, known)
+    record: dict[str, Any] = {}
+    if can_fit(combiner):
+        record["combiner"] = combiner.fit(logits, known, labels)
+    if loss is not None and can_fit(loss):
+        record["loss"] = loss.fit(logits, known, labels, combiner)
+    for line in describe(record):
+        log.info("%s", line)
+    return record
+
+
+def describe(record: dict[str, Any]) -> list[str]:
+    """One readable line per fitted component of a ``fit_components`` record."""
+    return [
+        f"{part} fitted on labeled rows: "
+        + ", ".join(f"{key}={value}" for key, value in fitted.items() if value is not None)
+        for part, fitted in record.items()
+    ]

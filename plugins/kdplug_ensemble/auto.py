@@ -1,0 +1,305 @@
+"""``auto``: a combiner fitted on labeled rows: calibrate each teacher, weigh, pool.
+
+``fit(logits [K, N, C], known [K, C], labels [N])`` (1) fits one temperature per teacher
+(``kdplug.calibration.fit_temperature``), (2) fits teacher weights on the simplex
+(``softmax`` of free parameters, optionally per class) minimizing the NLL of the pooled
+prediction plus a pull toward equal weights, for the linear pool (mixture of
+probabilities) and the log pool (weighted geometric mean), and keeps the pool with the
+lower k-fold cross-validated NLL, (3) keeps the best single teacher instead if the pooled
+prediction is less accurate on the labeled rows. Calling it then pools every row the
+same way and tempers the pooled distribution: ``target ∝ p_ens^(1/T)``.
+
+Exact zeros (a probability teacher's ``log p`` at ``ops.IMPOSSIBLE``, classes a teacher
+does not know) are carried as ``-inf``: no temperature or weight gives them mass. In the
+log pool a class that a weighted teacher gives probability 0 gets 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kdplug import UsageError, metrics, ops
+from kdplug.calibration import T_MAX, T_MIN, apply_temperature, fit_temperature
+from kdplug.fitting import split_folds
+from kdplug_ensemble.confidence import Best
+
+log = logging.getLogger("kdplug")
+
+POOLS = ("linear", "log")
+
+
+def calibrated_log_probs(
+    logits: torch.Tensor, known: torch.Tensor, temperatures: torch.Tensor
+) -> torch.Tensor:
+    """Each teacher's log-probabilities ``[K, N, C]`` after its temperature, ``-inf`` where
+    it cannot predict a class or gives it probability exactly 0."""
+    z = apply_temperature(logits, temperatures.to(logits).view(-1, 1, 1))
+    log_p = ops.masked_log_softmax(z, known)
+    zero = (z <= ops.IMPOSSIBLE) | ~known.unsqueeze(1)
+    # a row where a teacher gives all its known classes probability 0 stays uniform over them
+    has_mass = (~zero).any(-1, keepdim=True)
+    return log_p.masked_fill(zero & has_mass | ~known.unsqueeze(1), -math.inf)
+
+
+def class_weights(weights: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Weights ``[K, C]`` renormalized per class over the teachers that know it (0 for a
+    class no teacher knows)."""
+    per_class = weights * known.to(weights.dtype)
+    total = per_class.sum(0, keepdim=True)
+    return torch.where(total > 0, per_class / total.clamp_min(1e-300), torch.zeros_like(total))
+
+
+def pool_log_probs(
+    log_p: torch.Tensor, weights: torch.Tensor, known: torch.Tensor, pool: str
+) -> torch.Tensor:
+    """Pooled log-probabilities ``[N, C]`` of calibrated ``log_p [K, N, C]`` under
+    per-class weights ``[K, C]``; ``-inf`` marks exact zeros.
+
+    linear: ``p(c) ∝ Σ_k w_kc p_k(c)``. log: ``p(c) ∝ exp(Σ_k w_kc log p_k(c))``, 0 where a
+    weighted teacher gives 0; a row where that leaves no class falls back to the linear pool.
+    """
+    w = class_weights(weights, known).unsqueeze(1)  # [K, 1, C]
+    linear = torch.log((w * log_p.exp()).sum(0))
+    linear = linear - torch.logsumexp(linear, -1, keepdim=True)
+    if pool == "linear":
+        return linear
+    score = torch.where(w > 0, w * log_p, torch.zeros_like(log_p)).sum(0)
+    score = score.masked_fill(~known.any(0), -math.inf)
+    pooled = torch.log_softmax(score, -1)
+    empty = torch.isinf(score).all(-1, keepdim=True)
+    return torch.where(empty, linear, pooled)
+
+
+def training_log_probs(
+    log_p: torch.Tensor, weights: torch.Tensor, known: torch.Tensor, pool: str
+) -> torch.Tensor:
+    """``pool_log_probs`` with finite values at the zeros, so gradients exist everywhere."""
+    finite = log_p.clamp_min(ops.IMPOSSIBLE)
+    w = class_weights(weights, known).unsqueeze(1)
+    if pool == "linear":
+        mixed = (w * finite.exp()).sum(0).clamp_min(1e-300).log()
+    else:
+        mixed = (w * finite).sum(0).masked_fill(~known.any(0), ops.IMPOSSIBLE)
+    return torch.log_softmax(mixed, -1)
+
+
+def fit_pool(
+    logits: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+    calibrated: torch.Tensor,
+    pool: str,
+    per_class: bool,
+    reg: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperatures ``[K]`` and weights ``[K, C]`` minimizing the pooled prediction's NLL on
+    ``logits [K, N, C]`` plus ``reg / N * (|θ|² + |φ|² + |τ - τ0|²)``.
+
+    ``w = softmax_k(θ_k + φ_kc)`` (``φ = 0`` unless ``per_class``; ``θ = φ = 0`` is equal
+    weights); ``T_k = exp(τ_k)`` starts at each teacher's own calibration ``exp(τ0)``
+    (``calibrated``) and is refined jointly: a mixture of individually calibrated teachers
+    is under-confident. LBFGS in float64.
+    """
+    K, N, C = logits.shape
+    logits = logits.double()
+    start = calibrated.double().log()
+    theta = torch.zeros(K, 1, dtype=torch.float64, requires_grad=True)
+    phi = torch.zeros(K, C, dtype=torch.float64, requires_grad=per_class)
+    tau = start.clone().requires_grad_(True)
+    params = [theta, tau, phi] if per_class else [theta, tau]
+    optimizer = torch.optim.LBFGS(params, lr=1, max_iter=200, line_search_fn="strong_wolfe")
+    bounds = math.log(T_MIN), math.log(T_MAX)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        log_p = calibrated_log_probs(logits, known, tau.clamp(*bounds).exp())
+        pooled = training_log_probs(log_p, torch.softmax(theta + phi, 0), known, pool)
+        nll = -pooled[torch.arange(N), labels].mean()
+        penalty = theta.square().sum() + phi.square().sum() + (tau - start).square().sum()
+        loss = nll + reg / N * penalty
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    temperatures = tau.detach().clamp(*bounds).exp()
+    return temperatures, torch.softmax(theta + phi, 0).detach()
+
+
+@dataclass
+class Fitted:
+    """What ``fit`` learned: temperatures ``[K]``, weights ``[K, C]``, the pool."""
+
+    temperatures: torch.Tensor
+    weights: torch.Tensor
+    pool: str  # "linear", "log" or "single" (all weight on one teacher)
+
+
+class Auto:
+    """Calibrated, fitted combination of the teachers; ``best`` until ``fit`` is called."""
+
+    def __init__(self, per_class: bool, pool: str, folds: int, reg: float):
+        if pool not in ("cv", *POOLS):
+            raise UsageError(f"auto: pool must be cv, linear or log, got {pool!r}")
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+            raise UsageError(f"auto: folds must be an integer >= 2, got {folds}")
+        if not math.isfinite(reg) or reg < 0:
+            raise UsageError(f"auto: reg must be >= 0, got {reg}")
+        self.per_class = bool(per_class)
+        self.pool = pool
+        self.folds = folds
+        self.reg = float(reg)
+        self.fitted: Fitted | None = None
+        self.fallback = Best()
+        self.warned = False
+
+    # -- fitting -------------------------------------------------------------------------
+
+    def fit(self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Fit on the labeled rows of ``logits [K, N, C]`` (labels ``[N]``, -1 ignored);
+        return the fitted parameters and the cross-validation scores (JSON-ready)."""
+        rows = labels >= 0
+        logits, labels = logits[:, rows].double(), labels[rows].long()
+        K, N, C = logits.shape
+        known = known.bool()
+        if N == 0:
+            self.fitted = None
+            log.warning("auto: no labeled rows to fit on; falling back to `best`")
+            return {"fitted": False, "fallback": "best", "rows": 0}
+        calibration = self._temperatures(logits, known, labels)
+        cv_nll = self._cross_validate(logits, known, labels) if self.pool == "cv" else {}
+        pool = min(POOLS, key=lambda p: cv_nll[p]) if cv_nll else self._forced_pool()
+        temperatures, weights = self._fit_pool(logits, known, labels, calibration, pool)
+        pooled = pool_log_probs(
+            calibrated_log_probs(logits, known, temperatures), weights, known, pool
+        )
+        own = calibrated_log_probs(logits, known, calibration)
+        accuracy = {"ensemble": metrics.accuracy(pooled, labels)}
+        singles = [metrics.accuracy(own[k], labels) for k in range(K)]
+        best = max(range(K), key=lambda k: singles[k])
+        accuracy.update(best_teacher=singles[best], best_teacher_index=best, teachers=singles)
+        guarded = accuracy["ensemble"] < singles[best]
+        if guarded:
+            pool, temperatures, pooled = "single", calibration, own[best]
+            weights = torch.zeros_like(weights)
+            weights[best] = 1.0
+        self.fitted = Fitted(temperatures.float(), weights.float(), pool)
+        return {
+            "fitted": True,
+            "rows": N,
+            "pool": pool,
+            "pool_choice": "cv" if cv_nll else "given",
+            "cv_nll": {p: _json_number(v) for p, v in cv_nll.items()},
+            "folds": min(self.folds, N) if cv_nll else None,
+            "per_class": self.per_class,
+            "calibration": [round(float(t), 4) for t in calibration],
+            "temperatures": [round(float(t), 4) for t in temperatures],
+            "weights": self._weights_record(weights, known),
+            "nll": _json_number(metrics.nll(pooled.exp(), labels)),
+            "accuracy": accuracy,
+            "guard": (
+                f"the pooled prediction was less accurate than teacher {best} on the labeled "
+                "rows; all weight on that teacher"
+                if guarded
+                else None
+            ),
+        }
+
+    def _fit_pool(
+        self,
+        logits: torch.Tensor,
+        known: torch.Tensor,
+        labels: torch.Tensor,
+        calibration: torch.Tensor,
+        pool: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return fit_pool(logits, known, labels, calibration, pool, self.per_class, self.reg)
+
+    def _forced_pool(self) -> str:
+        return "linear" if self.pool == "cv" else self.pool
+
+    @staticmethod
+    def _temperatures(logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor):
+        """One temperature per teacher; 1 for a teacher that cannot predict any label."""
+        values = []
+        for k in range(logits.shape[0]):
+            try:
+                values.append(fit_temperature(logits[k], labels, known[k]))
+            except UsageError:
+                values.append(1.0)
+        return torch.tensor(values, dtype=torch.float64)
+
+    def _cross_validate(
+        self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, float]:
+        """Mean held-out NLL of each pool over k folds (temperatures and weights refitted on
+        the other folds); a split too small to hold out a row picks the linear pool."""
+        N = len(labels)
+        if N < 2:
+            return {}
+        totals = dict.fromkeys(POOLS, 0.0)
+        for held in split_folds(N, min(self.folds, N)):
+            train = torch.ones(N, dtype=torch.bool)
+            train[held] = False
+            calibration = self._temperatures(logits[:, train], known, labels[train])
+            for pool in POOLS:
+                temperatures, weights = self._fit_pool(
+                    logits[:, train], known, labels[train], calibration, pool
+                )
+                log_p = calibrated_log_probs(logits[:, held], known, temperatures)
+                pooled = pool_log_probs(log_p, weights, known, pool)
+                totals[pool] -= float(pooled[torch.arange(len(held)), labels[held]].sum())
+        return {pool: total / N for pool, total in totals.items()}
+
+    def _weights_record(self, weights: torch.Tensor, known: torch.Tensor) -> Any:
+        per_class = class_weights(weights, known)
+        if self.per_class:
+            return [[round(float(w), 4) for w in row] for row in per_class]
+        return [round(float(w), 4) for w in weights[:, 0]]
+
+    # -- combining -----------------------------------------------------------------------
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        known: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[K, B, C]``, known ``[K, C]``, labels ``[B]`` (unused) -> weights
+        ``[K, B]`` (each teacher's weight averaged under the pooled prediction) and the
+        pooled distribution tempered by ``temperature``, ``[B, C]``."""
+        if self.fitted is None:
+            if not self.warned:
+                log.warning("auto: not fitted on labeled rows; falling back to `best`")
+                self.warned = True
+            return self.fallback(logits, known, labels, temperature)
+        fitted, known = self.fitted, known.bool()
+        K = logits.shape[0]
+        if fitted.weights.shape[0] != K:
+            raise UsageError(f"auto: fitted on {fitted.weights.shape[0]} teachers, called with {K}")
+        log_p = calibrated_log_probs(logits.float(), known, fitted.temperatures.to(logits.device))
+        weights = fitted.weights.to(logits.device)
+        if fitted.pool == "single":
+            pooled = log_p[int(weights[:, 0].argmax())]
+        else:
+            pooled = pool_log_probs(log_p, weights, known, fitted.pool)
+        target = torch.softmax(pooled / temperature, -1)
+        row_weights = torch.einsum("kc,bc->kb", class_weights(weights, known), pooled.exp())
+        return ops.normalize_weights(row_weights, dim=0), target
+
+    def __repr__(self) -> str:
+        return (
+            f"auto(per_class={self.per_class}, pool={self.pool}, folds={self.folds}, "
+            f"reg={self.reg})"
+        )
+
+
+def _json_number(value: float) -> float | None:
+    """A finite float rounded for reports; None for inf/NaN (a held-out label got p = 0)."""
+    return round(float(value), 6) if math.isfinite(value) else None
