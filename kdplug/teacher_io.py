@@ -6,8 +6,10 @@ log-probabilities with exact zeros as ``ops.IMPOSSIBLE`` (see ``probs_to_logits`
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +114,34 @@ def pickle_allowed(option: bool) -> bool:
     return option or env in ("1", "true", "yes", "on")
 
 
-def refuse_pickle(source: str, path: Path, safe_format: str) -> UsageError:
-    """The error for a pickle file loaded without the opt-in: why, and the ways out."""
+def refuse_pickle(
+    source: str, path: Path, safe_format: str, what: str = "is a pickle file"
+) -> UsageError:
+    """The error for a pickle loaded without the opt-in: why, and the ways out."""
     return UsageError(
-        f"{source}: {path} is a pickle file, and loading a pickle runs any code stored in it; "
+        f"{source}: {path} {what}, and loading a pickle runs any code stored in it; "
         "if you trust this file pass --allow-pickle, add allow_pickle=true to the teacher "
         f"spec or set KDPLUG_ALLOW_PICKLE=1, or save the model as {safe_format} instead"
     )
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Force every ``torch.load`` inside to ``weights_only=True`` (even one asking for False).
+
+    Libraries that load with pickle as a fallback (``torch.export.load``) then cannot run
+    code from the file; torch's own log lines about the failure are silenced.
+    """
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous

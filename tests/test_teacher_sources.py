@@ -91,6 +91,45 @@ def test_softmax_model_gives_log_probabilities_with_zeros_impossible(tmp_path):
     assert (out[:, 2] == IMPOSSIBLE).all()
 
 
+def rewrite_archive(src, dst, replace=None, add=None):
+    """Copy a zip archive, replacing entries whose name contains a key, adding others."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            data = old.read(info.filename)
+            for key, value in (replace or {}).items():
+                if key in info.filename:
+                    data = value
+            new.writestr(info, data)
+        prefix = old.namelist()[0].split("/")[0]
+        for name, value in (add or {}).items():
+            new.writestr(f"{prefix}/{name}", value)
+
+
+def test_exported_program_never_unpickles_without_the_opt_in(tmp_path, monkeypatch):
+    import pickle
+
+    model = TinyCNN().eval()
+    program = torch.export.export(model, (torch.rand(2, 1, 8, 8),))
+    torch.export.save(program, str(tmp_path / "good.pt2"))
+    marker = tmp_path / "code-ran"
+    # torch.export.load retries a failed weights-only load with full pickle
+    payload = pickle.dumps(TouchMarker(marker), protocol=2)
+    rewrite_archive(tmp_path / "good.pt2", tmp_path / "evil.pt2", {"sample_inputs": payload})
+    monkeypatch.delenv("KDPLUG_ALLOW_PICKLE", raising=False)
+    with pytest.raises(UsageError, match="only pickle can load.*runs any code.*--allow-pickle"):
+        teacher(f"export:{tmp_path / 'evil.pt2'}")
+    assert not marker.exists()
+    with pytest.raises(UsageError, match="cannot load"):
+        teacher(f"export:{tmp_path / 'evil.pt2'},allow_pickle=true")
+    assert marker.exists()  # the opt-in is what stood between the file and its code
+    opaque = {"data/constants/opaque_obj_0": pickle.dumps(1)}
+    rewrite_archive(tmp_path / "good.pt2", tmp_path / "opaque.pt2", add=opaque)
+    with pytest.raises(UsageError, match="stores objects only pickle loads.*--allow-pickle"):
+        teacher(f"export:{tmp_path / 'opaque.pt2'}")
+
+
 @pytest.mark.parametrize(
     "source, payload",
     [("torchscript", b"PK\x03\x04 definitely not a zip"), ("export", b"\x00" * 64)],

@@ -39,11 +39,12 @@ def export(
     in_chans: int | None = None,
     classes: Names = None,
     probs: bool = False,
+    allow_pickle: bool = False,
 ):
     """A torch.export program (.pt2, torch.export.save); options mean, std, size, classes, probs."""
     from kdplug_torch.models import load_exported
 
-    return load_exported(ref, mean, std, size, in_chans, classes, probs)
+    return load_exported(ref, mean, std, size, in_chans, classes, probs, allow_pickle)
 
 
 def logits(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import pickle
 import warnings
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +14,19 @@ import torch
 from kdplug import UsageError
 from kdplug.outputs import file_hash
 from kdplug.preprocess import Preprocess
-from kdplug.teacher_io import class_names, existing_file, preprocess, probs_to_logits
+from kdplug.teacher_io import (
+    class_names,
+    existing_file,
+    pickle_allowed,
+    preprocess,
+    probs_to_logits,
+    refuse_pickle,
+    weights_only_loads,
+)
+
+# file names torch.export.save gives objects that torch.export.load unpickles
+# (torch.export.pt2_archive.constants CUSTOM_OBJ_ / OPAQUE_OBJ_FILENAME_PREFIX)
+PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")
 
 
 class ModelTeacher(torch.nn.Module):
@@ -102,17 +118,16 @@ def load_torchscript(ref, mean, std, size, in_chans, classes, probs) -> ModelTea
     )
 
 
-def load_exported(ref, mean, std, size, in_chans, classes, probs) -> ModelTeacher:
-    """A torch.export program; channels and size default to its input's static shape."""
+def load_exported(ref, mean, std, size, in_chans, classes, probs, allow_pickle) -> ModelTeacher:
+    """A torch.export program; channels and size default to its input's static shape.
+
+    ``torch.export.load`` falls back to pickle for objects it cannot load safely; without
+    the pickle opt-in every load inside it is forced to ``weights_only`` and programs that
+    store pickled Python objects are refused.
+    """
     source = f"export:{ref}"
     path = existing_file(ref, "export")
-    try:
-        program = torch.export.load(str(path))
-    except Exception as exc:
-        raise UsageError(
-            f"{source}: cannot load {path} as a torch.export program (corrupt, truncated or "
-            f"not a torch.export.save .pt2 file): {_first_line(exc)}"
-        ) from None
+    program = _load_program(path, source, pickle_allowed(allow_pickle))
     shape = _input_shape(program)
     if shape is not None and len(shape) == 4:
         if in_chans is None and isinstance(shape[1], int):
@@ -131,6 +146,39 @@ def load_exported(ref, mean, std, size, in_chans, classes, probs) -> ModelTeache
         classes=classes,
         probs=probs,
     )
+
+
+def _load_program(path: Path, source: str, trusted: bool) -> Any:
+    if trusted:
+        guard = contextlib.nullcontext()
+    else:
+        if _pickled_objects(path):
+            raise refuse_pickle(
+                source, path, "a program without custom objects", "stores objects only pickle loads"
+            )
+        guard = weights_only_loads()
+    try:
+        with guard:
+            return torch.export.load(str(path))
+    except pickle.UnpicklingError:
+        raise refuse_pickle(
+            source, path, "a torch.export.save program", "holds data that only pickle can load"
+        ) from None
+    except Exception as exc:
+        raise UsageError(
+            f"{source}: cannot load {path} as a torch.export program (corrupt, truncated or "
+            f"not a torch.export.save .pt2 file): {_first_line(exc)}"
+        ) from None
+
+
+def _pickled_objects(path: Path) -> bool:
+    """Whether the .pt2 archive holds custom or opaque Python objects (loaded by pickle)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n.rsplit("/", 1)[-1] for n in archive.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        return False  # not an archive at all: torch.export.load says so below
+    return any(name.startswith(PICKLED_PREFIXES) for name in names)
 
 
 def _input_shape(program: Any) -> list[int | None] | None:
