@@ -164,3 +164,25 @@ def test_malicious_pickle_is_not_loaded_without_the_opt_in(files, tmp_path):
     assert "runs any code" in refused.stderr and not marker.exists()
     assert not (tmp_path / "calib.json").exists()
     # test_teacher_sources shows the same payload does run once the opt-in is given
+
+
+def test_combiner_scores_with_and_without_the_combiner_plugin(kdplug_manager):
+    from kdplug.teacher_report import combiner_scores, format_report
+
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.0, 3.0], [0.0, 4.0, 0.0]]])
+    known = torch.ones(2, 3, dtype=torch.bool)
+    labels = torch.tensor([0, 1])
+    results, skipped = combiner_scores(logits, known, labels, chunk=1)
+    assert "mean" in {r["name"] for r in results}
+    mean = next(r for r in results if r["name"] == "mean")
+    probs = torch.softmax(logits, -1).mean(0)  # row 0: class 2 wins narrowly, row 1: class 1
+    nll = -(probs[0, 0].log() + probs[1, 1].log()) / 2
+    assert mean["accuracy"] == pytest.approx(0.5) and mean["nll"] == pytest.approx(float(nll))
+    kdplug_manager.registries["combiners"].remove_plugin("ensemble")
+    assert combiner_scores(logits, known, labels, chunk=1) == ([], [])
+    report = {
+        "data": "d", "rows": 2, "skipped_rows": 0, "calibration": None, "combiners": [],
+        "skipped_combiners": [], "agreement": [[1.0]],
+        "teachers": [{"spec": "t", "accuracy": 1.0, "nll": 0.1, "ece": 0.05}],
+    }  # fmt: skip
+    assert "no combiner plugin is installed" in format_report(report)
