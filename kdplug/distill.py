@@ -231,6 +231,16 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
     from kdplug.teachers import build_teacher_set
 
     augment = parse_augment(config.augment)
+    loss = create("losses", config.loss)
+    combiner = create("combiners", config.combiner) if loss.uses_teachers else None
+    if loss.uses_teachers and producer is None and not config.teachers:
+        raise UsageError(
+            f"loss {config.loss} distills from teachers: give --teacher SPEC "
+            "(or --loss ce to train on the labels alone)"
+        )
+    if not loss.uses_teachers and config.unlabeled:
+        raise UsageError(f"loss {config.loss} uses labels only: --unlabeled rows would be unused")
+
     train = load_data(config.train)
     if train.kind != "image":
         raise UsageError(f"--train {config.train}: distill trains image students; this is tabular")
@@ -255,6 +265,7 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
         if not (val.labels() >= 0).any():
             raise UsageError(f"--val {config.val}: no rows labeled with the train classes")
 
+    # the student before the teachers, so its initial weights depend on the seed alone
     spec = parse_spec(config.student)
     if {"num_classes", "in_chans"} & set(spec.options):
         raise UsageError(f"--student {config.student}: num_classes and in_chans come from the data")
@@ -262,26 +273,12 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
     normalization = getattr(model, "input_normalization", None)
     mean, std = normalization if normalization is not None else data_normalization(train)
     architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or spec.ref
-    loss = create("losses", config.loss)
-    combiner = None
-    if loss.uses_teachers:
-        combiner = create("combiners", config.combiner)
-        if producer is None:
-            if not config.teachers:
-                raise UsageError(
-                    f"loss {config.loss} distills from teachers: give --teacher SPEC "
-                    "(or --loss ce to train on the labels alone)"
-                )
-            producer = build_teacher_set(
-                config.teachers, classes, config.calibration, config.skip_bad_rows
-            )
-    else:
-        if unlabeled is not None:
-            raise UsageError(
-                f"loss {config.loss} uses labels only: --unlabeled rows would be unused"
-            )
-        if config.teachers:
-            log.warning("loss %s uses no teachers; the --teacher specs are not run", config.loss)
+    if loss.uses_teachers and producer is None:
+        producer = build_teacher_set(
+            config.teachers, classes, config.calibration, config.skip_bad_rows
+        )
+    if not loss.uses_teachers and config.teachers:
+        log.warning("loss %s uses no teachers; the --teacher specs are not run", config.loss)
 
     return Parts(
         train,
