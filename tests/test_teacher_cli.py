@@ -186,3 +186,13 @@ def test_combiner_scores_with_and_without_the_combiner_plugin(kdplug_manager):
         "teachers": [{"spec": "t", "accuracy": 1.0, "nll": 0.1, "ece": 0.05}],
     }  # fmt: skip
     assert "no combiner plugin is installed" in format_report(report)
+
+
+def test_report_refuses_a_non_empty_out_directory(tmp_path):
+    from kdplug import UsageError
+    from kdplug.teacher_report import report
+
+    (tmp_path / "notes.txt").write_text("someone else's file")
+    with pytest.raises(UsageError, match="is not empty; choose another --out or pass --overwrite"):
+        report(["logits:unused.npy"], "disk:unused", out=str(tmp_path))
+    assert (tmp_path / "notes.txt").read_text() == "someone else's file"
