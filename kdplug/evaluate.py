@@ -91,12 +91,14 @@ def evaluate_student(
     """Evaluate the student directory ``model_dir`` on the DATA spec ``data``."""
     from kdplug.data import load_data
     from kdplug.device import pick_device
-    from kdplug.model_dir import load_classifier
+    from kdplug.model_dir import load_classifier, read_config
 
-    classifier = load_classifier(model_dir)
-    source = load_data(data, classes=classifier.classes)
+    source = load_data(data, classes=read_config(model_dir)["classes"])
     if source.kind != "image":
         raise UsageError(f"{data}: a student needs image data, this dataset is tabular")
+    if not (source.labels() >= 0).any():
+        raise UsageError(f"{data}: no rows labeled with the model's classes to evaluate on")
+    classifier = load_classifier(model_dir)
     target = pick_device(device)
     loader = batches(source, batch_size, workers=workers, pin_memory=target.type == "cuda")
     probs, labels = predict(classifier.to(target), loader, target)
