@@ -532,6 +532,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
         parts.producer.to(device)
     if hasattr(parts.producer, "check_rows"):
         parts.producer.check_rows(len(rows))
+    fitted = fit_on_labeled_rows(parts, config, device)
     trainer = Trainer(parts, config, device, max(1, len(rows) // config.batch_size))
     val = val_batches(parts.val, config, trainer.cuda)
     names = teacher_names(parts)
@@ -540,7 +541,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
         log.info("%s is already finished", out)
         return json.loads((out / SUMMARY).read_text())
 
-    run = Run(config=config.record(), out=out, state=progress)
+    run = Run(config=config.record(), out=out, state={**progress, "fitted": fitted})
     if main:
         get_manager().notify("on_fit_start", run=run)
     for epoch in range(progress["epoch"], config.epochs):
@@ -560,6 +561,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
             get_manager().notify("on_epoch_end", run=run, epoch=epoch + 1, metrics=line)
 
     summary = make_summary(config, parts, progress, device)
+    summary["fitted"] = fitted
     if main:
         if keeps_best(config, parts) and progress["best_state"] is not None:
             trainer.eval_model.load_state_dict(progress["best_state"])
@@ -570,6 +572,20 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
         write_json(out / SUMMARY, summary)
         get_manager().notify("on_fit_end", run=run, summary=summary)
     return summary
+
+
+def fit_on_labeled_rows(parts: Parts, config: DistillConfig, device: torch.device) -> dict:
+    """Fit the combiner and loss that can fit (``kdplug.fitting``, e.g. ``auto``,
+    ``kd,T=auto``) on the teachers' outputs for the train rows with labels; what they
+    fitted (JSON-ready) goes into summary.json."""
+    if not parts.loss.uses_teachers:
+        return {}
+    from kdplug.fitting import fit_on_rows
+
+    labeled = np.flatnonzero(parts.train.labels() >= 0).tolist()
+    return fit_on_rows(
+        parts.combiner, parts.loss, parts.producer, parts.train, labeled, config.batch_size, device
+    )
 
 
 def teacher_names(parts: Parts) -> list[str]:

@@ -176,7 +176,7 @@ def test_skip_bad_rows_drops_and_counts_them_and_hooks_see_the_run(
     ]
 
 
-def test_augment_mixup_ema_and_dkd_run(digits_splits, teachers, tmp_path):
+def test_augment_mixup_ema_dkd_and_fitted_components_run(digits_splits, teachers, tmp_path):
     summary = distill(
         DistillConfig(
             student=STUDENT,
@@ -184,8 +184,8 @@ def test_augment_mixup_ema_and_dkd_run(digits_splits, teachers, tmp_path):
             val=digits_splits["test"],
             teachers=teachers,
             out=str(tmp_path / "run"),
-            loss="dkd,warmup=2",
-            combiner="ca-mkd",
+            loss="dkd,warmup=2,T=auto",
+            combiner="auto",
             augment="scale=0.5;1,hflip=0,mixup=0.4,cutmix=1.0",
             ema=True,
             epochs=1,
@@ -195,6 +195,9 @@ def test_augment_mixup_ema_and_dkd_run(digits_splits, teachers, tmp_path):
     line = _lines(tmp_path / "run")[0]
     assert all(np.isfinite(line[key]) for key in ("loss", "ce", "kd", "val_accuracy"))
     assert summary["kept"] == "best"
+    # auto and T=auto were fitted on the labeled train rows before training, and recorded
+    assert set(summary["fitted"]) == {"combiner", "loss"}
+    assert summary["fitted"]["loss"]["T"] > 0
 
 
 def test_mixup_targets_only_where_both_rows_are_labeled():
