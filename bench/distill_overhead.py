@@ -1,0 +1,225 @@
+"""The distill engine's overhead against a minimal hand-written PyTorch KD loop.
+
+Same data (scikit-learn digits at ``--size`` pixels, all rows labeled), same batches
+(``kdplug.data.batches``: same shuffle, same drop_last), same teacher (a kdplug student
+directory, run as the engine runs it), same student architecture, same KD loss
+(``0.1 * CE + 0.9 * T^2 * KL``, T = 4) and optimizer (AdamW). Each is timed per epoch:
+the hand loop around its batches, the engine from one ``on_epoch_end`` hook call to the
+next (so checkpoints, metrics lines and hooks are inside its time). The first epoch of
+every run is left out (warm-up); the figure is the median of the others over ``--repeats``
+alternating runs. Run on CPU:
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/distill_overhead.py
+
+With CUDA (``--device cuda``) it also reports the engine's images/s (AMP bf16,
+channels-last) for student-only training and for distillation from 1 and 3 teachers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import kdplug
+
+
+def make_data(root: Path, size: int, copies: int) -> str:
+    """Digits (``copies`` times over) saved to disk; a DATA spec at ``size`` pixels."""
+    import datasets
+
+    from kdplug.data import load_data
+
+    dataset = load_data("sklearn:digits").dataset
+    if copies > 1:
+        dataset = datasets.concatenate_datasets([dataset] * copies)
+    dataset.save_to_disk(str(root / "digits"))
+    return f"disk:{root / 'digits'},image_size={size}"
+
+
+def make_teacher(root: Path, name: str, arch: str, size: int, seed: int) -> str:
+    """A randomly initialised student directory to serve as a teacher (timing only)."""
+    import torch
+
+    from kdplug.model_dir import save_student
+    from kdplug.plugins import create
+
+    torch.manual_seed(seed)
+    model = create("students", f"timm:{arch}", 10, 1)
+    classes = [str(c) for c in range(10)]
+    save_student(
+        root / name,
+        model,
+        architecture=arch,
+        classes=classes,
+        input_size=[1, size, size],
+        mean=[0.3],
+        std=[0.4],
+    )
+    return f"kdplug:{root / name}"
+
+
+def hand_loop(data: str, teacher: str, arch: str, args: argparse.Namespace) -> list[float]:
+    """Seconds per epoch of a minimal KD loop: teacher under no_grad, student, KL, AdamW."""
+    import timm
+    import torch
+    import torch.nn.functional as F
+
+    from kdplug.data import batches, load_data
+    from kdplug.distill import data_normalization
+    from kdplug.model_dir import load_classifier
+
+    device = torch.device(args.device)
+    source = load_data(data)
+    teacher_model = load_classifier(teacher.split(":", 1)[1]).to(device).eval()
+    torch.manual_seed(args.seed)
+    student = timm.create_model(arch, num_classes=10, in_chans=1).to(device)
+    mean, std = (
+        torch.tensor(v, device=device).view(1, -1, 1, 1) for v in data_normalization(source)
+    )
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.05)
+    T, times = 4.0, []
+    for epoch in range(args.epochs):
+        start = time.perf_counter()
+        for x, y, _ in batches(
+            source, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch, drop_last=True
+        ):
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                target = teacher_model(x)
+            logits = student((x - mean) / std)
+            kl = F.kl_div(
+                F.log_softmax(logits / T, 1),
+                F.log_softmax(target / T, 1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * T * T * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class EpochClock:
+    """An event-hook plugin recording when the engine starts and ends each epoch."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+
+    @kdplug.hookimpl
+    def on_fit_start(self, run) -> None:
+        self.marks = [time.perf_counter()]
+
+    @kdplug.hookimpl
+    def on_epoch_end(self, run, epoch, metrics) -> None:
+        self.marks.append(time.perf_counter())
+
+    def epochs(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def engine(
+    data: str, teachers: list[str], arch: str, loss: str, out: Path, args: argparse.Namespace
+) -> dict:
+    """One ``kdplug.distill`` run (what ``kdplug distill`` calls); its summary."""
+    from kdplug.distill import DistillConfig, distill
+
+    config = DistillConfig(
+        student=f"timm:{arch}",
+        train=data,
+        teachers=teachers,
+        loss=loss,
+        out=str(out),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        overwrite=True,
+        workers=args.workers,
+    )
+    return distill(config)
+
+
+def overhead(root: Path, args: argparse.Namespace) -> dict:
+    from kdplug.plugins import get_manager
+
+    data = make_data(root, args.size, args.copies)
+    teacher = make_teacher(root, "teacher", args.teacher, args.size, seed=1)
+    clock = EpochClock()
+    get_manager().add(clock, "bench-clock")
+    hand, kdplug_times = [], []
+    for repeat in range(args.repeats):
+        hand += hand_loop(data, teacher, args.student, args)[1:]
+        engine(data, [teacher], args.student, "kd", root / f"run{repeat}", args)
+        kdplug_times += clock.epochs()[1:]
+    ratio = statistics.median(kdplug_times) / statistics.median(hand)
+    return {
+        "hand_epoch_s": [round(t, 3) for t in hand],
+        "kdplug_epoch_s": [round(t, 3) for t in kdplug_times],
+        "hand_median_s": round(statistics.median(hand), 3),
+        "kdplug_median_s": round(statistics.median(kdplug_times), 3),
+        "ratio": round(ratio, 3),
+    }
+
+
+def throughput(root: Path, args: argparse.Namespace) -> dict:
+    """Engine images/s (AMP on CUDA): student only, and KD from 1 and 3 teachers."""
+    data = make_data(root / "gpu", args.size, args.copies)
+    teachers = [make_teacher(root, f"gpu-t{i}", args.teacher, args.size, seed=i) for i in range(3)]
+    rates = {}
+    for name, chosen, loss in [
+        ("student only", [], "ce"),
+        ("1 teacher", teachers[:1], "kd"),
+        ("3 teachers", teachers, "kd"),
+    ]:
+        out = root / f"gpu-{loss}{len(chosen)}"
+        summary = engine(data, chosen, args.student, loss, out, args)
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rates[name] = round(statistics.median(line["samples_per_s"] for line in lines[1:]), 1)
+        rates[f"{name} peak memory GiB"] = round(summary["peak_memory"]["bytes"] / 2**30, 2)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--student", default="test_resnet")
+    parser.add_argument("--teacher", default="test_resnet")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--copies", type=int, default=1, help="repeat the 1797 digits")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    import timm
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {
+            "machine": f"{platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} torch threads",
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "args": vars(args),
+            "overhead": overhead(Path(tmp), args),
+        }
+        if args.device.startswith("cuda"):
+            results["cuda"] = torch.cuda.get_device_name()
+            results["images_per_s"] = throughput(Path(tmp), args)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
