@@ -51,6 +51,7 @@ SCHEDULER = "cosine"
 EMA_DECAY = 0.999
 STATS_ROWS = 2048  # rows used to measure the data's mean/std
 VAL_CACHE_BYTES = 256 * 2**20  # val data up to this size is decoded once and kept
+NUMBERS = {"epochs": int, "batch_size": int, "seed": int, "workers": int, "lr": float}
 
 
 @dataclass
@@ -94,6 +95,11 @@ class DistillConfig:
             if name not in names:
                 known = ", ".join(sorted(n.replace("_", "-") for n in names))
                 raise UsageError(f"{source}: unknown key {key!r} (known: {known})")
+            if name in NUMBERS and isinstance(value, str):  # YAML reads 3e-3 as a string
+                try:
+                    value = NUMBERS[name](value)
+                except ValueError:
+                    pass  # validate() names the key
             given[name] = value
         if isinstance(given.get("teachers"), str):
             given["teachers"] = [given["teachers"]]
@@ -281,18 +287,18 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
         log.warning("loss %s uses no teachers; the --teacher specs are not run", config.loss)
 
     return Parts(
-        train,
-        unlabeled,
-        val,
-        classes,
-        model,
-        architecture,
-        list(mean),
-        list(std),
-        loss,
-        combiner,
-        producer,
-        augment,
+        train=train,
+        unlabeled=unlabeled,
+        val=val,
+        classes=classes,
+        model=model,
+        architecture=architecture,
+        mean=list(mean),
+        std=list(std),
+        loss=loss,
+        combiner=combiner,
+        producer=producer,
+        augment=augment,
     )
 
 
@@ -310,9 +316,9 @@ def _describe(source: DataSource | None, spec: str | None) -> dict[str, Any] | N
 class Trainer:
     """The student, its optimizer, scheduler and EMA, and one training step.
 
-    ``step(x, y, idx)`` takes a CPU batch (``x`` in [0, 1]) and returns per-step sums as
-    tensors on the device (no host sync): ``loss``, ``ce``, ``kd``, ``rows``, ``bad_rows``
-    and ``weights`` ``[K]`` (each teacher's summed weight).
+    ``step(x, y, idx)`` takes a CPU batch (``x`` in [0, 1]) and returns the step's sums over
+    its rows, as tensors left on the device (no host sync): ``loss``, ``ce``, ``kd``,
+    ``bad_rows`` and ``weights`` ``[K]`` (each teacher's summed weight); and ``rows`` (int).
     """
 
     def __init__(
@@ -329,6 +335,9 @@ class Trainer:
             mean=parts.mean, std=parts.std, in_chans=parts.train.in_chans
         ).to(device)
         self.loss, self.combiner, self.producer = parts.loss, parts.combiner, parts.producer
+        for teacher in getattr(parts.producer, "teachers", []):
+            if isinstance(teacher, torch.nn.Module):
+                teacher.to(memory_format=self.memory_format)
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = create_optimizer_v2(
             self.model, opt=OPTIMIZER, lr=config.lr, weight_decay=WEIGHT_DECAY

@@ -261,7 +261,7 @@ def unlabeled_only(tmp_path_factory):
         ({"augment": "flip=1", "loss": "ce"}, "--augment: unknown option"),
         ({"loss": "ce", "train": "NOLABELS"}, "no labeled rows"),
         (
-            {"unlabeled": "UNLABELED,image_size=16"},
+            {"unlabeled": "UNLABELED,image_size=16", "teachers": ["kdplug:never-built"]},
             r"--unlabeled images are \[1, 16, 16\]",
         ),
     ],
@@ -282,10 +282,11 @@ def test_bad_inputs_are_usage_errors_and_write_nothing(
 
 def test_config_mapping_uses_flag_names_and_refuses_unknown_keys():
     config = DistillConfig.from_mapping(
-        {"teacher": "kdplug:a", "student": "s", "train": "t", "out": "o", "batch-size": 7}
-    )
-    assert config.teachers == ["kdplug:a"] and config.batch_size == 7
+        {"teacher": "kdplug:a", "student": "s", "train": "t", "out": "o", "batch-size": 7,
+         "lr": "3e-3"}
+    )  # fmt: skip
+    assert config.teachers == ["kdplug:a"] and config.batch_size == 7 and config.lr == 0.003
     with pytest.raises(UsageError, match="unknown key 'epoch'"):
         DistillConfig.from_mapping({"epoch": 3})
     with pytest.raises(UsageError, match="epochs must be an integer"):
-        DistillConfig.from_mapping({"student": "s", "train": "t", "out": "o", "epochs": "3"})
+        DistillConfig.from_mapping({"student": "s", "train": "t", "out": "o", "epochs": "x"})
