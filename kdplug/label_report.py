@@ -50,6 +50,7 @@ def build_report(
     for k, teacher in enumerate(record["teachers"]):
         entry = {
             **teacher,
+            "temperature": record["temperatures"][k],
             "agreement": _mean(votes[k][accepted] == label[accepted]),
             "mean_weight": _mean(weights[k][~bad]),
         }

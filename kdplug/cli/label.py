@@ -28,7 +28,13 @@ def _classes(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Output dataset directory."
 )
-@click.option("--combiner", default="mean", show_default=True, metavar="SPEC")
+@click.option(
+    "--combiner",
+    default="mean",
+    show_default=True,
+    metavar="SPEC",
+    help="How the teachers are combined into one target (see `kdplug list combiners`).",
+)
 @click.option(
     "--generator",
     default="threshold",
@@ -116,6 +122,8 @@ def summary(report: dict, out: str) -> str:
         f"labeled {report['rows']} rows: {report['accepted']} accepted "
         f"(coverage {report['coverage']:.1%}) -> {out}"
     )
+    if report["accepted"] == 0:
+        line += "\nno row was accepted: relax the generator (e.g. threshold,tau=0.8)"
     evaluation = report.get("eval")
     if evaluation and evaluation["accuracy_accepted"] is not None:
         line += (
