@@ -84,11 +84,12 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     truth = true_labels(cfg, source, classes)
     teacher_set = build_teacher_set(cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows)
     record = run_record(cfg, source, classes, teacher_set)
+    settings = output_settings(cfg)
     out = prepare_out_dir(
         cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, marker=MARKER, config=record
     )
-    if (out / "report.json").exists():  # a finished run, resumed: nothing left to do
-        return json.loads((out / "report.json").read_text())
+    if (out / "report.json").exists():
+        return finished_report(out, settings)
 
     device = pick_device(cfg.device)
     teacher_set.to(device)
@@ -101,6 +102,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     labeled_rows = sum(s.stop - s.start for s in todo)
     report = build_report(
         record=record,
+        settings=settings,
         columns=columns,
         merged=merged,
         info=labels.info,
@@ -112,7 +114,9 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     topk = getattr(generator, "topk", None)
     dataset = build_dataset(source if cfg.with_inputs else None, classes, columns, topk)
     write_run(out, dataset, report, columns)
-    run = LabelRun(record, out, {"shards": len(shards), "labeled_this_time": labeled_rows})
+    run = LabelRun(
+        {**record, **settings}, out, {"shards": len(shards), "labeled_this_time": labeled_rows}
+    )
     get_manager().notify("on_labels_written", run=run, path=str(out), report=report)
     return report
 
@@ -152,7 +156,8 @@ def true_labels(cfg: LabelConfig, source: DataSource, classes: list[str]) -> np.
 def run_record(
     cfg: LabelConfig, source: DataSource, classes: list[str], teacher_set: TeacherSet
 ) -> dict[str, Any]:
-    """The run's identity: what a resumed run must match, written to run.json and the report."""
+    """The run's identity: what the shards depend on, so what a resumed run must match
+    (written to run.json). The generator and the output options may change on resume."""
     return {
         "teachers": [
             {"spec": spec, "fingerprint": fp}
@@ -161,14 +166,37 @@ def run_record(
         "data": {"spec": cfg.data, "fingerprint": source.fingerprint, "rows": len(source)},
         "classes": classes,
         "combiner": cfg.combiner,
-        "generator": cfg.generator,
         "calibration": cfg.calibration,
         "temperatures": teacher_set.temperatures,
         "shard_size": cfg.shard_size,
-        "with_inputs": cfg.with_inputs,
-        "eval_labels": cfg.eval_labels,
         "skip_bad_rows": cfg.skip_bad_rows,
     }
+
+
+def output_settings(cfg: LabelConfig) -> dict[str, Any]:
+    """What is decided after the shards: the generator and the output options."""
+    return {
+        "generator": cfg.generator,
+        "with_inputs": cfg.with_inputs,
+        "eval_labels": cfg.eval_labels,
+    }
+
+
+def finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The report of the finished run in ``out``, resumed with the same output settings."""
+    report = json.loads((out / "report.json").read_text())
+    done = {key: report[key]["spec"] if key == "generator" else report[key] for key in settings}
+    changed = [
+        f"{key} {done[key]!r} (now {settings[key]!r})"
+        for key in settings
+        if done[key] != settings[key]
+    ]
+    if changed:
+        raise UsageError(
+            f"{out} is a finished run made with {', '.join(changed)}; its shards are gone, "
+            "so label again with --overwrite"
+        )
+    return report
 
 
 def autocast(device: torch.device):

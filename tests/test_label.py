@@ -275,9 +275,21 @@ def test_finished_run_resumes_as_a_no_op_and_refuses_a_different_run(
     with pytest.raises(UsageError, match="already holds a run; use --resume"):
         label_in_process(teachers[:1], data, out, "soft")
     with pytest.raises(UsageError, match="holds a run with a different configuration"):
+        label_in_process(teachers[:2], data, out, "soft", resume=True)
+    with pytest.raises(UsageError, match="finished run made with generator 'soft' .now 'thre"):
         label_in_process(teachers[:1], data, out, "threshold", resume=True)
     other, _ = label_in_process(teachers[:1], data, out, "threshold", overwrite=True)
     assert other["generator"]["name"] == "threshold"
+
+
+def test_a_failed_generator_is_rerun_on_the_finished_shards(teachers, digits_splits, tmp_path):
+    out = tmp_path / "o"
+    data = digits_splits["test"]
+    with pytest.raises(UsageError, match="agreement: min_agree=2 but the run has 1 teachers"):
+        label_in_process(teachers[:1], data, out, "agreement", shard_size=200)
+    assert len(list((out / ".shards").iterdir())) == 3
+    report, ds = label_in_process(teachers[:1], data, out, "soft", shard_size=200, resume=True)
+    assert report["rows_labeled_this_run"] == 0 and len(ds) == 447
 
 
 def test_empty_data_is_refused(teachers, tmp_path):
