@@ -6,7 +6,8 @@ Per batch ``(x, y, idx)`` of the train rows (then the unlabeled rows, label -1):
     total = ce_weight * CE(student, labels of labeled rows) + kd_weight * loss(student, target)
 
 The producer is any callable ``producer(x, idx) -> TeacherOutputs`` with ``names`` and
-``fingerprints()``: the live teachers (``kdplug.teachers.TeacherSet``) or a teacher store.
+``fingerprints()``: the live teachers (``kdplug.teachers.TeacherSet``) or a teacher store,
+whose ``rebuild_views(x, idx) -> x`` also picks the input view of each row of a step.
 ``Trainer`` holds the per-step code; ``distill`` the epochs, files and resume. Only the main
 process writes files (``is_main_process``).
 
@@ -62,6 +63,7 @@ class DistillConfig:
     train: str = ""
     out: str = ""
     teachers: list[str] = field(default_factory=list)
+    store: str | None = None  # a teacher store (kdplug cache) instead of live teachers
     unlabeled: str | None = None
     val: str | None = None
     loss: str = "kd"
@@ -135,7 +137,8 @@ class DistillConfig:
         for key in ("ema", "compile", "skip_bad_rows", "resume", "overwrite"):
             if not isinstance(getattr(self, key), bool):
                 raise UsageError(f"{source}: {key} must be true or false")
-        for key in ("unlabeled", "val", "calibration", "augment", "loss", "combiner", "device"):
+        keys = ("unlabeled", "val", "calibration", "augment", "loss", "combiner", "device", "store")
+        for key in keys:
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
                 raise UsageError(f"{source}: {key} must be a string, got {value!r}")
@@ -239,11 +242,13 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
     augment = parse_augment(config.augment)
     loss = create("losses", config.loss)
     combiner = create("combiners", config.combiner) if loss.uses_teachers else None
-    if loss.uses_teachers and producer is None and not config.teachers:
+    if loss.uses_teachers and producer is None and not config.teachers and not config.store:
         raise UsageError(
-            f"loss {config.loss} distills from teachers: give --teacher SPEC "
+            f"loss {config.loss} distills from teachers: give --teacher SPEC or --store STORE "
             "(or --loss ce to train on the labels alone)"
         )
+    if config.store:
+        check_store_options(config)
     if not loss.uses_teachers and config.unlabeled:
         raise UsageError(f"loss {config.loss} uses labels only: --unlabeled rows would be unused")
 
@@ -279,6 +284,10 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
     normalization = getattr(model, "input_normalization", None)
     mean, std = normalization if normalization is not None else data_normalization(train)
     architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or spec.ref
+    if loss.uses_teachers and producer is None and config.store:
+        from kdplug.store.producer import store_producer
+
+        producer = store_producer(config.store, train, unlabeled, classes)
     if loss.uses_teachers and producer is None:
         producer = build_teacher_set(
             config.teachers, classes, config.calibration, config.skip_bad_rows
@@ -300,6 +309,18 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
         producer=producer,
         augment=augment,
     )
+
+
+def check_store_options(config: DistillConfig) -> None:
+    """A store replaces the teachers, their calibration and the augmentation (its views)."""
+    for key, flag in (("teachers", "--teacher"), ("calibration", "--calibration")):
+        if getattr(config, key):
+            raise UsageError(f"--store replaces {flag}: the store holds the teachers' outputs")
+    if config.augment is not None:
+        raise UsageError(
+            "--store trains on the store's own views; --augment would change the inputs the "
+            "stored outputs belong to (cache with --views V --augment ... instead)"
+        )
 
 
 def _describe(source: DataSource | None, spec: str | None) -> dict[str, Any] | None:
@@ -384,6 +405,9 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on a CPU batch; see the class docstring for what it returns."""
+        rebuild_views = getattr(self.producer, "rebuild_views", None)
+        if self.loss.uses_teachers and rebuild_views is not None:
+            x = rebuild_views(x, idx)  # a teacher store: one of each row's stored views
         if self.augment is not None:
             x = self.augment(x)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)

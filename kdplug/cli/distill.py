@@ -10,6 +10,9 @@ from kdplug.cli.options import allow_pickle_option, calibration_option, teachers
 
 @click.command("distill")
 @teachers_option(required=False)
+@click.option(
+    "--store", metavar="STORE", help="A teacher store (kdplug cache) instead of --teacher."
+)
 @click.option("--student", metavar="SPEC", help="The student, e.g. timm:resnet18.")
 @click.option("--train", metavar="DATA", help="Labeled training data (a DATA spec).")
 @click.option("--unlabeled", metavar="DATA", help="Unlabeled data: teachers' targets only.")
