@@ -522,10 +522,14 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Train losses and val accuracy per epoch."""
+    from matplotlib.ticker import MaxNLocator
+
     from kdplug.figures import new_figure, save_figure
 
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = new_figure(1, 2, figsize=(10, 4))
+    for axes in (left, right):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     for key in ("loss", "ce", "kd"):
         left.plot(epochs, [h[key] for h in history], marker="o", label=key)
     left.set_xlabel("epoch")
