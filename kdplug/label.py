@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdplug.data import DataSource, batches, load_data
+from kdplug.data import DataSource, batches, default_workers, load_data
 from kdplug.device import pick_device
 from kdplug.errors import PluginError, UsageError
 from kdplug.label_report import build_report, save_report_figure
@@ -40,8 +40,8 @@ SHARDS = ".shards"
 
 @dataclass
 class LabelConfig:
-    """Everything ``kdplug label`` takes; ``batch_size``, ``device`` and ``progress`` may
-    change when a run is resumed, the rest may not."""
+    """Everything ``kdplug label`` takes. A resumed run must match what the shards depend
+    on (see ``run_record``); the generator, batch size, device and outputs may change."""
 
     teachers: list[str]
     data: str
@@ -216,31 +216,29 @@ def label_shards(
     device: torch.device,
     progress: bool,
 ) -> None:
-    """Run the teachers and the combiner over ``shards``, writing each when it is done."""
+    """Run the teachers and the combiner over ``shards``, writing each when it is done.
+
+    Batches never cross a shard's edge, so a row is computed in the same batch whether
+    its shard runs in the first attempt or after a resume (identical floats)."""
     from tqdm.auto import tqdm
 
+    loader = {"workers": default_workers(len(source)), "pin_memory": device.type == "cuda"}
     total = sum(math.ceil((s.stop - s.start) / batch_size) for s in shards)
     with tqdm(total=total, unit="batch", desc="label", disable=not progress) as bar:
         for shard in shards:
-            tensors = label_rows(source, teacher_set, combiner, shard.rows, batch_size, device, bar)
-            write_shard(shard, tensors)
+            rows = batches(source, batch_size, indices=list(shard.rows), **loader)
+            write_shard(shard, label_rows(rows, teacher_set, combiner, device, bar))
 
 
 @torch.inference_mode()
 def label_rows(
-    source: DataSource,
-    teacher_set: TeacherSet,
-    combiner: Any,
-    rows: range,
-    batch_size: int,
-    device: torch.device,
-    bar: Any,
+    rows: Any, teacher_set: TeacherSet, combiner: Any, device: torch.device, bar: Any
 ) -> dict[str, torch.Tensor]:
-    """The tensors of rows ``rows``: ``teacher_probs [K, R, C]``, ``target [R, C]``,
-    ``weights [K, R]`` and ``bad [R]`` (a teacher gave NaN/Inf; with skip_bad_rows)."""
+    """The tensors of the batches ``rows`` (``(x, y, idx)``): ``teacher_probs [K, R, C]``,
+    ``target [R, C]``, ``weights [K, R]`` and ``bad [R]`` (a teacher gave NaN/Inf)."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("teacher_probs", "target", "weights")}
     bad_parts = []
-    for x, _, idx in batches(source, batch_size, indices=list(rows)):
+    for x, _, idx in rows:
         x, idx = x.to(device, non_blocking=True), idx.to(device)
         with autocast(device):
             out = teacher_set(x, idx)
