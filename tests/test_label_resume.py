@@ -101,3 +101,19 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(
     for key in ("seconds", "rows_labeled_this_run"):
         first.pop(key), report.pop(key)
     assert report == first
+
+
+def test_shards_cover_fixed_row_ranges_and_only_complete_files_count(tmp_path):
+    from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
+
+    shards = plan_shards(10, 4, tmp_path)
+    assert [(s.start, s.stop) for s in shards] == [(0, 4), (4, 8), (8, 10)]
+    assert [s.index for s in shards] == [0, 1, 2]
+    first, second, last = shards
+    write_shard(first, {"target": torch.arange(4.0)})
+    assert is_finished(first) and torch.equal(read_shard(first)["target"], torch.arange(4.0))
+    second.path.write_bytes(b"half a file")  # not what write_shard leaves: redone
+    other_rows = Shard(2, 8, 9, last.path)  # a file at this path for other rows: redone
+    write_shard(other_rows, {"target": torch.zeros(1)})
+    assert not is_finished(second) and not is_finished(last)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [s.path.name for s in shards]
