@@ -47,6 +47,8 @@ def build_report(
     weights = merged["weights"].numpy()  # [K, N]
     classes = record["classes"]
     known = None if truth is None else (truth >= 0) & ~bad
+    if known is not None and not known.any():  # every labeled row was a bad row
+        known = None
     teachers = []
     for k, teacher in enumerate(record["teachers"]):
         entry = {
