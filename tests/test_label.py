@@ -338,3 +338,21 @@ def test_an_out_dir_holding_something_else_is_left_alone(teachers, digits_splits
             teachers[:1], digits_splits["test"], out, "soft", resume=True, overwrite=True
         )
     assert [p.name for p in Path(out).iterdir()] == ["notes.txt"]
+
+
+def test_calibration_temperatures_divide_the_teachers_logits(teachers, digits_splits, tmp_path):
+    spec = teachers[0]
+    calibration = tmp_path / "calib.json"
+    entry = {"spec": spec, "fingerprint": file_hash(spec.split(":", 1)[1]), "temperature": 2.5}
+    calibration.write_text(json.dumps({"teachers": [entry]}))
+    data = digits_splits["test"]
+    report, ds = label_in_process(
+        [spec], data, tmp_path / "o", "soft,T=1", calibration=str(calibration)
+    )
+    source = load_data(data)
+    x, _, _ = source.batch(list(range(len(source))))
+    with torch.no_grad():
+        expected = torch.softmax(create("teachers", spec)(x) / 2.5, 1).numpy()
+    assert np.allclose(np.stack(ds["probs"]), expected, atol=1e-5)
+    assert report["teachers"][0]["temperature"] == 2.5
+    assert report["calibration"] == str(calibration)
