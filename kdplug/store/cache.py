@@ -44,6 +44,7 @@ from kdplug.store.layout import (
     index_dtype,
     split_dir,
 )
+from kdplug.store.topk import top_k_entries
 from kdplug.teachers import TeacherSet, build_teacher_set
 
 
@@ -315,43 +316,57 @@ def cache_rows(
     cfg: CacheConfig,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """The arrays of one shard (see kdplug.store.layout), ``R`` rows first."""
-    from kdplug.label import autocast
-
+    """The arrays of one shard (see kdplug.store.layout), its ``R`` rows first."""
     R, V = shard.stop - shard.start, cfg.views
     height, width = source.input_shape[-2:] if source.kind == "image" else (1, 1)
     rng = np.random.default_rng([cfg.seed, split, shard.start])
     params = sample_views(augment or ViewAugment(), R, V, height, width, rng)
     boxes, flips = torch.from_numpy(params.boxes), torch.from_numpy(params.flips)
     seeds = torch.from_numpy(params.seeds)
-    value_dtype = getattr(torch, cfg.dtype)
     index_type = getattr(torch, index_dtype(len(record["classes"])).name)
-    values, indices, bad = [], [], []
+    parts: dict[str, list[torch.Tensor]] = {}
     for x, _, idx in batches(source, cfg.batch_size, indices=list(shard.rows)):
         local = idx - shard.start
-        per_view: dict[str, list[torch.Tensor]] = {"values": [], "indices": [], "bad": []}
+        views = []
         for v in range(V):
             view = x
             if v > 0:
                 view = rebuild_views(x, boxes[local, v], flips[local, v], seeds[local, v], augment)
-            with autocast(device):
-                out = teacher_set(view.to(device), idx.to(device))
-            lp = masked_log_softmax(out.logits.float(), out.known).clamp_min(2 * IMPOSSIBLE)
-            if cfg.topk is not None:
-                lp, top = lp.topk(cfg.topk, dim=-1)  # [T, b, k]
-                per_view["indices"].append(top.permute(1, 0, 2).to(index_type).cpu())
-            per_view["values"].append(lp.permute(1, 0, 2).to(value_dtype).cpu())
-            flagged = out.bad_rows if out.bad_rows is not None else torch.zeros(len(x), dtype=bool)
-            per_view["bad"].append(flagged.cpu())
-        values.append(torch.stack(per_view["values"], 1))  # [b, V, T, k]
-        if per_view["indices"]:
-            indices.append(torch.stack(per_view["indices"], 1))
-        bad.append(torch.stack(per_view["bad"], 1))  # [b, V]
-    tensors = {"values": torch.cat(values), "boxes": boxes, "flips": flips, "seeds": seeds}
-    if indices:
-        tensors["indices"] = torch.cat(indices)
-    tensors["bad"] = torch.cat(bad)
+            views.append(view_entries(teacher_set, view, idx, cfg, index_type, device))
+        for name in views[0]:  # each [b, V, ...]
+            parts.setdefault(name, []).append(torch.stack([view[name] for view in views], 1))
+    tensors = {name: torch.cat(chunks) for name, chunks in parts.items()}
+    tensors.update(boxes=boxes, flips=flips, seeds=seeds)
     return tensors
+
+
+def view_entries(
+    teacher_set: TeacherSet,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    cfg: CacheConfig,
+    index_type: torch.dtype,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """What the store keeps of the teachers' outputs on one view ``x`` of a batch, on the CPU:
+    ``values [b, T, k]`` (``indices [b, T, k]`` and ``tail [b, T]`` for top-k), ``bad [b]``."""
+    from kdplug.label import autocast
+
+    with autocast(device):
+        out = teacher_set(x.to(device), idx.to(device))
+    log_probs = masked_log_softmax(out.logits.float(), out.known).clamp_min(2 * IMPOSSIBLE)
+    dtype = getattr(torch, cfg.dtype)
+    entries = {}
+    if cfg.topk is None:
+        entries["values"] = log_probs.permute(1, 0, 2).to(dtype)
+    else:
+        values, indices, tail = top_k_entries(log_probs, cfg.topk)
+        entries["values"] = values.permute(1, 0, 2).to(dtype)
+        entries["indices"] = indices.permute(1, 0, 2).to(index_type)
+        entries["tail"] = tail.permute(1, 0).to(dtype)
+    bad = out.bad_rows
+    entries["bad"] = bad if bad is not None else torch.zeros(len(x), dtype=torch.bool)
+    return {name: tensor.cpu() for name, tensor in entries.items()}
 
 
 def store_info(record: dict[str, Any], forced: list[str]) -> dict[str, Any]:

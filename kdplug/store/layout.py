@@ -7,6 +7,7 @@
       cache.json            the identity of the `kdplug cache` run that writes it (for --resume)
       split-0/values.npy    [N, V, T, k] float16|float32: log-probabilities (top-k, or all C)
       split-0/indices.npy   [N, V, T, k] int16|int32: their class indices (top-k stores only)
+      split-0/tail.npy      [N, V, T] float16|float32: log of the mass outside the top-k (idem)
       split-0/boxes.npy     [N, V, 4] float32: each view's crop box (x0, y0, x1, y1) in [0, 1]
       split-0/flips.npy     [N, V] bool: each view's flip
       split-0/seeds.npy     [N, V] int64: each view's seed (0: view 0, the plain input)
@@ -46,6 +47,7 @@ def array_layout(info: dict[str, Any], rows: int) -> dict[str, tuple[tuple[int, 
     layout = {"values": ((rows, V, T, width), np.dtype(info["dtype"]))}
     if info["topk"]:
         layout["indices"] = ((rows, V, T, width), index_dtype(C))
+        layout["tail"] = ((rows, V, T), np.dtype(info["dtype"]))
     layout["boxes"] = ((rows, V, 4), np.dtype(np.float32))
     layout["flips"] = ((rows, V), np.dtype(bool))
     layout["seeds"] = ((rows, V), np.dtype(np.int64))

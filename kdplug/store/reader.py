@@ -128,11 +128,13 @@ class Store:
         """Teacher log-probabilities ``[T, B, C]`` (float32, rebuilt from top-k where the store
         holds top-k) of ``rows [B]`` at ``views [B]``, and the bad-view mask ``[B]``."""
         values = torch.from_numpy(np.asarray(split.arrays["values"][rows, views]))
-        indices = None
+        indices, tail = None, None
         if "indices" in split.arrays:
             indices = torch.from_numpy(np.asarray(split.arrays["indices"][rows, views]))
             indices = indices.to(device).permute(1, 0, 2)
-        logits = full_log_probs(values.to(device).permute(1, 0, 2), indices, self.known)
+            tail = torch.from_numpy(np.asarray(split.arrays["tail"][rows, views]))
+            tail = tail.to(device).permute(1, 0)
+        logits = full_log_probs(values.to(device).permute(1, 0, 2), indices, tail, self.known)
         bad = torch.from_numpy(np.asarray(split.arrays["bad"][rows, views])).to(device)
         return logits, bad
 
@@ -168,6 +170,7 @@ def open_store(path: str | Path) -> Store:
                 f"reads version {FORMAT_VERSION} (re-run kdplug cache)"
             )
         splits = [_open_split(path, i, entry, info) for i, entry in enumerate(info["splits"])]
+        return Store(path, info, splits)
     except UsageError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -175,7 +178,6 @@ def open_store(path: str | Path) -> Store:
             f"store {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
             "re-run kdplug cache with --overwrite"
         ) from None
-    return Store(path, info, splits)
 
 
 def _open_split(path: Path, index: int, entry: dict[str, Any], info: dict[str, Any]) -> Split:

@@ -1,10 +1,14 @@
 """Full distributions from stored top-k log-probabilities (FKD, Shen & Xing 2022).
 
-A top-k store keeps, per view and teacher, the k largest log-probabilities ``log p_i`` and
-their classes. The rebuilt distribution keeps those k probabilities exactly and spreads the
-remaining mass ``m = 1 - sum_i p_i`` evenly over the other classes the teacher knows.
-Its KL divergence from the full distribution is ``m * KL(tail / m || uniform)``, at most
-``m * log(C_known - k)``; it is 0 when the tail was uniform already.
+A top-k store keeps, per view and teacher, the k largest log-probabilities ``log p_i``, their
+classes, and the log of the mass left outside them, ``log m`` with ``m = 1 - sum_i p_i``.
+The rebuilt distribution keeps the k probabilities and spreads ``m`` evenly over the other
+classes the teacher knows, as FKD does. ``m`` is stored rather than recomputed from the
+rounded top-k values, so a float16 store keeps small tails (a float16 ``log p`` near -1 is
+off by up to 5e-4, more than many tails weigh); the result is renormalized to sum to 1.
+The KL divergence of the rebuilt distribution from the full one is
+``m * KL(tail / m || uniform)``, at most ``m * log(C_known - k)``, and 0 when the tail was
+uniform already.
 """
 
 from __future__ import annotations
@@ -13,15 +17,27 @@ import torch
 
 from kdplug.ops import IMPOSSIBLE
 
-# the least mass left to the tail, so its classes never get log(0)
-MIN_TAIL_MASS = 1e-12
+
+def top_k_entries(
+    log_probs: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a top-k store keeps of ``log_probs [..., C]``: the top-k ``values [..., k]``,
+    their ``indices [..., k]`` and the log of the remaining mass ``tail [...]``."""
+    values, indices = log_probs.topk(k, dim=-1)
+    rest = log_probs.scatter(-1, indices, float("-inf"))
+    tail = torch.logsumexp(rest, dim=-1).clamp_min(2 * IMPOSSIBLE)
+    return values, indices, tail
 
 
 def full_log_probs(
-    values: torch.Tensor, indices: torch.Tensor | None, known: torch.Tensor
+    values: torch.Tensor,
+    indices: torch.Tensor | None,
+    tail: torch.Tensor | None,
+    known: torch.Tensor,
 ) -> torch.Tensor:
     """``[T, B, C]`` log-probabilities from stored ``values [T, B, k]`` at class
-    ``indices [T, B, k]`` (None: ``values`` hold all C classes); ``known [T, C]`` bool.
+    ``indices [T, B, k]`` with remaining log-mass ``tail [T, B]`` (indices and tail None:
+    ``values`` hold all C classes); ``known [T, C]`` bool.
 
     Classes a teacher does not know get IMPOSSIBLE.
     """
@@ -32,12 +48,15 @@ def full_log_probs(
         return values.masked_fill(~mask, IMPOSSIBLE)
     indices = indices.long()
     top_known = torch.gather(mask, 2, indices)
-    values = values.masked_fill(~top_known, IMPOSSIBLE)
-    mass = 1 - values.exp().masked_fill(~top_known, 0).sum(-1)  # [T, B]
     in_top = torch.zeros(mask.shape, dtype=torch.bool, device=values.device)
     in_top.scatter_(2, indices, True)
-    tail = mask & ~in_top
-    count = tail.sum(-1).clamp_min(1)
-    tail_value = torch.log(mass.clamp_min(MIN_TAIL_MASS) / count)  # [T, B]
-    out = torch.where(tail, tail_value[..., None], values.new_full(mask.shape, IMPOSSIBLE))
-    return out.scatter_(2, indices, values)
+    others = mask & ~in_top
+    count = others.sum(-1)  # [T, B]
+    tail = tail.float()
+    top_mass = values.exp().masked_fill(~top_known, 0).sum(-1)
+    tail_mass = torch.where(count > 0, tail.exp(), torch.zeros_like(tail))
+    log_total = torch.log(top_mass + tail_mass)
+    spread = (tail - torch.log(count.clamp_min(1)) - log_total).clamp_min(IMPOSSIBLE)
+    out = torch.where(others, spread[..., None], values.new_full(mask.shape, IMPOSSIBLE))
+    top = (values - log_total[..., None]).clamp_min(IMPOSSIBLE).masked_fill(~top_known, IMPOSSIBLE)
+    return out.scatter_(2, indices, top)
