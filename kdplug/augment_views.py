@@ -144,8 +144,8 @@ def sample_views(
 
 def seeded_uniform(seeds: np.ndarray, stream: int) -> np.ndarray:
     """One number in ``[0, 1)`` per seed and ``stream`` (splitmix64 of the seed)."""
-    z = seeds.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(stream + 1)
     with np.errstate(over="ignore"):
+        z = seeds.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(stream + 1)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
