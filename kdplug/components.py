@@ -22,7 +22,12 @@ class Teacher(Protocol):
 
 
 class Combiner(Protocol):
-    """Turns K teachers' logits into per-sample weights ``[K, B]`` and a soft target."""
+    """Turns K teachers' logits into per-sample weights ``[K, B]`` and a soft target.
+
+    Optional ``fit(logits [K, N, C], known [K, C], labels [N]) -> dict``: the engines call
+    it once with the teachers' outputs on the labeled rows (label -1 rows to be ignored)
+    before combining any row, and record the JSON-ready dict it returns (kdplug.fitting).
+    """
 
     def __call__(
         self,
@@ -36,7 +41,9 @@ class Combiner(Protocol):
 class LossStrategy(Protocol):
     """Distillation loss on a batch. Attributes: ``temperature`` (float, used to build the
     target), ``standardize`` (bool: z-score logits first), ``uses_teachers`` (False for a
-    labels-only loss). Optional ``set_epoch(epoch, epochs)`` for warm-ups."""
+    labels-only loss). Optional ``set_epoch(epoch, epochs)`` for warm-ups, and
+    ``fit(logits, known, labels, combiner) -> dict`` called once on the labeled rows after
+    the combiner's ``fit`` (e.g. to choose ``T=auto``)."""
 
     temperature: float
     standardize: bool
