@@ -125,9 +125,52 @@ def fit_components(
         record["combiner"] = combiner.fit(logits, known, labels)
     if loss is not None and can_fit(loss):
         record["loss"] = loss.fit(logits, known, labels, combiner)
+    record = {part: fitted for part, fitted in record.items() if fitted}
     for line in describe(record):
         log.info("%s", line)
     return record
+
+
+@torch.inference_mode()
+def collect_outputs(
+    producer: Any, source: Any, indices: Sequence[int], batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The producer's outputs on rows ``indices`` of ``source`` (``batch(indices)`` ->
+    ``x, y, idx``): logits ``[K, N, C]`` and ``known [K, C]`` on the CPU, labels ``[N]``.
+    Rows where a teacher gave NaN/Inf (``bad_rows``) are left out; with no rows, ``known``
+    is the producer's ``known`` attribute."""
+    from kdplug.data import batches
+
+    logits, labels, known = [], [], None
+    for x, y, idx in batches(source, batch_size, indices=list(indices)):
+        out = producer(x.to(device), idx.to(device))
+        keep = torch.ones(len(y), dtype=torch.bool)
+        if out.bad_rows is not None:
+            keep = ~out.bad_rows.cpu()
+        logits.append(out.logits.float().cpu()[:, keep])
+        labels.append(y[keep])
+        known = out.known.cpu()
+    if known is None:
+        known = producer.known.cpu()
+        return torch.zeros(*known.shape[:1], 0, known.shape[1]), known, torch.zeros(0).long()
+    return torch.cat(logits, 1), known, torch.cat(labels)
+
+
+def fit_on_rows(
+    combiner: Any,
+    loss: Any,
+    producer: Any,
+    source: Any,
+    indices: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """``fit_components`` on the producer's outputs for the labeled rows ``indices`` of
+    ``source``; nothing is run when neither component can fit."""
+    if not can_fit(combiner) and not (loss is not None and can_fit(loss)):
+        return {}
+    logits, known, labels = collect_outputs(producer, source, indices, batch_size, device)
+    return fit_components(combiner, loss, logits, known, labels)
 
 
 def describe(record: dict[str, Any]) -> list[str]:

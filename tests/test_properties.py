@@ -34,7 +34,9 @@ def combiner_spec(name: str, K: int) -> str:
 
 def test_every_shipped_component_is_covered():
     assert {"ce", "kd", "dkd", "dist"} <= set(LOSSES)
-    assert {"mean", "mean-logits", "weighted", "entropy", "ca-mkd", "best"} <= set(COMBINERS)
+    assert {"mean", "mean-logits", "weighted", "entropy", "ca-mkd", "best", "auto"} <= set(
+        COMBINERS
+    )
 
 
 FINITE = st.floats(-1e4, 1e4, width=32)
@@ -78,6 +80,52 @@ def test_combiner_weights_and_target_are_distributions(name, outputs, temperatur
     torch.testing.assert_close(target.sum(-1), torch.ones(z.shape[1]), atol=1e-5, rtol=0)
     unknown = ~known.any(0)
     assert (target[:, unknown] <= 1e-6).all()
+
+
+def fitted_auto(spec: str, K: int, C: int):
+    """``auto`` fitted on 40 synthetic rows of K teachers (teacher 0 right, the rest noise,
+    teacher 1 a probability teacher with exact zeros)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, C, (40,), generator=g)
+    z = torch.randn(K, 40, C, generator=g)
+    z[0, torch.arange(40), labels] += 3
+    z[1, :, 0] = ops.IMPOSSIBLE
+    combiner = get_manager().create("combiners", spec)
+    combiner.fit(z, torch.ones(K, C, dtype=torch.bool), labels)
+    return combiner
+
+
+FITTED = {spec: fitted_auto(spec, 3, 4) for spec in ("auto,pool=linear", "auto,pool=log")}
+
+
+@st.composite
+def three_teachers_four_classes(draw):
+    """(logits [3, B, 4], known [3, 4], labels [B]) for a combiner fitted on that shape."""
+    B = draw(st.integers(1, 4))
+    z = draw(logits((3, B, 4)))
+    known = draw(arrays(np.bool_, (3, 4)))
+    for k in range(3):
+        known[k, draw(st.integers(0, 3))] = True
+    z[~np.broadcast_to(known[:, None, :], z.shape)] = ops.IMPOSSIBLE
+    labels = draw(arrays(np.int64, B, elements=st.integers(-1, 3)))
+    return torch.tensor(z), torch.tensor(known), torch.tensor(labels)
+
+
+@pytest.mark.parametrize("spec", list(FITTED))
+@PROPERTY_SETTINGS
+@given(outputs=three_teachers_four_classes(), temperature=st.sampled_from([0.5, 1.0, 4.0, 1e3]))
+def test_fitted_auto_gives_distributions_and_keeps_exact_zeros(spec, outputs, temperature):
+    z, known, labels = outputs
+    weights, target = FITTED[spec](z, known, labels, temperature)
+    assert torch.isfinite(weights).all() and (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(0), torch.ones(z.shape[1]), atol=1e-5, rtol=0)
+    assert torch.isfinite(target).all() and (target >= 0).all()
+    torch.testing.assert_close(target.sum(-1), torch.ones(z.shape[1]), atol=1e-5, rtol=0)
+    # a class that every teacher rules out (unknown, or probability exactly 0) gets exactly 0,
+    # unless a teacher rules out all its classes on that row (it is then uniform over them)
+    ruled_out = ((z <= ops.IMPOSSIBLE) | ~known[:, None, :]).all(0)
+    some_mass = ((z > ops.IMPOSSIBLE) & known[:, None, :]).any(-1).all(0)
+    assert (target[ruled_out & some_mass[:, None]] == 0).all()
 
 
 @st.composite

@@ -58,7 +58,7 @@ def best():
 
 def auto(per_class: bool = False, pool: str = "cv", folds: int = 5, reg: float = 1.0):
     """Fitted on labeled rows: calibrated teachers, NLL-fitted weights, cross-validated pool."""
-    from kdplug_ensemble.auto import Auto
+    from kdplug_ensemble.fitted import Auto
 
     return Auto(per_class=per_class, pool=pool, folds=folds, reg=reg)
 

@@ -1,0 +1,286 @@
+"""The fitted ``auto`` combiner, ``T=auto`` and the fit protocol (kdplug.fitting), on
+synthetic teachers whose quality is known, checked against hand computations."""
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from kdplug_ensemble.fitted import Fitted
+
+from kdplug import UsageError, metrics
+from kdplug.fitting import choose_temperature, fit_components, held_out_targets, split_folds
+from kdplug.ops import IMPOSSIBLE
+from kdplug.plugins import create
+
+C = 5
+
+
+def labels_for(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, C, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def teacher(labels: torch.Tensor, accuracy: float, scale: float, seed: int) -> torch.Tensor:
+    """Logits ``[N, C]`` that favour the label on a fraction ``accuracy`` of the rows (the
+    next class elsewhere), with noise, times ``scale`` (over-confidence)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    z = torch.randn(n, C, generator=g)
+    right = torch.rand(n, generator=g) < accuracy
+    z[torch.arange(n), torch.where(right, labels, (labels + 1) % C)] += 3.0
+    return z * scale
+
+
+def full(K: int) -> torch.Tensor:
+    return torch.ones(K, C, dtype=torch.bool)
+
+
+def fit(spec: str, *teachers: torch.Tensor, labels: torch.Tensor):
+    combiner = create("combiners", spec)
+    record = combiner.fit(torch.stack(teachers), full(len(teachers)), labels)
+    return combiner, record
+
+
+def test_a_useless_teacher_gets_a_weight_near_zero():
+    y = labels_for(300, 0)
+    good, fair = teacher(y, 0.9, 2.0, 1), teacher(y, 0.75, 1.0, 2)
+    noise = torch.randn(300, C, generator=torch.Generator().manual_seed(3)) * 3
+    _, record = fit("auto", good, fair, noise, labels=y)
+    assert record["weights"][2] < 0.05
+    assert record["weights"][0] > record["weights"][1]
+
+
+def test_two_copies_of_a_teacher_share_its_weight():
+    y = labels_for(300, 4)
+    a, b = teacher(y, 0.85, 2.0, 5), teacher(y, 0.8, 1.5, 6)
+    _, alone = fit("auto,pool=linear", a, b, labels=y)
+    _, twice = fit("auto,pool=linear", a, a, b, labels=y)
+    assert twice["weights"][0] == pytest.approx(twice["weights"][1], abs=1e-3)
+    assert twice["weights"][0] + twice["weights"][1] == pytest.approx(alone["weights"][0], abs=0.03)
+
+
+def test_auto_is_never_less_accurate_than_the_best_teacher_on_the_labeled_rows():
+    guarded = 0
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, 3, (60,), generator=g)
+        K = 3
+        logits = torch.randn(K, 60, 3, generator=g) * torch.rand(K, 1, 1, generator=g) * 4
+        bonus = torch.rand(K, 1, generator=g) * 2
+        logits[torch.arange(K)[:, None], torch.arange(60), y.expand(K, 60)] += bonus
+        known = torch.ones(K, 3, dtype=torch.bool)
+        combiner = create("combiners", "auto,pool=log" if seed % 2 else "auto")
+        record = combiner.fit(logits, known, y)
+        guarded += record["guard"] is not None
+        _, target = combiner(logits, known, torch.full_like(y, -1))
+        best = max(metrics.accuracy(logits[k].softmax(-1), y) for k in range(K))
+        assert metrics.accuracy(target, y) >= best
+    assert guarded  # seed 5: the NLL-optimal pool alone would lose accuracy here
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("pool", ["linear", "log"])
+def test_fitted_combination_matches_a_hand_computation(pool):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 4, C)) * 2
+    temperatures = np.array([0.5, 2.0, 1.5])
+    weights = np.array([0.6, 0.3, 0.1])
+    combiner = create("combiners", "auto")
+    combiner.fitted = Fitted(
+        torch.tensor(temperatures, dtype=torch.float32),
+        torch.tensor(weights, dtype=torch.float32)[:, None].expand(3, C).clone(),
+        pool,
+    )
+    row_weights, target = combiner(
+        torch.tensor(logits, dtype=torch.float32), full(3), torch.full((4,), -1), 3.0
+    )
+    p = softmax(logits / temperatures[:, None, None])  # [K, B, C]
+    if pool == "linear":
+        pooled = np.einsum("k,kbc->bc", weights, p)
+    else:
+        pooled = softmax(np.einsum("k,kbc->bc", weights, np.log(p)))
+    expected = pooled ** (1 / 3.0)
+    expected /= expected.sum(-1, keepdims=True)
+    np.testing.assert_allclose(target.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(row_weights.numpy(), np.repeat(weights[:, None], 4, 1), atol=1e-6)
+
+
+def probability_teachers(n: int, seed: int):
+    """Two teachers that give probability exactly 0 (log p = IMPOSSIBLE) to some classes:
+    a probability teacher with zeros on class 4 and at random, and a logit teacher that
+    never predicts class 4 either."""
+    y = labels_for(n, seed) % 4
+    g = torch.Generator().manual_seed(seed)
+    p = torch.rand(n, C, generator=g) ** 3
+    p[torch.rand(n, C, generator=g) < 0.3] = 0
+    p[:, 4] = 0
+    p[torch.arange(n), y] += 0.5
+    p = p / p.sum(1, keepdim=True)
+    log_p = torch.where(p > 0, p.log(), torch.full_like(p, IMPOSSIBLE))
+    z = teacher(y, 0.8, 1.0, seed + 1)
+    z[:, 4] = IMPOSSIBLE
+    return torch.stack([log_p, z]), y
+
+
+@pytest.mark.parametrize("spec", ["auto,pool=linear", "auto,pool=log", "auto,per_class=true"])
+def test_probability_zeros_stay_zero_at_every_temperature(spec):
+    logits, y = probability_teachers(120, 7)
+    combiner = create("combiners", spec)
+    record = combiner.fit(logits, full(2), y)
+    zero_in_any = (logits <= IMPOSSIBLE).any(0)
+    zero_in_all = (logits <= IMPOSSIBLE).all(0)
+    for T in (1.0, 4.0, 1000.0):
+        _, target = combiner(logits, full(2), torch.full_like(y, -1), T)
+        assert (target[zero_in_all] == 0).all()
+        if record["pool"] == "log":  # a product of experts: one zero is enough
+            assert (target[zero_in_any] == 0).all()
+        assert torch.isfinite(target).all()
+        torch.testing.assert_close(target.sum(-1), torch.ones(len(y)))
+
+
+def test_without_labeled_rows_auto_warns_and_falls_back_to_best(caplog):
+    y = labels_for(50, 8)
+    logits = torch.stack([teacher(y, 0.9, 1.0, 9), teacher(y, 0.6, 3.0, 10)])
+    combiner = create("combiners", "auto")
+    unlabeled = torch.full_like(y, -1)
+    with caplog.at_level(logging.WARNING, logger="kdplug"):
+        record = combiner.fit(logits, full(2), unlabeled)
+        weights, target = combiner(logits, full(2), unlabeled, 2.0)
+    assert record == {"fitted": False, "fallback": "best", "rows": 0}
+    assert "falling back to `best`" in caplog.text
+    best_weights, best_target = create("combiners", "best")(logits, full(2), unlabeled, 2.0)
+    torch.testing.assert_close(weights, best_weights)
+    torch.testing.assert_close(target, best_target)
+
+
+def test_a_teacher_that_knows_no_labeled_class_keeps_temperature_one():
+    y = labels_for(80, 11) % 3
+    known = full(2)
+    known[1, :3] = False  # teacher 1 knows only classes 3 and 4, never a label here
+    logits = torch.stack([teacher(y, 0.9, 1.0, 12), teacher(y, 0.9, 1.0, 13)])
+    combiner = create("combiners", "auto")
+    record = combiner.fit(logits, known, y)
+    assert record["calibration"][1] == 1.0
+    _, target = combiner(logits, known, torch.full_like(y, -1))
+    assert torch.isfinite(target).all()
+
+
+def overconfident(n: int, scale: float, seed: int):
+    """One teacher whose logits are ``scale`` times the logits the labels are drawn from."""
+    g = torch.Generator().manual_seed(seed)
+    true = torch.randn(n, C, generator=g) * 1.5
+    y = torch.multinomial(true.softmax(-1), 1, generator=g).squeeze(1)
+    return (true * scale).unsqueeze(0), y
+
+
+def test_T_auto_picks_the_temperature_that_undoes_over_confidence():
+    logits, y = overconfident(2000, 4.0, 14)
+    choice = choose_temperature(create("combiners", "mean"), logits, full(1), y)
+    assert choice["T"] == 4.0
+    nll = choice["held_out_nll"]
+    assert nll["4"] < nll["3"] and nll["4"] < nll["6"]
+    loss = create("losses", "kd,T=auto")
+    record = fit_components(create("combiners", "mean"), loss, logits, full(1), y)
+    assert loss.temperature == 4.0 and record["loss"]["T"] == 4.0
+    assert repr(loss).startswith("kd(T=auto->4.0")
+
+
+def test_T_auto_without_labeled_rows_is_a_usage_error():
+    loss = create("losses", "dkd,T=auto")
+    record = loss.fit(torch.zeros(1, 3, C), full(1), torch.full((3,), -1), None)
+    assert record == {"T": None, "rows": 0}
+    with pytest.raises(UsageError, match="dkd: T=auto is chosen on labeled rows"):
+        loss.temperature  # noqa: B018
+
+
+class Memorizer:
+    """A fitted combiner that cheats: one-hot on the label of every row it was fitted on
+    (recognized by its logits), uniform elsewhere."""
+
+    def __init__(self):
+        self.seen: dict[tuple, int] = {}
+
+    def fit(self, logits, known, labels):
+        for row, label in zip(logits[0].tolist(), labels.tolist()):
+            self.seen[tuple(row)] = label
+        return {"rows": len(labels)}
+
+    def __call__(self, logits, known, labels, temperature=1.0):
+        target = torch.full(logits.shape[1:], 1.0 / logits.shape[-1])
+        for b, row in enumerate(logits[0].tolist()):
+            if tuple(row) in self.seen:
+                target[b] = torch.nn.functional.one_hot(torch.tensor(self.seen[tuple(row)]), C)
+        return torch.ones(logits.shape[:2]), target
+
+
+def test_held_out_targets_come_from_a_fit_without_the_row():
+    y = labels_for(40, 15)
+    logits = torch.randn(1, 40, C)
+    held_out = held_out_targets(Memorizer(), logits, full(1), y)[1.0]
+    np.testing.assert_allclose(held_out.numpy(), 1.0 / C)  # it never saw the rows it scored
+    cheater = Memorizer()
+    cheater.fit(logits, full(1), y)
+    assert metrics.nll(cheater(logits, full(1), y)[1], y) < 1e-6
+
+
+def test_folds_cover_every_row_once():
+    parts = split_folds(23, 5)
+    assert len(parts) == 5 and sorted(torch.cat(parts).tolist()) == list(range(23))
+    assert split_folds(23, 5)[0].tolist() == parts[0].tolist()  # seeded
+
+
+def test_fit_components_standardizes_for_a_standardizing_loss():
+    seen = {}
+
+    class Spy:
+        def fit(self, logits, known, labels):
+            seen["logits"] = logits
+            return {"ok": True}
+
+    logits = torch.randn(2, 10, C) * 5 + 3
+    record = fit_components(
+        Spy(), create("losses", "kd,standardize=true"), logits, full(2), labels_for(10, 16)
+    )
+    assert record == {"combiner": {"ok": True}}
+    row = seen["logits"][0, 0]
+    assert abs(float(row.mean())) < 1e-4 and float(row.std(unbiased=False)) == pytest.approx(
+        1, abs=1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("auto,pool=max", "auto: pool must be cv, linear or log"),
+        ("auto,folds=1", "auto: folds must be an integer >= 2"),
+        ("auto,reg=-1", "auto: reg must be >= 0"),
+        ("kd,T=hot", "kd: T must be > 0 or auto"),
+        ("dist,tau=auto", "dist: option tau='auto' must be float"),
+    ],
+)
+def test_bad_options(spec, message):
+    kind = "combiners" if spec.startswith("auto") else "losses"
+    with pytest.raises(UsageError, match=message):
+        create(kind, spec)
+
+
+def test_called_with_another_teacher_count_than_fitted_is_an_error():
+    y = labels_for(30, 17)
+    combiner, _ = fit("auto", teacher(y, 0.9, 1.0, 18), teacher(y, 0.8, 1.0, 19), labels=y)
+    with pytest.raises(UsageError, match="fitted on 2 teachers, called with 3"):
+        combiner(torch.randn(3, 4, C), full(3), torch.full((4,), -1))
+
+
+def test_per_class_weights_follow_the_teacher_that_is_right_on_each_class():
+    y = labels_for(400, 20)
+    a, b = teacher(y, 0.9, 2.0, 21), teacher(y, 0.9, 2.0, 22)
+    a[y < 2] = torch.randn(int((y < 2).sum()), C) * 2  # teacher a is noise on classes 0, 1
+    _, record = fit("auto,per_class=true,pool=linear", a, b, labels=y)
+    weights = np.array(record["weights"])  # [K, C]
+    assert weights[1, :2].min() > 0.7 and weights[1, :2].min() > weights[1, 2:].max()
+    assert math.isclose(weights[:, 3].sum(), 1.0, abs_tol=1e-3)
