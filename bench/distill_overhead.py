@@ -8,7 +8,8 @@ the hand loop around its batches, the engine from one ``on_epoch_end`` hook call
 next (so checkpoints, metrics lines and hooks are inside its time). The first epoch of
 every run is left out (warm-up). ``--repeats`` times, the two run back to back (which
 goes first alternates); ``ratio`` is the median over those pairs of engine / hand epoch
-time, so the slow drift of a shared machine's load cancels. Run on CPU:
+time, so the slow drift of a shared machine's load cancels. ``step_ratio`` times the
+training step alone, engine and hand loop taking turns batch by batch. Run on CPU:
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/distill_overhead.py
 
@@ -64,47 +65,94 @@ def make_teacher(root: Path, name: str, arch: str, size: int, seed: int) -> str:
     return f"kdplug:{root / name}"
 
 
+class HandKD:
+    """A minimal KD step: teacher under no_grad, student, ``0.1 CE + 0.9 T^2 KL``, AdamW."""
+
+    def __init__(self, data: str, teacher: str, arch: str, device: str, seed: int):
+        import timm
+        import torch
+
+        from kdplug.data import load_data
+        from kdplug.distill import data_normalization
+        from kdplug.model_dir import load_classifier
+
+        self.device = torch.device(device)
+        self.source = load_data(data)
+        self.teacher = load_classifier(teacher.split(":", 1)[1]).to(self.device).eval()
+        torch.manual_seed(seed)
+        self.student = timm.create_model(arch, num_classes=10, in_chans=1).to(self.device)
+        mean, std = data_normalization(self.source)
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-3, weight_decay=0.05)
+
+    def step(self, x, y) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        T = 4.0
+        x, y = x.to(self.device), y.to(self.device)
+        with torch.no_grad():
+            target = self.teacher(x)
+        logits = self.student((x - self.mean) / self.std)
+        kl = F.kl_div(
+            F.log_softmax(logits / T, 1),
+            F.log_softmax(target / T, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * T * T * kl
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
 def hand_loop(data: str, teacher: str, arch: str, args: argparse.Namespace) -> list[float]:
-    """Seconds per epoch of a minimal KD loop: teacher under no_grad, student, KL, AdamW."""
-    import timm
-    import torch
-    import torch.nn.functional as F
+    """Seconds per epoch of the minimal KD loop over the engine's batches."""
+    from kdplug.data import batches
 
-    from kdplug.data import batches, load_data
-    from kdplug.distill import data_normalization
-    from kdplug.model_dir import load_classifier
-
-    device = torch.device(args.device)
-    source = load_data(data)
-    teacher_model = load_classifier(teacher.split(":", 1)[1]).to(device).eval()
-    torch.manual_seed(args.seed)
-    student = timm.create_model(arch, num_classes=10, in_chans=1).to(device)
-    mean, std = (
-        torch.tensor(v, device=device).view(1, -1, 1, 1) for v in data_normalization(source)
-    )
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.05)
-    T, times = 4.0, []
+    hand, times = HandKD(data, teacher, arch, args.device, args.seed), []
     for epoch in range(args.epochs):
         start = time.perf_counter()
         for x, y, _ in batches(
-            source, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch, drop_last=True
+            hand.source, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch, drop_last=True
         ):
-            x, y = x.to(device), y.to(device)
-            with torch.no_grad():
-                target = teacher_model(x)
-            logits = student((x - mean) / std)
-            kl = F.kl_div(
-                F.log_softmax(logits / T, 1),
-                F.log_softmax(target / T, 1),
-                log_target=True,
-                reduction="batchmean",
-            )
-            loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * T * T * kl
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            hand.step(x, y)
         times.append(time.perf_counter() - start)
     return times
+
+
+def step_ratio(data: str, teacher: str, arch: str, args: argparse.Namespace) -> float:
+    """Engine step / hand step, median over the same decoded batches, taken turn about
+    (data loading and files left out: the training step alone)."""
+    import torch
+
+    from kdplug.data import batches
+    from kdplug.distill import DistillConfig, Trainer, TrainRows, build_parts
+
+    config = DistillConfig(
+        student=f"timm:{arch}",
+        train=data,
+        teachers=[teacher],
+        out="unused",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    parts = build_parts(config)
+    rows = TrainRows(parts.train, None)
+    trainer = Trainer(parts, config, torch.device(args.device), len(rows) // args.batch_size)
+    trainer.begin_epoch(0, args.epochs)
+    hand = HandKD(data, teacher, arch, args.device, args.seed)
+    hand_s, engine_s = [], []
+    for x, y, idx in batches(rows, args.batch_size, shuffle=True, drop_last=True):
+        start = time.perf_counter()
+        hand.step(x, y)
+        middle = time.perf_counter()
+        trainer.step(x, y, idx)
+        hand_s.append(middle - start)
+        engine_s.append(time.perf_counter() - middle)
+    return statistics.median(engine_s) / statistics.median(hand_s)
 
 
 class EpochClock:
@@ -177,6 +225,7 @@ def overhead(root: Path, args: argparse.Namespace) -> dict:
         "ratio_per_pair": [round(r, 3) for r in ratios],
         "ratio": round(statistics.median(ratios), 3),
         "ratio_of_fastest_epochs": round(min(kdplug_times) / min(hand), 3),
+        "step_ratio": round(step_ratio(data, teacher, args.student, args), 3),
     }
 
 
