@@ -16,21 +16,21 @@ __version__ = kdplug.__version__
 
 def mean():
     """Average of the teachers' probabilities (equal weights)."""
-    from kdplug_ensemble.mean import Mean
+    from kdplug_ensemble.equal import Mean
 
     return Mean()
 
 
 def mean_logits():
     """Softmax of the teachers' average log-probabilities (equal weights)."""
-    from kdplug_ensemble.mean import MeanLogits
+    from kdplug_ensemble.equal import MeanLogits
 
     return MeanLogits()
 
 
 def weighted(weights: list[float] | None = None):
     """Fixed teacher weights, e.g. weighted:weights=0.5;0.3;0.2 (normalized to sum 1)."""
-    from kdplug_ensemble.weighted import Weighted
+    from kdplug_ensemble.fixed import Weighted
 
     return Weighted(weights=weights)
 

@@ -15,7 +15,7 @@ __version__ = kdplug.__version__
 
 def ce(ce_weight: float = 1.0):
     """Cross-entropy on the labeled rows only; no teachers are run."""
-    from kdplug_losses.ce import LabelsOnly
+    from kdplug_losses.labels_only import LabelsOnly
 
     return LabelsOnly(ce_weight=ce_weight)
 
@@ -24,7 +24,7 @@ def kd(
     T: float | str = 4.0, standardize: bool = False, ce_weight: float = 0.1, kd_weight: float = 0.9
 ):
     """Hinton KD: T^2 * KL(target || softmax(student / T)) on every row; T=auto fits T."""
-    from kdplug_losses.kd import KD
+    from kdplug_losses.hinton import KD
 
     return KD(T=T, standardize=standardize, ce_weight=ce_weight, kd_weight=kd_weight)
 
@@ -39,7 +39,7 @@ def dkd(
     kd_weight: float = 1.0,
 ):
     """Decoupled KD: T^2 * (alpha * TCKD + beta * NCKD), warm-up over `warmup` epochs; T=auto."""
-    from kdplug_losses.dkd import DKD
+    from kdplug_losses.decoupled import DKD
 
     return DKD(
         alpha=alpha,
@@ -60,7 +60,7 @@ def dist(
     kd_weight: float = 1.0,
 ):
     """DIST: tau^2 * (beta * inter + gamma * intra), 1 - Pearson correlation terms."""
-    from kdplug_losses.dist import DIST
+    from kdplug_losses.pearson import DIST
 
     return DIST(beta=beta, gamma=gamma, tau=tau, ce_weight=ce_weight, kd_weight=kd_weight)
 

@@ -33,6 +33,8 @@ class Distillation:
         self.temperature_option = temperature_option
         self.chosen_temperature = temperature_or_auto(name, temperature_option, temperature)
         self.auto_temperature = self.chosen_temperature is None
+        if self.auto_temperature:  # only then is there something to fit on labeled rows
+            self.fit = self.pick_temperature
         self.standardize = bool(standardize)
         self.ce_weight, self.kd_weight = loss_weights(name, ce_weight, kd_weight)
 
@@ -45,16 +47,14 @@ class Distillation:
             )
         return self.chosen_temperature
 
-    def fit(
+    def pick_temperature(
         self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, combiner: Any
     ) -> dict[str, Any]:
-        """With ``T=auto``, choose T on the labeled rows: the candidate whose tempered
-        combined target has the lowest held-out NLL (``kdplug.fitting.choose_temperature``).
-        ``logits [K, N, C]``, ``labels [N]``. Returns the choice ({} for a given T)."""
+        """``fit`` of a loss with ``T=auto``: the candidate T whose tempered combined target
+        has the lowest held-out NLL on the labeled rows (``kdplug.fitting``).
+        ``logits [K, N, C]``, ``labels [N]``. Returns the choice and every candidate's NLL."""
         from kdplug.fitting import choose_temperature
 
-        if not self.auto_temperature:
-            return {}
         if not (labels >= 0).any():
             return {self.temperature_option: None, "rows": 0}
         choice = choose_temperature(combiner, logits, known, labels)
@@ -67,7 +67,7 @@ class Distillation:
         return torch.log_softmax(z / self.temperature, dim=-1)
 
     def __repr__(self) -> str:
-        hidden = ("name", "temperature_option", "chosen_temperature", "auto_temperature")
+        hidden = ("name", "temperature_option", "chosen_temperature", "auto_temperature", "fit")
         options = {k: v for k, v in vars(self).items() if k not in hidden}
         options = {self.temperature_option: self.describe_temperature(), **options}
         options = ", ".join(f"{k}={v}" for k, v in options.items())
