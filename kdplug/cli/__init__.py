@@ -86,6 +86,8 @@ def build_cli() -> click.Group:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``kdplug`` script and of ``python -m kdplug``."""
     _setup_logging()
+    # kdplug shows its own progress bars; datasets' per-save bars would drown them
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
         group = build_cli()
     except KdplugError as exc:

@@ -1,0 +1,88 @@
+"""``kdplug self-train``: rounds of pseudo-labeling and noisy-student training."""
+
+from __future__ import annotations
+
+import click
+
+from kdplug.cli.options import (
+    allow_pickle_option,
+    batch_size_option,
+    device_option,
+    teachers_option,
+)
+
+
+@click.command("self-train")
+@teachers_option()
+@click.option("--student", required=True, metavar="SPEC", help="The student, e.g. timm:resnet18.")
+@click.option("--train", required=True, metavar="DATA", help="Labeled training data.")
+@click.option("--unlabeled", required=True, metavar="DATA", help="Data to pseudo-label.")
+@click.option("--val", required=True, metavar="DATA", help="Labeled data to score each round.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option(
+    "--generator",
+    default="threshold,tau=0.8",
+    show_default=True,
+    metavar="SPEC",
+    help="Which pseudo-labels each round keeps (see `kdplug list label-generators`).",
+)
+@click.option("--combiner", default="mean", show_default=True, metavar="SPEC")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Student epochs per round.",
+)
+@batch_size_option
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option(
+    "--augment",
+    default=None,
+    metavar="[KEY=VALUE,...]",
+    help="Input noise for the student, as for `kdplug distill --augment`.",
+)
+@click.option(
+    "--drop-path",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Stochastic depth of the student (model noise).",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Each round's student replaces the teachers instead of joining them.",
+)
+@device_option
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace a different run in OUT.")
+@allow_pickle_option
+def self_train_command(**options) -> None:
+    """Noisy Student: teachers label, a noised student learns, the student joins the teachers.
+
+    \b
+    kdplug self-train --teacher sklearn:forest.skops --student timm:resnet10t \\
+        --train disk:data/labeled --unlabeled disk:data/raw --val disk:data/val \\
+        --rounds 3 --out runs/self
+    """
+    from kdplug.self_train import SelfTrainConfig, self_train
+
+    options["teachers"] = list(options["teachers"])
+    rows = self_train(SelfTrainConfig(**options), echo=click.echo)
+    click.echo("")
+    click.echo("round  teachers  pseudo-labels  pseudo-label acc  student val acc")
+    click.echo("-----  --------  -------------  ----------------  ---------------")
+    for row in rows:
+        pseudo = row["pseudo_label_accuracy"]
+        click.echo(
+            f"{row['round']:>5}  {row['teachers']:>8}  {row['accepted']:>13}  "
+            f"{'-' if pseudo is None else f'{pseudo:.4f}':>16}  "
+            f"{row['val_accuracy']:>15.4f}"
+        )
+    click.echo(f"\nrounds.png and self_train.json in {options['out']}")
+
+
+COMMANDS = [self_train_command]

@@ -1,0 +1,105 @@
+"""kdplug self-train: rounds of labeling and noisy-student training."""
+
+import json
+
+import numpy as np
+import pytest
+import skops.io
+from sklearn.linear_model import LogisticRegression
+
+from kdplug.data import load_data
+from kdplug.self_train import write_targets
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def logreg(digits_splits, tmp_path_factory):
+    """A logistic regression fitted on the labeled digits, saved with skops."""
+    from kdplug.data import batches
+
+    source = load_data(digits_splits["labeled"])
+    x, y, _ = next(iter(batches(source, len(source))))
+    path = tmp_path_factory.mktemp("teachers") / "logreg.skops"
+    skops.io.dump(LogisticRegression(max_iter=2000).fit(x.flatten(1).numpy(), y.numpy()), path)
+    return f"sklearn:{path}"
+
+
+def test_targets_are_one_hot_then_soft(tmp_path):
+    probs = np.array([[0.2, 0.8, 0.0], [0.5, 0.25, 0.25]], dtype=np.float32)
+    spec = write_targets(np.array([2, 0]), probs, 3, tmp_path / "t.npy")
+    assert spec == f"logits:{tmp_path / 't.npy'},probs=true"
+    saved = np.load(tmp_path / "t.npy")
+    assert saved.tolist() == [[0, 0, 1], [1, 0, 0], *probs.tolist()]
+
+
+def test_two_rounds_end_to_end(digits_splits, logreg, tmp_path):
+    out = tmp_path / "self"
+    args = [
+        "self-train",
+        "--teacher",
+        logreg,
+        "--student",
+        "timm:test_resnet",
+        "--train",
+        digits_splits["labeled"],
+        "--unlabeled",
+        digits_splits["unlabeled"],
+        "--val",
+        digits_splits["test"],
+        "--out",
+        str(out),
+        "--rounds",
+        "2",
+        "--epochs",
+        "2",
+        "--generator",
+        "threshold,tau=0.5",
+        "--device",
+        "cpu",
+    ]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    table = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert [row[:2] for row in table] == [["1", "1"], ["2", "2"]]
+    summary = json.loads((out / "self_train.json").read_text())
+    first = summary["rounds"][0]
+    labels = load_data(f"disk:{out / 'round-1' / 'labels'}").dataset
+    accepted = int(np.sum(labels["accepted"]))
+    assert first["accepted"] == accepted > 0
+    assert np.load(out / "round-1" / "targets.npy").shape == (150 + accepted, 10)
+    assert len(load_data(f"disk:{out / 'round-1' / 'pseudo'}")) == accepted
+    assert (out / "round-2" / "distill" / "student" / "model.safetensors").exists()
+    assert (out / "rounds.png").stat().st_size > 0
+    assert 0.0 <= first["val_accuracy"] <= 1.0 and first["pseudo_label_accuracy"] > 0.8
+    again = run_cli(*args, "--resume")  # a finished run resumes to the same table
+    assert again.returncode == 0 and [r[:3] for r in table] == [
+        line.split()[:3] for line in again.stdout.splitlines() if line[:5].strip().isdigit()
+    ]
+
+
+def test_no_accepted_row_is_a_clear_error(digits_splits, logreg, tmp_path):
+    result = run_cli(
+        "self-train",
+        "--teacher",
+        logreg,
+        "--student",
+        "timm:test_resnet",
+        "--train",
+        digits_splits["labeled"],
+        "--unlabeled",
+        digits_splits["unlabeled"],
+        "--val",
+        digits_splits["test"],
+        "--out",
+        str(tmp_path / "s"),
+        "--rounds",
+        "1",
+        "--generator",
+        "threshold,tau=1.0",
+        "--epochs",
+        "1",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: round 1: the generator threshold,tau=1.0 accepted no row; lower its threshold"
+    ]
