@@ -35,7 +35,7 @@ def save_student(
     std: list[float],
 ) -> None:
     """Write ``model``'s weights and config as a student directory, atomically (whole dir)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from kdplug import __version__
 
@@ -51,7 +51,8 @@ def save_student(
         "kdplug_version": __version__,
     }
     with atomic_path(path, directory=True) as tmp:
-        save_file(state, str(tmp / WEIGHTS))
+        # bytes written by Python, so a full disk raises OSError (atomic_path names it)
+        (tmp / WEIGHTS).write_bytes(save(state))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
