@@ -38,6 +38,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would stay on a renamed directory
     except OSError as exc:
         raise _disk_error(path, exc) from exc
     target = tmp if directory else tmp / path.name
@@ -60,6 +61,12 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         raise _disk_error(path, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
