@@ -67,7 +67,7 @@ class DistillConfig:
     unlabeled: str | None = None
     val: str | None = None
     loss: str = "kd"
-    combiner: str = "mean"
+    combiner: str = "auto"
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3

@@ -19,7 +19,11 @@ from kdplug.cli.options import allow_pickle_option, calibration_option, teachers
 @click.option("--val", metavar="DATA", help="Labeled validation data (picks the best epoch).")
 @click.option("--out", metavar="DIR", help="Run directory (student/, metrics, checkpoint).")
 @click.option("--loss", metavar="SPEC", help="Loss strategy (default kd; ce = labels only).")
-@click.option("--combiner", metavar="SPEC", help="Multi-teacher combiner (default mean).")
+@click.option(
+    "--combiner",
+    metavar="SPEC",
+    help="Multi-teacher combiner (default auto, fitted on the labeled --train rows).",
+)
 @click.option("--epochs", type=int, help="Epochs (default 10).")
 @click.option("--batch-size", type=int, help="Rows per batch (default 128).")
 @click.option("--lr", type=float, help="Peak learning rate of AdamW + cosine (default 1e-3).")
