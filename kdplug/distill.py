@@ -497,8 +497,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     from kdplug.outputs import atomic_path
 
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)  # through a Python file: a full disk is an OSError (errno)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
