@@ -163,7 +163,7 @@ def test_skip_bad_rows_drops_and_counts_them_and_hooks_see_the_run(
         epochs=2,
         batch_size=50,
     )
-    with pytest.raises(UsageError, match="nan-rows returned NaN or Inf.*--skip-bad-rows"):
+    with pytest.raises(UsageError, match="teacher nan-rows:x returned NaN or Inf.*--skip-bad-rows"):
         distill(DistillConfig(**config, out=str(tmp_path / "strict")))
     out = tmp_path / "skip"
     summary = distill(DistillConfig(**config, out=str(out), skip_bad_rows=True))
