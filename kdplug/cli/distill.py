@@ -27,11 +27,15 @@ from kdplug.cli.options import allow_pickle_option, calibration_option, teachers
 @click.option("--epochs", type=int, help="Epochs (default 10).")
 @click.option("--batch-size", type=int, help="Rows per batch (default 128).")
 @click.option("--lr", type=float, help="Peak learning rate of AdamW + cosine (default 1e-3).")
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps (default auto).")
+@click.option(
+    "--device", metavar="auto|cpu|cuda|mps", help="Device; cuda:N picks a GPU (default auto)."
+)
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a different run already in --out.")
-@click.option("--keep", help="Which student to keep: best (by val accuracy) or last.")
+@click.option(
+    "--keep", metavar="best|last", help="The student kept: best by val accuracy, or last."
+)
 @click.option("--ema", is_flag=True, help="Keep an EMA of the weights; validate and save it.")
 @click.option(
     "--augment",
