@@ -5,8 +5,8 @@
    ``(seed, split, first row)``, rebuilds the views (kdplug.augment_views), runs the
    teachers on each and keeps their log-probabilities (top-k, or all classes); it is
    written atomically to ``STORE/.shards/split-I/``. ``--resume`` skips every finished
-   shard, whichever process wrote it; under torch.distributed each rank takes every
-   ``world``-th unfinished shard.
+   shard, whichever process wrote it; under torch.distributed rank ``r`` takes shards
+   ``r, r + world, ...`` (of all splits' shards in order) that are not finished yet.
 2. The main process joins each split's shards into memory-mappable ``.npy`` arrays
    (``STORE/split-I/``, each directory renamed into place whole), then writes
    ``store.json`` last: a store without it is unfinished.
@@ -79,12 +79,17 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     sources = load_splits(cfg)
     classes = sources[0].classes
     teacher_set = build_teacher_set(cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows)
-    check_teachers(cfg, teacher_set, sources)
+    check_teacher_inputs(cfg, teacher_set, sources)
     record = cache_record(cfg, sources, teacher_set, augment)
     record, forced = resumed_record(cfg, record)
-    out = prepare_out_dir(
-        cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, marker=RUN_FILE, config=record
-    )
+    rank, world = rank_and_world()
+    if rank == 0:
+        prepare_out_dir(
+            cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, marker=RUN_FILE, config=record
+        )
+    if world > 1:
+        torch.distributed.barrier()
+    out = Path(cfg.out)
     if (out / STORE_FILE).exists():  # a finished store, resumed: nothing left to do
         return json.loads((out / STORE_FILE).read_text())
 
@@ -94,9 +99,8 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         plan_shards(len(source), cfg.shard_size, out / SHARDS / split_dir(i))
         for i, source in enumerate(sources)
     ]
-    rank, world = rank_and_world()
-    todo = [(i, s) for i, shards in enumerate(plans) for s in shards if not is_finished(s)]
-    mine = todo[rank::world]
+    every = [(i, shard) for i, shards in enumerate(plans) for shard in shards]
+    mine = [pair for pair in every[rank::world] if not is_finished(pair[1])]
     cache_shards(sources, mine, teacher_set, record, augment, cfg, device)
     if world > 1:
         torch.distributed.barrier()
@@ -160,7 +164,9 @@ def load_splits(cfg: CacheConfig) -> list[DataSource]:
     return sources
 
 
-def check_teachers(cfg: CacheConfig, teacher_set: TeacherSet, sources: list[DataSource]) -> None:
+def check_teacher_inputs(
+    cfg: CacheConfig, teacher_set: TeacherSet, sources: list[DataSource]
+) -> None:
     """Row-indexed teachers (precomputed logits) see no views and fit one row count."""
     for teacher, name in zip(teacher_set.teachers, teacher_set.names):
         if cfg.views > 1 and getattr(teacher, "uses_row_index", False):
