@@ -7,6 +7,7 @@ not import torch, timm or scikit-learn.
 from kdplug.components import Combiner, LabelGenerator, Labels, LossStrategy, Teacher
 from kdplug.errors import KdplugError, PluginError, UsageError
 from kdplug.hookspecs import hookimpl, hookspec
+from kdplug.run import Run
 from kdplug.spec import Spec, parse_spec
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "Labels",
     "LossStrategy",
     "PluginError",
+    "Run",
     "Spec",
     "Teacher",
     "UsageError",
