@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(BIN)/kdplug demo
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --timeout 900
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
