@@ -3,8 +3,10 @@
 1. Each shard (a fixed row range, kdplug.shards) runs the teachers batch by batch and is
    written atomically to ``OUT/.shards/``: per-teacher probabilities ``[K, R, C]``, the
    combiner's target ``[R, C]`` and weights ``[K, R]``, and the bad-row mask ``[R]``.
-   ``resume`` skips every finished shard, whichever process wrote it.
-2. The shards are merged and the label generator decides every row at once.
+   ``resume`` skips every finished shard, whichever process wrote it. Under
+   torch.distributed (``kdplug.distributed``) rank ``r`` of ``W`` takes the unfinished shards
+   ``r, r + W, ...``; a lost rank's shards are redone on ``--resume`` by any number of ranks.
+2. Rank 0 merges the shards and the label generator decides every row at once.
 3. The labeled dataset, ``report.json`` and ``report.png`` are built in a temporary
    directory that replaces ``OUT`` whole, so an interrupted run never looks complete.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdplug import distributed
 from kdplug.data import DataSource, batches, default_workers, load_data
 from kdplug.device import pick_device
 from kdplug.errors import PluginError, UsageError
@@ -71,7 +74,9 @@ class LabelRun:
 
 
 def run_label(cfg: LabelConfig) -> dict[str, Any]:
-    """Label ``cfg.data`` into ``cfg.out``; return the report (also in ``OUT/report.json``)."""
+    """Label ``cfg.data`` into ``cfg.out``; return the report (also in ``OUT/report.json``).
+
+    On a non-zero rank of a distributed run: ``{"rank", "labeled_rows"}`` of its own shards."""
     started = time.perf_counter()
     if cfg.shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1, got {cfg.shard_size}")
@@ -85,9 +90,12 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     teacher_set = build_teacher_set(cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows)
     record = run_record(cfg, source, classes, teacher_set)
     settings = output_settings(cfg)
-    out = prepare_out_dir(
-        cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, marker=MARKER, config=record
-    )
+    out = Path(cfg.out)
+    if distributed.is_main():
+        prepare_out_dir(
+            out, resume=cfg.resume, overwrite=cfg.overwrite, marker=MARKER, config=record
+        )
+    distributed.barrier()
     if (out / "report.json").exists():
         return finished_report(out, settings)
 
@@ -95,7 +103,13 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     teacher_set.to(device)
     shards = plan_shards(len(source), cfg.shard_size, out / SHARDS)
     todo = [s for s in shards if not is_finished(s)]
-    label_shards(source, teacher_set, combiner, todo, cfg.batch_size, device, cfg.progress)
+    distributed.barrier()  # every rank has its todo list before any rank adds a shard
+    mine = todo[distributed.rank() :: distributed.world_size()]
+    show = cfg.progress and distributed.is_main()
+    label_shards(source, teacher_set, combiner, mine, cfg.batch_size, device, show)
+    distributed.barrier()
+    if not distributed.is_main():
+        return {"rank": distributed.rank(), "labeled_rows": sum(len(s.rows) for s in mine)}
     merged = merge_shards(shards)
     labels = apply_generator(generator, cfg.generator, merged, teacher_set.known.cpu())
     columns = label_columns(labels, merged["teacher_probs"], private=is_private(generator))

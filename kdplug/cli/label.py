@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
+
+from kdplug import distributed
 
 from kdplug.cli.options import (
     allow_pickle_option,
@@ -10,6 +14,17 @@ from kdplug.cli.options import (
     calibration_option,
     device_option,
     teachers_option,
+)
+
+
+nproc_option = click.option(
+    distributed.NPROC_FLAG,
+    "nproc_per_node",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Run in N processes on this machine through torch's elastic launcher "
+    "(like torchrun --nproc-per-node N; one process per GPU on CUDA).",
 )
 
 
@@ -74,6 +89,7 @@ def _classes(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     is_flag=True,
     help="Reject rows where a teacher gives NaN/Inf (counted in the report) instead of failing.",
 )
+@nproc_option
 def label_command(
     teachers: tuple[str, ...],
     data: str,
@@ -90,30 +106,35 @@ def label_command(
     eval_labels: str | None,
     classes: list[str] | None,
     skip_bad_rows: bool,
+    nproc_per_node: int | None,
 ) -> None:
     """Label DATA with the teachers; write OUT as a dataset with report.json and report.png."""
     from kdplug.label import LabelConfig, run_label
 
-    report = run_label(
-        LabelConfig(
-            teachers=list(teachers),
-            data=data,
-            out=out,
-            combiner=combiner,
-            generator=generator,
-            calibration=calibration,
-            batch_size=batch_size,
-            device=device,
-            resume=resume,
-            overwrite=overwrite,
-            shard_size=shard_size,
-            with_inputs=with_inputs,
-            eval_labels=eval_labels,
-            classes=classes,
-            skip_bad_rows=skip_bad_rows,
+    if nproc_per_node is not None:
+        sys.exit(distributed.launch(nproc_per_node, sys.argv[1:]))
+    with distributed.session(device):
+        report = run_label(
+            LabelConfig(
+                teachers=list(teachers),
+                data=data,
+                out=out,
+                combiner=combiner,
+                generator=generator,
+                calibration=calibration,
+                batch_size=batch_size,
+                device=device,
+                resume=resume,
+                overwrite=overwrite,
+                shard_size=shard_size,
+                with_inputs=with_inputs,
+                eval_labels=eval_labels,
+                classes=classes,
+                skip_bad_rows=skip_bad_rows,
+            )
         )
-    )
-    click.echo(summary(report, out))
+        if distributed.is_main():
+            click.echo(summary(report, out))
 
 
 def summary(report: dict, out: str) -> str:
