@@ -7,7 +7,6 @@ import sys
 import click
 
 from kdplug import distributed
-
 from kdplug.cli.options import (
     allow_pickle_option,
     batch_size_option,
@@ -15,7 +14,6 @@ from kdplug.cli.options import (
     device_option,
     teachers_option,
 )
-
 
 nproc_option = click.option(
     distributed.NPROC_FLAG,
