@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from kdplug.cli.label import _classes
+from kdplug import distributed
+from kdplug.cli.label import _classes, nproc_option
 from kdplug.cli.options import (
     allow_pickle_option,
     batch_size_option,
@@ -88,6 +91,7 @@ from kdplug.cli.options import (
     help="Mark views where a teacher gives NaN/Inf (distill drops them) instead of failing.",
 )
 @allow_pickle_option
+@nproc_option
 def cache_command(
     teachers: tuple[str, ...],
     data: tuple[str, ...],
@@ -106,6 +110,7 @@ def cache_command(
     overwrite: bool,
     force: bool,
     skip_bad_rows: bool,
+    nproc_per_node: int | None,
 ) -> None:
     """Cache the teachers' outputs on DATA (V views per row) into the store OUT.
 
@@ -117,27 +122,32 @@ def cache_command(
     """
     from kdplug.store.cache import CacheConfig, run_cache
 
-    info = run_cache(
-        CacheConfig(
-            teachers=list(teachers),
-            data=list(data),
-            out=out,
-            topk=topk,
-            views=views,
-            augment=augment,
-            dtype=dtype,
-            seed=seed,
-            calibration=calibration,
-            classes=classes,
-            skip_bad_rows=skip_bad_rows,
-            shard_size=shard_size,
-            batch_size=batch_size,
-            device=device,
-            resume=resume,
-            overwrite=overwrite,
-            force=force,
+    if nproc_per_node is not None:
+        sys.exit(distributed.launch(nproc_per_node, sys.argv[1:]))
+    with distributed.session(device):
+        info = run_cache(
+            CacheConfig(
+                teachers=list(teachers),
+                data=list(data),
+                out=out,
+                topk=topk,
+                views=views,
+                augment=augment,
+                dtype=dtype,
+                seed=seed,
+                calibration=calibration,
+                classes=classes,
+                skip_bad_rows=skip_bad_rows,
+                shard_size=shard_size,
+                batch_size=batch_size,
+                device=device,
+                resume=resume,
+                overwrite=overwrite,
+                force=force,
+            )
         )
-    )
+        if not distributed.is_main():
+            return
     rows = sum(split["rows"] for split in info["splits"])
     click.echo(
         f"cached {len(info['teachers'])} teacher(s) x {info['views']} view(s) on {rows} rows "
