@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,12 @@ from kdplug.label_report import build_report, save_report_figure
 from kdplug.ops import entropy, teacher_probs
 from kdplug.outputs import atomic_path, prepare_out_dir, write_json
 from kdplug.plugins import create, get_manager
+from kdplug.run import Run
 from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
 from kdplug.spec import parse_spec
 from kdplug.teachers import TeacherSet, build_teacher_set
+
+log = logging.getLogger("kdplug")
 
 MARKER = "run.json"
 SHARDS = ".shards"
@@ -49,7 +53,7 @@ class LabelConfig:
     teachers: list[str]
     data: str
     out: str
-    combiner: str = "mean"
+    combiner: str | None = None  # auto with calibration_data, else mean
     generator: str = "threshold"
     calibration: str | None = None
     batch_size: int = 256
@@ -62,15 +66,7 @@ class LabelConfig:
     classes: list[str] | None = None
     skip_bad_rows: bool = False
     progress: bool = True
-
-
-@dataclass
-class LabelRun:
-    """What the ``on_labels_written`` hook receives as ``run``."""
-
-    config: dict[str, Any]
-    out: Path
-    state: dict[str, Any] = field(default_factory=dict)
+    calibration_data: str | None = None  # labeled rows a combiner with fit (auto) is fitted on
 
 
 def run_label(cfg: LabelConfig) -> dict[str, Any]:
@@ -82,13 +78,17 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         raise UsageError(f"--shard-size must be at least 1, got {cfg.shard_size}")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if cfg.combiner is None:
+        cfg.combiner = "auto" if cfg.calibration_data else "mean"
     combiner = create("combiners", cfg.combiner)
     generator = create("label-generators", cfg.generator)
     source = load_data(cfg.data, cfg.classes)
     classes = run_classes(cfg, source)
     truth = true_labels(cfg, source, classes)
     teacher_set = build_teacher_set(cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows)
+    calibration_rows = calibration_source(cfg, classes, teacher_set)
     record = run_record(cfg, source, classes, teacher_set)
+    record["calibration_data"] = describe_source(calibration_rows, cfg.calibration_data)
     settings = output_settings(cfg)
     out = Path(cfg.out)
     if distributed.is_main():
@@ -101,6 +101,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
 
     device = pick_device(cfg.device)
     teacher_set.to(device)
+    fitted = fit_combiner(combiner, teacher_set, calibration_rows, cfg.batch_size, device)
     shards = plan_shards(len(source), cfg.shard_size, out / SHARDS)
     todo = [s for s in shards if not is_finished(s)]
     distributed.barrier()  # every rank has its todo list before any rank adds a shard
@@ -125,14 +126,63 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         seconds=time.perf_counter() - started,
         labeled_rows=labeled_rows,
     )
+    report["fitted"] = fitted
     topk = getattr(generator, "topk", None)
     dataset = build_dataset(source if cfg.with_inputs else None, classes, columns, topk)
     write_run(out, dataset, report, columns)
-    run = LabelRun(
+    run = Run(
         {**record, **settings}, out, {"shards": len(shards), "labeled_this_time": labeled_rows}
     )
     get_manager().notify("on_labels_written", run=run, path=str(out), report=report)
     return report
+
+
+def calibration_source(
+    cfg: LabelConfig, classes: list[str], teacher_set: TeacherSet
+) -> DataSource | None:
+    """``--calibration-data``: labeled rows in the run's classes, or None."""
+    if not cfg.calibration_data:
+        return None
+    for name, teacher in zip(teacher_set.names, teacher_set.teachers):
+        if getattr(teacher, "uses_row_index", False):
+            raise UsageError(
+                f"--calibration-data: teacher {name} reads precomputed outputs by row index, "
+                "and its rows belong to DATA; give its outputs on the calibration rows as "
+                "another teacher, or leave out --calibration-data"
+            )
+    rows = load_data(cfg.calibration_data, classes)
+    if not (rows.labels() >= 0).any():
+        raise UsageError(
+            f"--calibration-data {cfg.calibration_data}: no row is labeled with one of the "
+            f"run's classes {classes[:20]}"
+        )
+    return rows
+
+
+def describe_source(source: DataSource | None, spec: str | None) -> dict[str, Any] | None:
+    if source is None:
+        return None
+    labeled = int((source.labels() >= 0).sum())
+    return {"spec": spec, "fingerprint": source.fingerprint, "labeled_rows": labeled}
+
+
+def fit_combiner(
+    combiner: Any,
+    teacher_set: TeacherSet,
+    rows: DataSource | None,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Fit a combiner that has ``fit`` (``auto``) on the teachers' outputs for the labeled
+    calibration rows (none without ``--calibration-data``: it then says how it falls back)."""
+    from kdplug.fitting import can_fit, fit_on_rows
+
+    if not can_fit(combiner):
+        if rows is not None:
+            log.warning("--calibration-data is unused: this combiner has no fit step")
+        return {}
+    labeled = [] if rows is None else np.flatnonzero(rows.labels() >= 0).tolist()
+    return fit_on_rows(combiner, None, teacher_set, rows, labeled, batch_size, device)
 
 
 def run_classes(cfg: LabelConfig, source: DataSource) -> list[str]:

@@ -43,10 +43,16 @@ def _classes(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
 )
 @click.option(
     "--combiner",
-    default="mean",
-    show_default=True,
+    default=None,
     metavar="SPEC",
-    help="How the teachers are combined into one target (see `kdplug list combiners`).",
+    help="How the teachers are combined into one target (see `kdplug list combiners`); "
+    "default auto with --calibration-data, else mean.",
+)
+@click.option(
+    "--calibration-data",
+    default=None,
+    metavar="DATA",
+    help="Labeled rows to fit a fitted combiner (auto) on before labeling.",
 )
 @click.option(
     "--generator",
@@ -92,7 +98,8 @@ def label_command(
     teachers: tuple[str, ...],
     data: str,
     out: str,
-    combiner: str,
+    combiner: str | None,
+    calibration_data: str | None,
     generator: str,
     calibration: str | None,
     batch_size: int,
@@ -118,6 +125,7 @@ def label_command(
                 data=data,
                 out=out,
                 combiner=combiner,
+                calibration_data=calibration_data,
                 generator=generator,
                 calibration=calibration,
                 batch_size=batch_size,
