@@ -136,13 +136,15 @@ def collect_outputs(
     producer: Any, source: Any, indices: Sequence[int], batch_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The producer's outputs on rows ``indices`` of ``source`` (``batch(indices)`` ->
-    ``x, y, idx``): logits ``[K, N, C]`` and ``known [K, C]`` on the CPU, labels ``[N]``.
+    ``x, y, idx``; None with no rows): logits ``[K, N, C]`` and ``known [K, C]`` on the CPU,
+    labels ``[N]``.
     Rows where a teacher gave NaN/Inf (``bad_rows``) are left out; with no rows, ``known``
     is the producer's ``known`` attribute."""
     from kdplug.data import batches
 
     logits, labels, known = [], [], None
-    for x, y, idx in batches(source, batch_size, indices=list(indices)):
+    loader = batches(source, batch_size, indices=list(indices)) if len(indices) else []
+    for x, y, idx in loader:
         out = producer(x.to(device), idx.to(device))
         keep = torch.ones(len(y), dtype=torch.bool)
         if out.bad_rows is not None:

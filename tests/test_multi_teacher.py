@@ -13,6 +13,7 @@ from kdplug import UsageError, metrics
 from kdplug.fitting import choose_temperature, fit_components, held_out_targets, split_folds
 from kdplug.ops import IMPOSSIBLE
 from kdplug.plugins import create
+from tests.conftest import run_cli
 
 C = 5
 
@@ -284,3 +285,56 @@ def test_per_class_weights_follow_the_teacher_that_is_right_on_each_class():
     weights = np.array(record["weights"])  # [K, C]
     assert weights[1, :2].min() > 0.7 and weights[1, :2].min() > weights[1, 2:].max()
     assert math.isclose(weights[:, 3].sum(), 1.0, abs_tol=1e-3)
+
+
+# -- engines: kdplug label fits auto on --calibration-data ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def digit_teachers(digits_splits, tmp_path_factory):
+    """A logistic regression on the labeled digits, and a bad one trained with 45% of its
+    labels moved to the next class (skops files)."""
+    import skops.io
+    from sklearn.linear_model import LogisticRegression
+
+    from kdplug.data import load_data
+
+    root = tmp_path_factory.mktemp("digit-teachers")
+    source = load_data(digits_splits["labeled"])
+    x, y, _ = source.batch(list(range(len(source))))
+    rows, labels = x.flatten(1).numpy(), y.numpy()
+    shifted = labels.copy()
+    moved = np.random.default_rng(0).random(len(labels)) < 0.45
+    shifted[moved] = (shifted[moved] + 1) % 10
+    specs = []
+    for name, target in (("good", labels), ("bad", shifted)):
+        skops.io.dump(LogisticRegression(max_iter=300).fit(rows, target), root / f"{name}.skops")
+        specs.append(f"sklearn:{root / name}.skops")
+    return specs
+
+
+def test_label_fits_auto_on_calibration_data_and_records_it(
+    digits_splits, digit_teachers, tmp_path
+):
+    import json
+
+    out = tmp_path / "labels"
+    args = ["label", "--teacher", digit_teachers[0], "--teacher", digit_teachers[1]]
+    args += ["--data", digits_splits["test"], "--out", str(out)]
+    result = run_cli(*args, "--calibration-data", digits_splits["unlabeled"], check=True)
+    report = json.loads((out / "report.json").read_text())
+    fitted = report["fitted"]["combiner"]
+    assert report["combiner"] == "auto" and fitted["rows"] == 1200
+    assert fitted["weights"][0] > 0.8  # the good teacher, on rows none of them trained on
+    assert "combiner fitted on labeled rows" in result.stderr
+    assert f"weights={fitted['weights']}" in result.stderr
+
+
+def test_label_without_calibration_data_keeps_mean(digits_splits, digit_teachers, tmp_path):
+    from kdplug.label import LabelConfig, run_label
+
+    config = LabelConfig(
+        teachers=digit_teachers, data=digits_splits["test"], out=str(tmp_path / "l"), progress=False
+    )
+    report = run_label(config)
+    assert report["combiner"] == "mean" and report["fitted"] == {}
