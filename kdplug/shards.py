@@ -41,11 +41,14 @@ def plan_shards(rows: int, size: int, directory: str | Path) -> list[Shard]:
 
 def write_shard(shard: Shard, tensors: dict[str, torch.Tensor]) -> None:
     """Write the shard's tensors (first dim or second dim sized to its rows) atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {"start": str(shard.start), "stop": str(shard.stop)}
+    data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
     with atomic_path(shard.path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        # bytes written by Python: a full disk is an OSError that atomic_path reports
+        # (safetensors' save_file raises SafetensorError, which escaped as a traceback)
+        tmp.write_bytes(data)
 
 
 def is_finished(shard: Shard) -> bool:
