@@ -18,6 +18,7 @@ metrics.jsonl (one line per epoch), student/ (kdplug.model_dir), summary.json, c
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -497,8 +498,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     from kdplug.outputs import atomic_path
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(state, fh)  # through a Python file: a full disk is an OSError (errno)
+    with atomic_path(path) as tmp:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        # bytes written by Python: a full disk is an OSError that atomic_path reports
+        # (torch.save into a file turns it into RuntimeError "unexpected pos")
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
