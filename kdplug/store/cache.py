@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -400,6 +401,8 @@ def merge_split(
             )
             for name, (shape, dtype) in layout.items()
         }
+        for name in arrays:
+            allocate(tmp / f"{name}.npy")
         for shard in shards:
             tensors = read_shard(shard)
             for name, array in arrays.items():
@@ -409,3 +412,11 @@ def merge_split(
             array.flush()
         del arrays
     return bad
+
+
+def allocate(path: Path) -> None:
+    """Reserve the disk space of a sparse file (``open_memmap``'s) before it is written, so a
+    full disk is an OSError here instead of a SIGBUS when the memory map is filled."""
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as fh:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
