@@ -1,7 +1,7 @@
 """``kdplug demo``: the whole flow on scikit-learn's bundled digits, no download.
 
-Splits digits into a small labeled part, a large unlabeled part and a test part; trains
-three different teachers on the labeled part (two scikit-learn models saved with skops,
+Splits digits into the teachers' own training rows, a small labeled part, a test part and
+a large unlabeled part; trains three different teachers (two scikit-learn models saved with skops,
 one small CNN saved as a torch.export program); pseudo-labels the unlabeled part; distills a timm
 student from the teachers on labeled + unlabeled rows; and compares everything on test.
 Every step goes through the same plugins and engines as the commands do.
@@ -9,6 +9,7 @@ Every step goes through the same plugins and engines as the commands do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -26,12 +27,14 @@ log = logging.getLogger("kdplug")
 MARKER = "demo.json"
 DIGITS = [str(d) for d in range(10)]
 BATCH = 128
+GENERATOR = "threshold,tau=0.7"
 
 
 @dataclass
 class DemoConfig:
     out: str = "demo-out"
-    labeled: int = 200
+    labeled: int = 150
+    teacher_rows: int = 350
     test: int = 400
     student: str = "timm:test_resnet"
     epochs: int = 20
@@ -49,19 +52,20 @@ def prepare(out: Path) -> None:
     (out / ".demo").touch()
 
 
-def split_digits(root: Path, labeled: int, test: int, seed: int) -> dict[str, str]:
-    """Save labeled / unlabeled (labels removed) / unlabeled-truth / test splits to disk."""
+def split_digits(root: Path, config: DemoConfig) -> dict[str, str]:
+    """Save the splits to disk: the teachers' own training rows, the user's labeled rows,
+    test rows, and the unlabeled rest (labels removed; a labeled copy scores pseudo-labels)."""
     from kdplug.data import load_data
 
     digits = load_data("sklearn:digits").dataset
-    order = np.random.default_rng(seed).permutation(len(digits)).tolist()
-    if labeled + test >= len(digits):
-        raise UsageError(f"--labeled + --test must stay below {len(digits)} rows")
-    parts = {
-        "labeled": order[:labeled],
-        "test": order[labeled : labeled + test],
-        "unlabeled-truth": order[labeled + test :],
-    }
+    order = np.random.default_rng(config.seed).permutation(len(digits)).tolist()
+    sizes = {"teacher-train": config.teacher_rows, "labeled": config.labeled, "test": config.test}
+    if sum(sizes.values()) >= len(digits):
+        raise UsageError(f"the demo's splits need fewer than {len(digits)} rows in all")
+    parts, start = {}, 0
+    for name, size in sizes.items():
+        parts[name], start = order[start : start + size], start + size
+    parts["unlabeled-truth"] = order[start:]
     specs = {}
     for name, rows in parts.items():
         digits.select(sorted(rows)).save_to_disk(str(root / name))
@@ -101,19 +105,21 @@ class SmallCNN(torch.nn.Module):
         return self.head(self.features(x))
 
 
-def train_teachers(root: Path, labeled: str, seed: int) -> list[str]:
-    """Fit a logistic regression, a random forest and a small CNN; return teacher specs."""
+def train_teachers(root: Path, rows: str, seed: int) -> list[str]:
+    """Fit a logistic regression, a random forest and a small CNN on ``rows``; return specs.
+
+    They stand for models trained elsewhere: the user has the models, not their data."""
     import skops.io
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
 
     root.mkdir(parents=True, exist_ok=True)
-    x, y = arrays(labeled)
+    x, y = arrays(rows)
     flat, target = x.flatten(1).numpy(), y.numpy()
     specs = []
     for name, model in (
         ("logreg", LogisticRegression(max_iter=3000, C=0.5)),
-        ("forest", RandomForestClassifier(n_estimators=300, random_state=seed)),
+        ("forest", RandomForestClassifier(n_estimators=100, random_state=seed)),
     ):
         model.fit(flat, target)
         skops.io.dump(model, root / f"{name}.skops")
@@ -135,9 +141,12 @@ def train_teachers(root: Path, labeled: str, seed: int) -> list[str]:
     return specs
 
 
-def teacher_accuracies(specs: list[str], test: str, combiner: str) -> tuple[list[float], float]:
-    """Test accuracy of each teacher and of their combination."""
+def teacher_accuracies(
+    specs: list[str], labeled: str, test: str, combiner: str
+) -> tuple[list[float], float]:
+    """Test accuracy of each teacher and of their combination (fitted on labeled rows)."""
     from kdplug.data import load_data
+    from kdplug.fitting import fit_on_rows
     from kdplug.metrics import accuracy
     from kdplug.ops import teacher_probs
     from kdplug.plugins import create
@@ -145,28 +154,50 @@ def teacher_accuracies(specs: list[str], test: str, combiner: str) -> tuple[list
 
     source = load_data(test)
     teachers = build_teacher_set(specs, source.classes)
+    combine = create("combiners", combiner)
+    train = load_data(labeled)
+    fit_on_rows(combine, None, teachers, train, range(len(train)), 256, torch.device("cpu"))
     x, y = arrays(test)
     outputs = teachers(x)
     each = [accuracy(p, y) for p in teacher_probs(outputs.logits, outputs.known)]
-    _, target = create("combiners", combiner)(outputs.logits, outputs.known, y * 0 - 1, 1.0)
+    _, target = combine(outputs.logits, outputs.known, torch.full_like(y, -1), 1.0)
     return each, accuracy(target, y)
+
+
+@contextlib.contextmanager
+def quiet_engines():
+    """Hide the engines' per-epoch log lines; the demo prints its own steps."""
+    logger = logging.getLogger("kdplug")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def run_demo(config: DemoConfig, echo=print) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the demo into ``config.out``; return the table's rows and the labels' summary."""
+    out = Path(config.out)
+    prepare(out)
+    with quiet_engines():
+        rows, pseudo = _run_steps(config, out, echo)
+    write_json(out / MARKER, {"config": vars(config), "rows": rows, "labels": pseudo})
+    return rows, pseudo
+
+
+def _run_steps(config: DemoConfig, out: Path, echo) -> tuple[list[dict], dict]:
     from kdplug.device import seed_everything
     from kdplug.distill import DistillConfig, distill
     from kdplug.evaluate import evaluate_student
     from kdplug.label import LabelConfig, run_label
 
-    out = Path(config.out)
-    prepare(out)
     seed_everything(config.seed)
     echo(f"[1/5] splitting scikit-learn digits into {out / 'data'}")
-    data = split_digits(out / "data", config.labeled, config.test, config.seed)
-    echo("[2/5] training three teachers on the labeled part (logreg, forest, CNN)")
-    teachers = train_teachers(out / "teachers", data["labeled"], config.seed)
-    echo("[3/5] pseudo-labeling the unlabeled part (kdplug label)")
+    data = split_digits(out / "data", config)
+    echo("[2/5] training three teachers (logreg, forest, CNN) on rows of their own")
+    teachers = train_teachers(out / "teachers", data["teacher-train"], config.seed)
+    echo(f"[3/5] pseudo-labeling the unlabeled part (kdplug label --generator {GENERATOR})")
     labels = run_label(
         LabelConfig(
             teachers=teachers,
@@ -174,6 +205,7 @@ def run_demo(config: DemoConfig, echo=print) -> tuple[list[dict[str, Any]], dict
             out=str(out / "labels"),
             eval_labels=data["unlabeled-truth"],
             classes=DIGITS,
+            generator=GENERATOR,
             device=config.device,
             progress=False,
         )
@@ -205,7 +237,7 @@ def run_demo(config: DemoConfig, echo=print) -> tuple[list[dict[str, Any]], dict
         )
     )
     combiner = summary.get("combiner") or DistillConfig().combiner
-    each, ensemble = teacher_accuracies(teachers, data["test"], combiner)
+    each, ensemble = teacher_accuracies(teachers, data["labeled"], data["test"], combiner)
     rows = [
         {"model": n, "kind": "teacher", "test_accuracy": a}
         for n, a in zip(("logistic regression", "random forest", "small CNN"), each)
@@ -217,14 +249,6 @@ def run_demo(config: DemoConfig, echo=print) -> tuple[list[dict[str, Any]], dict
     ):
         result = evaluate_student(str(out / run / "student"), data["test"], device=config.device)
         rows.append({"model": name, "kind": config.student, "test_accuracy": result["accuracy"]})
-    write_json(
-        out / MARKER,
-        {
-            "config": vars(config),
-            "rows": rows,
-            "labels": {
-                k: labels.get(k) for k in ("rows", "accepted", "coverage", "accepted_accuracy")
-            },
-        },
-    )
-    return rows
+    pseudo = {k: labels.get(k) for k in ("rows", "accepted", "coverage")}
+    pseudo["accuracy_accepted"] = (labels.get("eval") or {}).get("accuracy_accepted")
+    return rows, pseudo

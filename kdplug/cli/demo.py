@@ -22,7 +22,7 @@ from kdplug.cli.options import device_option
 @click.option(
     "--labeled",
     type=click.IntRange(min=20),
-    default=200,
+    default=150,
     show_default=True,
     help="Rows of digits that keep their labels.",
 )
@@ -40,13 +40,12 @@ def demo_command(out: str, student: str, epochs: int, labeled: int, seed: int, d
         echo=click.echo,
     )
     click.echo("")
-    width = max(len(r["model"]) for r in rows)
-    click.echo(f"{'model'.ljust(width)}  {'kind'.ljust(14)}  test accuracy")
-    click.echo(f"{'-' * width}  {'-' * 14}  -------------")
-    for row in rows:
-        click.echo(
-            f"{row['model'].ljust(width)}  {row['kind'].ljust(14)}  {row['test_accuracy']:.4f}"
-        )
+    table = [("model", "kind", "test accuracy")]
+    table += [(r["model"], r["kind"], f"{r['test_accuracy']:.4f}") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    table.insert(1, tuple("-" * w for w in widths))
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     accepted = labels["accuracy_accepted"]
     click.echo(
         f"\npseudo-labels: {labels['accepted']}/{labels['rows']} rows accepted "

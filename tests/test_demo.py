@@ -1,0 +1,32 @@
+"""kdplug demo: the embedded end-to-end run, exactly as `make demo` runs it."""
+
+import json
+
+from tests.conftest import run_cli
+
+
+def test_demo_distilled_student_beats_labeled_only(tmp_path):
+    out = tmp_path / "demo"
+    result = run_cli("demo", "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    rows = {
+        row["model"]: row["test_accuracy"]
+        for row in json.loads((out / "demo.json").read_text())["rows"]
+    }
+    assert rows["student, distilled"] > rows["student, labeled only"] + 0.03
+    table = result.stdout.split("model ", 1)[1]
+    for name, accuracy in rows.items():
+        assert f"{accuracy:.4f}" in table and name in table
+    assert "pseudo-labels:" in result.stdout
+    assert (out / "distilled" / "student" / "model.safetensors").exists()
+    assert (out / "labels" / "report.json").exists()
+    again = run_cli("demo", "--out", str(out), "--epochs", "1", "--labeled", "40")
+    assert again.returncode == 0, again.stderr  # a previous demo is replaced
+
+
+def test_demo_refuses_a_directory_that_is_not_a_demo(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = run_cli("demo", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "does not hold a kdplug demo" in result.stderr
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
