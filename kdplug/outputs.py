@@ -161,4 +161,20 @@ def prepare_out_dir(
     except OSError as exc:
         raise _disk_error(out, exc) from exc
     write_json(record, {"config": config, "versions": versions()})
+    _started_runs.append(record)
     return out
+
+
+# the marker files of the run directories prepare_out_dir started afresh in this process
+_started_runs: list[Path] = []
+
+
+def discard_unstarted_runs() -> None:
+    """Remove each run directory started in this process that holds nothing but its marker
+    (and empty folders): a run that failed before finishing any work leaves nothing behind.
+    The CLI calls this on an error, newest run first (a run may hold another's directory)."""
+    while _started_runs:
+        record = _started_runs.pop()
+        out = record.parent
+        if out.is_dir() and [p for p in out.rglob("*") if not p.is_dir()] == [record]:
+            shutil.rmtree(out, ignore_errors=True)
