@@ -1,0 +1,245 @@
+"""Reliability: bad input, interruption, full or read-only disks, plugin faults, untrusted
+files, and docs/reliability.md's table of them (every test it names must exist)."""
+
+import errno
+import fnmatch
+import os
+import stat
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+import kdplug.outputs
+from kdplug import UsageError
+from kdplug.data import load_data
+from tests.conftest import run_cli
+
+DEV_FULL = "/dev/full"
+needs_dev_full = pytest.mark.skipif(
+    not (os.path.exists(DEV_FULL) and stat.S_ISCHR(os.stat(DEV_FULL).st_mode)),
+    reason="no /dev/full device",
+)
+
+
+def fail_writes(monkeypatch, patterns, after=0, how="full"):
+    """Atomic writes of files whose names match ``patterns`` fail after the first ``after``.
+
+    ``how="full"``: the temporary file is /dev/full, so the real writer meets the kernel's
+    ENOSPC exactly as on a full disk. ``how="readonly"``: creating the temporary fails with
+    EROFS, as on a read-only file system. Returns the names of the matching writes seen.
+    """
+    real = tempfile.mkdtemp
+    seen = []
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        name = (prefix or "")[1:-1]  # atomic_path's prefix is ".NAME."
+        matches = suffix == ".tmp" and any(fnmatch.fnmatch(name, p) for p in patterns)
+        if matches:
+            seen.append(name)
+        if matches and len(seen) > after and how == "readonly":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        tmp = real(suffix=suffix, prefix=prefix, dir=dir)
+        if matches and len(seen) > after:
+            os.symlink(DEV_FULL, os.path.join(tmp, name))
+        return tmp
+
+    monkeypatch.setattr(kdplug.outputs.tempfile, "mkdtemp", mkdtemp)
+    return seen
+
+
+def leftovers(directory):
+    """Temporary files or directories an interrupted atomic write left behind."""
+    return [p for p in directory.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+
+@pytest.fixture(scope="module")
+def logits_teacher(digits_splits, tmp_path_factory):
+    """A precomputed-logits teacher for the labeled digits split (150 rows, 10 classes)."""
+    source = load_data(digits_splits["labeled"])
+    x, y, _ = source.batch(list(range(len(source))))
+    weight = torch.randn(64, 10, generator=torch.Generator().manual_seed(0))
+    logits = x.flatten(1) @ weight + 4 * torch.nn.functional.one_hot(y, 10)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.npy"
+    np.save(path, logits.numpy().astype(np.float32))
+    return str(path)
+
+
+@needs_dev_full
+def test_distill_on_a_full_then_read_only_disk_keeps_the_last_checkpoint(
+    digits_splits, tmp_path, monkeypatch
+):
+    from kdplug.distill import DistillConfig, distill
+
+    out = tmp_path / "run"
+    config = dict(
+        student="timm:test_resnet",
+        train=digits_splits["labeled"],
+        out=str(out),
+        loss="ce",
+        epochs=3,
+        batch_size=50,
+    )
+    fail_writes(monkeypatch, ["checkpoint.pt"], after=1)  # the disk fills after epoch 1
+    with pytest.raises(UsageError, match=r"^cannot write .*checkpoint\.pt: the disk is full$"):
+        distill(DistillConfig(**config))
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["epoch"] == 1
+    assert leftovers(out) == []
+
+    fail_writes(monkeypatch, ["checkpoint.pt"], how="readonly")
+    with pytest.raises(UsageError, match=r"checkpoint\.pt: the file system is read-only$"):
+        distill(DistillConfig(**config, resume=True))
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["epoch"] == 1
+
+    summary = distill(DistillConfig(**config, resume=True))
+    assert summary["status"] == "finished" and len(summary["epoch_times_s"]) == 3
+
+
+@needs_dev_full
+def test_label_on_a_full_disk_keeps_finished_shards_and_resumes(
+    logits_teacher, digits_splits, tmp_path, monkeypatch
+):
+    import datasets
+
+    from kdplug.label import LabelConfig, run_label
+    from kdplug.shards import is_finished, plan_shards
+
+    def config(out, **extra):
+        return LabelConfig(
+            teachers=[f"logits:{logits_teacher}"],
+            data=digits_splits["labeled"],
+            out=str(out),
+            generator="threshold,tau=0.5",
+            shard_size=50,
+            progress=False,
+            **extra,
+        )
+
+    out = tmp_path / "labels"
+    fail_writes(monkeypatch, ["rows-*.safetensors"], after=1)
+    with pytest.raises(
+        UsageError, match=r"rows-0000000050-0000000100\.safetensors: the disk is full"
+    ):
+        run_label(config(out))
+    monkeypatch.undo()
+    finished = [is_finished(s) for s in plan_shards(150, 50, out / ".shards")]
+    assert finished == [True, False, False] and leftovers(out) == []
+
+    run_label(config(out, resume=True))
+    run_label(config(tmp_path / "whole"))
+    resumed, whole = (datasets.load_from_disk(str(p)) for p in (out, tmp_path / "whole"))
+    assert resumed.to_dict() == whole.to_dict()
+
+
+def run_with_file_size_limit(limit, *args):
+    """``kdplug ARGS`` in a subprocess that may write no file larger than ``limit`` bytes.
+
+    The write that crosses the limit is cut short and the next one fails (EFBIG), which is
+    how a disk filling up mid-write behaves, unlike /dev/full's immediate ENOSPC.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
+        "from kdplug.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_distill_when_the_disk_fills_mid_write_is_one_line(digits_splits, tmp_path):
+    out = tmp_path / "run"
+    result = run_with_file_size_limit(
+        100_000,  # run.json fits, the checkpoint (student + optimizer state) does not
+        *["distill", "--student", "timm:test_resnet", "--train", digits_splits["labeled"]],
+        *["--loss", "ce", "--epochs", "1", "--batch-size", "50", "--out", str(out)],
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot write {out / 'checkpoint.pt'}: File too large"
+    )
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # no epoch finished: nothing to resume, so nothing is left
+
+
+def test_cache_on_a_full_disk_keeps_its_shards_and_resumes(
+    logits_teacher, digits_splits, tmp_path, monkeypatch
+):
+    from kdplug.store.cache import CacheConfig, run_cache
+
+    def config(out, **extra):
+        return CacheConfig(
+            teachers=[f"logits:{logits_teacher}"],
+            data=[digits_splits["labeled"]],
+            out=str(out),
+            shard_size=50,
+            progress=False,
+            **extra,
+        )
+
+    def disk_full(fd, offset, length):  # what posix_fallocate says when the space is gone
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "store"
+    # the split's arrays are memory maps; unreserved, a full disk kills the process (SIGBUS)
+    monkeypatch.setattr(os, "posix_fallocate", disk_full, raising=False)
+    with pytest.raises(UsageError, match=r"^cannot write .*split-0: the disk is full$"):
+        run_cache(config(out))
+    monkeypatch.undo()
+    assert len(list((out / ".shards" / "split-0").glob("rows-*.safetensors"))) == 3
+    assert leftovers(out) == []
+
+    run_cache(config(out, resume=True))
+    run_cache(config(tmp_path / "whole"))
+    for array in sorted((tmp_path / "whole" / "split-0").iterdir()):
+        assert (out / "split-0" / array.name).read_bytes() == array.read_bytes()
+
+
+def test_a_run_failing_before_any_work_leaves_no_directory(tmp_path, digits_splits, logits_teacher):
+    from kdplug.label import LabelConfig, run_label
+
+    bad = tmp_path / "nan.npy"
+    logits = np.load(logits_teacher)
+    logits[[3, 40], 0] = np.nan
+    np.save(bad, logits)
+    out = tmp_path / "labels"
+    args = ["label", "--teacher", f"logits:{bad}", "--data", digits_splits["labeled"]]
+    result = run_cli(*args, "--out", str(out))
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [
+        f"Error: teacher logits:{bad} returned NaN or Inf logits in batch 0 (rows [3, 40] of "
+        "the batch); pass --skip-bad-rows to drop such rows and count them"
+    ]
+    assert "Traceback" not in result.stderr and not out.exists()
+    # so the corrected command runs as a new run, without --overwrite
+    config = LabelConfig([f"logits:{bad}"], digits_splits["labeled"], str(out), progress=False)
+    config.skip_bad_rows = True
+    assert run_label(config)["rows"] == 150
+
+
+def test_only_run_directories_without_finished_work_are_discarded(tmp_path, monkeypatch):
+    from kdplug.outputs import discard_unstarted_runs, prepare_out_dir, write_json
+
+    monkeypatch.setattr(kdplug.outputs, "_started_runs", [])
+    options = dict(resume=False, overwrite=False, marker="run.json", config={"a": 1})
+    empty = prepare_out_dir(tmp_path / "empty", **options)
+    (empty / ".shards").mkdir()
+    outer = prepare_out_dir(tmp_path / "outer", **options)
+    inner = prepare_out_dir(outer / "round-1" / "labels", **options)
+    worked = prepare_out_dir(tmp_path / "worked", **options)
+    write_json(worked / ".shards" / "rows-0-50.json", {})
+    resumed = prepare_out_dir(tmp_path / "worked", **{**options, "resume": True})
+    assert resumed == worked
+    discard_unstarted_runs()
+    assert not empty.exists() and not inner.exists() and not outer.exists()
+    assert (worked / "run.json").exists() and (worked / ".shards" / "rows-0-50.json").exists()
+    assert kdplug.outputs._started_runs == []
