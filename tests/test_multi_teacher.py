@@ -166,7 +166,7 @@ def test_a_teacher_that_knows_no_labeled_class_keeps_temperature_one():
     logits = torch.stack([teacher(y, 0.9, 1.0, 12), teacher(y, 0.9, 1.0, 13)])
     combiner = create("combiners", "auto")
     record = combiner.fit(logits, known, y)
-    assert record["calibration"][1] == 1.0
+    assert record["temperatures"][1] == 1.0
     _, target = combiner(logits, known, torch.full_like(y, -1))
     assert torch.isfinite(target).all()
 

@@ -4,10 +4,11 @@
 (``kdplug.calibration.fit_temperature``), (2) fits teacher weights on the simplex
 (``softmax`` of free parameters, optionally per class) minimizing the NLL of the pooled
 prediction plus a pull toward equal weights, for the linear pool (mixture of
-probabilities) and the log pool (weighted geometric mean), and keeps the pool with the
-lower k-fold cross-validated NLL, (3) keeps the best single teacher instead if the pooled
-prediction is less accurate on the labeled rows. Calling it then pools every row the
-same way and tempers the pooled distribution: ``target ∝ p_ens^(1/T)``.
+probabilities) and the log pool (weighted geometric
+mean), and keeps the pool with the lower k-fold cross-validated NLL, (3) keeps the best
+single teacher instead if the pooled prediction is less accurate on the labeled rows.
+Calling it then pools every row the same way and tempers the pooled distribution:
+``target ∝ p_ens^(1/T)``.
 
 Exact zeros (a probability teacher's ``log p`` at ``ops.IMPOSSIBLE``, classes a teacher
 does not know) are carried as ``-inf``: no temperature or weight gives them mass. In the
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from kdplug import UsageError, metrics, ops
-from kdplug.calibration import T_MAX, T_MIN, apply_temperature, fit_temperature
+from kdplug.calibration import apply_temperature, fit_temperature
 from kdplug.fitting import split_folds
 from kdplug_ensemble.confidence import Best
 
@@ -88,56 +89,53 @@ def training_log_probs(
     return torch.log_softmax(mixed, -1)
 
 
-def fit_pool(
-    logits: torch.Tensor,
+def fit_weights(
+    log_p: torch.Tensor,
     known: torch.Tensor,
     labels: torch.Tensor,
-    calibrated: torch.Tensor,
     pool: str,
     per_class: bool,
     reg: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperatures ``[K]`` and weights ``[K, C]`` minimizing the pooled prediction's NLL on
-    ``logits [K, N, C]`` plus ``reg / N * (|θ|² + |φ|² + |τ - τ0|²)``.
-
-    ``w = softmax_k(θ_k + φ_kc)`` (``φ = 0`` unless ``per_class``; ``θ = φ = 0`` is equal
-    weights); ``T_k = exp(τ_k)`` starts at each teacher's own calibration ``exp(τ0)``
-    (``calibrated``) and is refined jointly: a mixture of individually calibrated teachers
-    is under-confident. LBFGS in float64.
-    """
-    K, N, C = logits.shape
-    logits = logits.double()
-    start = calibrated.double().log()
+) -> torch.Tensor:
+    """Weights ``[K, C]`` minimizing the NLL of the pooled calibrated ``log_p [K, N, C]``
+    plus ``reg / N * (|θ|² + |φ|²)``, with ``w = softmax_k(θ_k + φ_kc)`` (``φ = 0`` unless
+    ``per_class``); ``θ = φ = 0`` is equal weights. LBFGS in float64."""
+    K, N, C = log_p.shape
+    log_p = log_p.double()
     theta = torch.zeros(K, 1, dtype=torch.float64, requires_grad=True)
     phi = torch.zeros(K, C, dtype=torch.float64, requires_grad=per_class)
-    tau = start.clone().requires_grad_(True)
-    params = [theta, tau, phi] if per_class else [theta, tau]
+    params = [theta, phi] if per_class else [theta]
     optimizer = torch.optim.LBFGS(params, lr=1, max_iter=200, line_search_fn="strong_wolfe")
-    bounds = math.log(T_MIN), math.log(T_MAX)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        log_p = calibrated_log_probs(logits, known, tau.clamp(*bounds).exp())
         pooled = training_log_probs(log_p, torch.softmax(theta + phi, 0), known, pool)
         nll = -pooled[torch.arange(N), labels].mean()
-        penalty = theta.square().sum() + phi.square().sum() + (tau - start).square().sum()
-        loss = nll + reg / N * penalty
+        loss = nll + reg / N * (theta.square().sum() + phi.square().sum())
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
-    temperatures = tau.detach().clamp(*bounds).exp()
-    return temperatures, torch.softmax(theta + phi, 0).detach()
+    return torch.softmax(theta + phi, 0).detach()
 
 
 @dataclass
 class Fitted:
-    """What ``fit`` learned: temperatures ``[K]``, weights ``[K, C]``, the pool."""
+    """What ``fit`` learned: each teacher's temperature ``[K]``, weights ``[K, C]``, the
+    pool."""
 
     temperatures: torch.Tensor
     weights: torch.Tensor
     pool: str  # "linear", "log" or "single" (all weight on one teacher)
+
+    def log_probs(self, logits: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """The fitted prediction's log-probabilities ``[N, C]`` for ``logits [K, N, C]``."""
+        log_p = calibrated_log_probs(logits, known, self.temperatures.to(logits.device))
+        weights = self.weights.to(device=logits.device, dtype=log_p.dtype)
+        if self.pool == "single":
+            return log_p[int(weights[:, 0].argmax())]
+        return pool_log_probs(log_p, weights, known, self.pool)
 
 
 class Auto:
@@ -171,33 +169,32 @@ class Auto:
             self.fitted = None
             log.warning("auto: no labeled rows to fit on; falling back to `best`")
             return {"fitted": False, "fallback": "best", "rows": 0}
-        calibration = self._temperatures(logits, known, labels)
+        temperatures = self._temperatures(logits, known, labels)
         cv_nll = self._cross_validate(logits, known, labels) if self.pool == "cv" else {}
         pool = min(POOLS, key=lambda p: cv_nll[p]) if cv_nll else self._forced_pool()
-        temperatures, weights = self._fit_pool(logits, known, labels, calibration, pool)
-        pooled = pool_log_probs(
-            calibrated_log_probs(logits, known, temperatures), weights, known, pool
-        )
-        own = calibrated_log_probs(logits, known, calibration)
+        log_p = calibrated_log_probs(logits, known, temperatures)
+        weights = fit_weights(log_p, known, labels, pool, self.per_class, self.reg)
+        fitted = Fitted(temperatures, weights, pool)
+        pooled = fitted.log_probs(logits, known)
         accuracy = {"ensemble": metrics.accuracy(pooled, labels)}
-        singles = [metrics.accuracy(own[k], labels) for k in range(K)]
+        singles = [metrics.accuracy(log_p[k], labels) for k in range(K)]
         best = max(range(K), key=lambda k: singles[k])
         accuracy.update(best_teacher=singles[best], best_teacher_index=best, teachers=singles)
         guarded = accuracy["ensemble"] < singles[best]
         if guarded:
-            pool, temperatures, pooled = "single", calibration, own[best]
             weights = torch.zeros_like(weights)
             weights[best] = 1.0
-        self.fitted = Fitted(temperatures.float(), weights.float(), pool)
+            fitted = Fitted(temperatures, weights, "single")
+            pooled = fitted.log_probs(logits, known)
+        self.fitted = Fitted(temperatures.float(), weights.float(), fitted.pool)
         return {
             "fitted": True,
             "rows": N,
-            "pool": pool,
+            "pool": fitted.pool,
             "pool_choice": "cv" if cv_nll else "given",
             "cv_nll": {p: _json_number(v) for p, v in cv_nll.items()},
             "folds": min(self.folds, N) if cv_nll else None,
             "per_class": self.per_class,
-            "calibration": [round(float(t), 4) for t in calibration],
             "temperatures": [round(float(t), 4) for t in temperatures],
             "weights": self._weights_record(weights, known),
             "nll": _json_number(metrics.nll(pooled.exp(), labels)),
@@ -209,16 +206,6 @@ class Auto:
                 else None
             ),
         }
-
-    def _fit_pool(
-        self,
-        logits: torch.Tensor,
-        known: torch.Tensor,
-        labels: torch.Tensor,
-        calibration: torch.Tensor,
-        pool: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return fit_pool(logits, known, labels, calibration, pool, self.per_class, self.reg)
 
     def _forced_pool(self) -> str:
         return "linear" if self.pool == "cv" else self.pool
@@ -246,13 +233,14 @@ class Auto:
         for held in split_folds(N, min(self.folds, N)):
             train = torch.ones(N, dtype=torch.bool)
             train[held] = False
-            calibration = self._temperatures(logits[:, train], known, labels[train])
+            temperatures = self._temperatures(logits[:, train], known, labels[train])
+            log_p = calibrated_log_probs(logits, known, temperatures)
             for pool in POOLS:
-                temperatures, weights = self._fit_pool(
-                    logits[:, train], known, labels[train], calibration, pool
+                weights = fit_weights(
+                    log_p[:, train], known, labels[train], pool, self.per_class, self.reg
                 )
-                log_p = calibrated_log_probs(logits[:, held], known, temperatures)
-                pooled = pool_log_probs(log_p, weights, known, pool)
+                fitted = Fitted(temperatures, weights, pool)
+                pooled = fitted.log_probs(logits[:, held], known)
                 totals[pool] -= float(pooled[torch.arange(len(held)), labels[held]].sum())
         return {pool: total / N for pool, total in totals.items()}
 
@@ -283,12 +271,8 @@ class Auto:
         K = logits.shape[0]
         if fitted.weights.shape[0] != K:
             raise UsageError(f"auto: fitted on {fitted.weights.shape[0]} teachers, called with {K}")
-        log_p = calibrated_log_probs(logits.float(), known, fitted.temperatures.to(logits.device))
+        pooled = fitted.log_probs(logits.float(), known)
         weights = fitted.weights.to(logits.device)
-        if fitted.pool == "single":
-            pooled = log_p[int(weights[:, 0].argmax())]
-        else:
-            pooled = pool_log_probs(log_p, weights, known, fitted.pool)
         target = torch.softmax(pooled / temperature, -1)
         row_weights = torch.einsum("kc,bc->kb", class_weights(weights, known), pooled.exp())
         return ops.normalize_weights(row_weights, dim=0), target
