@@ -9,7 +9,11 @@ The producer is any callable ``producer(x, idx) -> TeacherOutputs`` with ``names
 ``fingerprints()``: the live teachers (``kdplug.teachers.TeacherSet``) or a teacher store,
 whose ``rebuild_views(x, idx) -> x`` also picks the input view of each row of a step.
 ``Trainer`` holds the per-step code; ``distill`` the epochs, files and resume. Only the main
-process writes files (``is_main_process``).
+process writes files (``is_main_process``). Under torch.distributed (``kdplug.distributed``)
+the student runs in DistributedDataParallel, each rank trains on its own share of each
+epoch's rows (``--batch-size`` rows per rank and step) and the epoch's sums are reduced
+over the ranks; the checkpoint holds the unwrapped student, so it resumes on any number
+of ranks.
 
 Files in ``out``: run.json (config), checkpoint.pt (written atomically each epoch end),
 metrics.jsonl (one line per epoch), student/ (kdplug.model_dir), summary.json, curves.png.
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdplug import distributed
 from kdplug.data import DataSource, batches, load_data
 from kdplug.errors import UsageError
 from kdplug.ops import standardize
@@ -360,7 +365,8 @@ class Trainer:
         for teacher in getattr(parts.producer, "teachers", []):
             if isinstance(teacher, torch.nn.Module):
                 teacher.to(memory_format=self.memory_format)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        forward = distributed.wrap_model(self.model, device)
+        self.forward = torch.compile(forward) if config.compile else forward
         self.optimizer = create_optimizer_v2(
             self.model, opt=OPTIMIZER, lr=config.lr, weight_decay=WEIGHT_DECAY
         )
@@ -569,13 +575,15 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
         prepare_out_dir(
             out, resume=config.resume, overwrite=config.overwrite, marker=MARKER, config=record
         )
+    distributed.barrier()
     rows = TrainRows(parts.train, parts.unlabeled)
     if parts.producer is not None and hasattr(parts.producer, "to"):
         parts.producer.to(device)
     if hasattr(parts.producer, "check_rows"):
         parts.producer.check_rows(len(rows))
     fitted = fit_on_labeled_rows(parts, config, device)
-    trainer = Trainer(parts, config, device, max(1, len(rows) // config.batch_size))
+    steps = len(rows) // (config.batch_size * distributed.world_size())
+    trainer = Trainer(parts, config, device, max(1, steps))
     val = val_batches(parts.val, config, trainer.cuda)
     names = teacher_names(parts)
     progress = start_progress(out, trainer, config, main)
@@ -679,10 +687,12 @@ def train_epoch(
     from tqdm import tqdm
 
     trainer.begin_epoch(epoch, config.epochs)
+    share = distributed.epoch_rows(len(rows), config.seed, epoch)
     loader = batches(
         rows,
         config.batch_size,
-        shuffle=True,
+        shuffle=share is None,
+        indices=share,
         seed=config.seed,
         epoch=epoch,
         workers=config.workers,
@@ -698,6 +708,9 @@ def train_epoch(
             totals[key] = totals[key] + value if key in totals else value
     trainer.end_epoch(epoch)
     train_time = time.perf_counter() - start
+    if distributed.world_size() > 1:
+        totals = reduce_totals(totals, len(names), trainer.device)
+        train_time = float(distributed.all_reduce_mean(torch.tensor(train_time).to(trainer.device)))
     seen = max(int(totals.get("rows", 0)), 1)
     accuracy, val_nll = validate(trainer, val)
     weights = (totals["weights"] / seen).tolist() if "weights" in totals else []
@@ -713,6 +726,20 @@ def train_epoch(
         "bad_rows": int(totals.get("bad_rows", 0)),
         "samples_per_s": seen / train_time,
         "epoch_time_s": time.perf_counter() - start,
+    }
+
+
+def reduce_totals(totals: dict[str, Any], teachers: int, device: torch.device) -> dict:
+    """The epoch's sums over all ranks (every key on every rank, so the collectives match:
+    a rank whose rows were all dropped as bad has no ``weights`` of its own)."""
+    zeros: dict[str, Any] = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "rows": 0, "bad_rows": 0}
+    if teachers:
+        zeros["weights"] = torch.zeros(teachers)
+    return {
+        key: distributed.all_reduce_sum(
+            torch.as_tensor(totals.get(key, zero), dtype=torch.float32).to(device)
+        )
+        for key, zero in zeros.items()
     }
 
 

@@ -150,3 +150,32 @@ def launch(nproc: int, args: list[str]) -> int:
         codes = [failure.exitcode for _, failure in sorted(exc.failures.items())]
         return next((code for code in codes if code > 0), 1)
     return 0
+
+
+def epoch_rows(rows: int, seed: int, epoch: int) -> list[int] | None:
+    """This rank's share of ``rows`` rows in ``epoch``: torch's DistributedSampler (the same
+    permutation from ``seed`` and ``epoch`` on every rank, then every ``world``-th row from
+    this rank's position, padded so every rank gets as many rows); None in a single process
+    (the caller shuffles all rows itself)."""
+    if world_size() == 1:
+        return None
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(
+        range(rows), num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed
+    )
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def wrap_model(model: Any, device: Any) -> Any:
+    """``model`` in DistributedDataParallel when there are several ranks, else itself."""
+    if world_size() == 1:
+        return model
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return DistributedDataParallel(model, device_ids=[index])
+    return DistributedDataParallel(model)

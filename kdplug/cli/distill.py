@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 from click.core import ParameterSource
 
+from kdplug import distributed
+from kdplug.cli.label import nproc_option
 from kdplug.cli.options import allow_pickle_option, calibration_option, teachers_option
 
 
@@ -58,6 +62,7 @@ from kdplug.cli.options import allow_pickle_option, calibration_option, teachers
     type=click.Path(dir_okay=False),
     help="YAML file with the same keys as the flags; flags given here override it.",
 )
+@nproc_option
 @click.pass_context
 def distill_command(ctx: click.Context, config_file: str | None, **flags) -> None:
     """Distill one or more teachers into a small student on labeled (+ unlabeled) data.
@@ -69,6 +74,9 @@ def distill_command(ctx: click.Context, config_file: str | None, **flags) -> Non
     """
     from kdplug.distill import DistillConfig, distill, read_config_file
 
+    nproc = flags.pop("nproc_per_node")
+    if nproc is not None:
+        sys.exit(distributed.launch(nproc, sys.argv[1:]))
     values = read_config_file(config_file) if config_file else {}
     flags["compile"] = flags.pop("compile_")
     for name, value in flags.items():
@@ -76,7 +84,11 @@ def distill_command(ctx: click.Context, config_file: str | None, **flags) -> Non
         if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE:
             values[name] = list(value) if name == "teachers" else value
     source = f"config file {config_file}" if config_file else "distill"
-    summary = distill(DistillConfig.from_mapping(values, source))
+    config = DistillConfig.from_mapping(values, source)
+    with distributed.session(config.device):
+        summary = distill(config)
+        if not distributed.is_main():
+            return
     best = summary["best_val_accuracy"]
     result = f"student written to {summary['student']}"
     if best is not None:
