@@ -76,8 +76,11 @@ def pseudo_rows(labels_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_round_data(unlabeled: Any, rows: np.ndarray, out: Path) -> str:
-    """Save the accepted unlabeled rows as a dataset; return its DATA spec."""
-    unlabeled.dataset.select(rows.tolist()).save_to_disk(str(out))
+    """Save the accepted unlabeled rows as a dataset (atomically); return its DATA spec."""
+    from kdplug.outputs import atomic_path
+
+    with atomic_path(out, directory=True) as tmp:
+        unlabeled.dataset.select(rows.tolist()).save_to_disk(str(tmp))
     return f"disk:{out}"
 
 
