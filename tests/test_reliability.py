@@ -6,6 +6,7 @@ import fnmatch
 import os
 import stat
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +244,25 @@ def test_only_run_directories_without_finished_work_are_discarded(tmp_path, monk
     assert not empty.exists() and not inner.exists() and not outer.exists()
     assert (worked / "run.json").exists() and (worked / ".shards" / "rows-0-50.json").exists()
     assert kdplug.outputs._started_runs == []
+
+
+def test_self_train_round_data_is_written_whole_or_not_at_all(digits_splits, tmp_path, monkeypatch):
+    import datasets
+
+    from kdplug.self_train import write_round_data
+
+    source = load_data(digits_splits["labeled"])
+    out = tmp_path / "pseudo"
+    real_save = datasets.Dataset.save_to_disk
+
+    def killed_midway(self, path, **kwargs):
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"half")
+        raise KeyboardInterrupt  # stands for the process being killed here
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_round_data(source, np.arange(10), out)
+    assert not out.exists() and leftovers(tmp_path) == []  # --resume writes it again
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
+    assert write_round_data(source, np.arange(10), out) == f"disk:{out}"
+    assert len(datasets.load_from_disk(str(out))) == 10
