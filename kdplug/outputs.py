@@ -36,6 +36,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     """
     path = Path(path)
     try:
+        _restore_interrupted(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would stay on a renamed directory
@@ -61,6 +62,13 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         raise _disk_error(path, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore_interrupted(path: Path) -> None:
+    """Put a directory back when a replace was killed between its two renames."""
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)
 
 
 def _umask() -> int:
@@ -134,6 +142,7 @@ def prepare_out_dir(
     (``run.json``); with ``--resume`` the stored config must match ``config``.
     """
     out = Path(out)
+    _restore_interrupted(out)
     record = out / marker
     if out.exists() and any(out.iterdir()):
         if overwrite:
