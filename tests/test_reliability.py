@@ -266,3 +266,19 @@ def test_self_train_round_data_is_written_whole_or_not_at_all(digits_splits, tmp
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
     assert write_round_data(source, np.arange(10), out) == f"disk:{out}"
     assert len(datasets.load_from_disk(str(out))) == 10
+
+
+def test_a_directory_replace_killed_between_its_renames_is_undone(tmp_path):
+    from kdplug.outputs import atomic_path, prepare_out_dir, write_json
+
+    options = dict(overwrite=False, marker="run.json", config={"a": 1})
+    out = prepare_out_dir(tmp_path / "run", resume=False, **options)
+    write_json(out / "shard.json", {"rows": 50})
+    # atomic_path replaces a directory by two renames: out -> .out.old, then tmp -> out
+    os.replace(out, tmp_path / ".run.old")  # ... and the process is killed in between
+    assert prepare_out_dir(tmp_path / "run", resume=True, **options) == out
+    assert (out / "shard.json").exists() and not (tmp_path / ".run.old").exists()
+    os.replace(out, tmp_path / ".run.old")
+    with atomic_path(out, directory=True) as tmp:
+        write_json(tmp / "report.json", {})
+    assert sorted(os.listdir(out)) == ["report.json"] and leftovers(tmp_path) == []
