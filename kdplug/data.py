@@ -49,6 +49,11 @@ class DataSource:
         return str(getattr(self.dataset, "_fingerprint", "") or "")
 
     @property
+    def columns(self) -> list[str]:
+        """The dataset's column names (error messages name them)."""
+        return list(self.dataset.features)
+
+    @property
     def in_chans(self) -> int:
         return self.input_shape[0] if self.kind == "image" else 1
 
