@@ -192,7 +192,8 @@ def run_classes(cfg: LabelConfig, source: DataSource) -> list[str]:
     if source.classes:
         return list(source.classes)
     raise UsageError(
-        f"{cfg.data} has no label column to take class names from; pass --classes a,b,c "
+        f"{cfg.data} has no label column to take class names from (columns: {source.columns}); "
+        "pass --classes a,b,c "
         "(in the teachers' output order)"
     )
 
