@@ -149,7 +149,8 @@ def load_splits(cfg: CacheConfig) -> list[DataSource]:
     classes = cfg.classes or first.classes
     if not classes:
         raise UsageError(
-            f"{cfg.data[0]} has no label column to take class names from; pass --classes a,b,c "
+            f"{cfg.data[0]} has no label column to take class names from "
+            f"(columns: {first.columns}); pass --classes a,b,c "
             "(in the teachers' output order)"
         )
     sources = [first.with_classes(list(classes))]
