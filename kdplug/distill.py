@@ -262,7 +262,9 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
     if train.kind != "image":
         raise UsageError(f"--train {config.train}: distill trains image students; this is tabular")
     if train.classes is None:
-        raise UsageError(f"--train {config.train}: no label column (it needs labels)")
+        raise UsageError(
+            f"--train {config.train}: no label column (it needs labels; columns: {train.columns})"
+        )
     classes = list(train.classes)
     if not (train.labels() >= 0).any():
         raise UsageError(f"--train {config.train}: no labeled rows (all labels are missing)")
