@@ -38,7 +38,10 @@ def labeled_source(data: str) -> DataSource:
     """The DATA spec as a source with class names and at least one labeled row."""
     source = load_data(data)
     if source.label_column is None or not source.classes:
-        raise UsageError(f"{data}: needs a label column with class names to judge teachers")
+        raise UsageError(
+            f"{data}: needs a label column with class names to judge teachers "
+            f"(columns: {source.columns})"
+        )
     if not (source.labels() >= 0).any():
         raise UsageError(f"{data}: no row has a label")
     return source
