@@ -96,6 +96,8 @@ def evaluate_student(
     source = load_data(data, classes=read_config(model_dir)["classes"])
     if source.kind != "image":
         raise UsageError(f"{data}: a student needs image data, this dataset is tabular")
+    if source.label_column is None:
+        raise UsageError(f"{data}: no label column to evaluate on (columns: {source.columns})")
     if not (source.labels() >= 0).any():
         raise UsageError(f"{data}: no rows labeled with the model's classes to evaluate on")
     classifier = load_classifier(model_dir)

@@ -101,5 +101,5 @@ def test_eval_on_data_without_labels_is_exit_2(student, tmp_path):
     result = run_cli("eval", "--model", str(student), "--data", f"disk:{path}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: disk:{path}: no rows labeled with the model's classes to evaluate on"
+        f"Error: disk:{path}: no label column to evaluate on (columns: ['image'])"
     )
