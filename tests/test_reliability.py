@@ -282,3 +282,38 @@ def test_a_directory_replace_killed_between_its_renames_is_undone(tmp_path):
     with atomic_path(out, directory=True) as tmp:
         write_json(tmp / "report.json", {})
     assert sorted(os.listdir(out)) == ["report.json"] and leftovers(tmp_path) == []
+
+
+def test_data_without_a_label_column_names_the_columns_it_has(tmp_path, logits_teacher):
+    import datasets
+    import timm
+
+    from kdplug.distill import DistillConfig, distill
+    from kdplug.evaluate import evaluate_student
+    from kdplug.label import LabelConfig, run_label
+    from kdplug.model_dir import save_student
+    from kdplug.store.cache import CacheConfig, run_cache
+    from kdplug.teacher_report import report
+
+    data = tmp_path / "images"
+    datasets.Dataset.from_dict({"image": [np.zeros((8, 8), np.uint8)] * 4}).save_to_disk(str(data))
+    data, teacher, out = f"disk:{data}", f"logits:{logits_teacher}", str(tmp_path / "out")
+    student = tmp_path / "student"
+    model = timm.create_model("test_resnet", num_classes=2, in_chans=1)
+    save_student(
+        student, model, architecture="test_resnet", classes=["a", "b"], input_size=[1, 8, 8],
+        mean=[0.5], std=[0.5],
+    )  # fmt: skip
+    needs_labels = {
+        "label": lambda: run_label(LabelConfig([teacher], data, out)),
+        "cache": lambda: run_cache(CacheConfig([teacher], [data], out)),
+        "distill": lambda: distill(
+            DistillConfig(student="timm:test_resnet", train=data, out=out, loss="ce")
+        ),
+        "teachers report": lambda: report([teacher], data),
+        "eval": lambda: evaluate_student(str(student), data),
+    }
+    for command, run in needs_labels.items():
+        with pytest.raises(UsageError, match=r"label column.*\(.*columns: \['image'\]\)"):
+            run()
+        assert not os.path.exists(out), command
