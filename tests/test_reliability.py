@@ -317,3 +317,48 @@ def test_data_without_a_label_column_names_the_columns_it_has(tmp_path, logits_t
         with pytest.raises(UsageError, match=r"label column.*\(.*columns: \['image'\]\)"):
             run()
         assert not os.path.exists(out), command
+
+
+FAULTY_PLUGIN = """
+    import kdplug
+
+    def boom():
+        '''A combiner whose factory has a bug.'''
+        return 1 / 0
+
+    @kdplug.hookimpl
+    def register_combiners(register):
+        register("boom", boom)
+
+    @kdplug.hookimpl
+    def on_labels_written(run, path, report):
+        raise RuntimeError("listener bug")
+"""
+
+
+def test_a_faulty_plugin_is_named_and_the_others_keep_working(
+    logits_teacher, digits_splits, tmp_path
+):
+    from tests.test_core_plugins import fake_distribution
+
+    site = tmp_path / "site"
+    site.mkdir()
+    fake_distribution(site, "kdplug-faulty", "kdplug_faulty", FAULTY_PLUGIN, "faulty")
+    env = {"PYTHONPATH": str(site)}
+    out = tmp_path / "labels"
+    args = ["label", "--teacher", f"logits:{logits_teacher}", "--data", digits_splits["labeled"]]
+    args += ["--out", str(out)]
+    broken = run_cli(*args, "--combiner", "boom", env=env)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr
+    assert broken.stderr.strip().splitlines() == [
+        "Error: plugin 'faulty' failed to build combiner 'boom': "
+        "ZeroDivisionError: division by zero"
+    ]
+    assert not out.exists()
+    working = run_cli(*args, env=env)  # the mean combiner of another plugin; the hook fails
+    assert working.returncode == 0, working.stderr
+    assert (
+        "kdplug: WARNING: plugin 'faulty' raised in on_labels_written: RuntimeError: listener bug"
+        in working.stderr.splitlines()
+    )
+    assert (out / "report.json").exists()
