@@ -1,6 +1,7 @@
 """Reliability: bad input, interruption, full or read-only disks, plugin faults, untrusted
 files, and docs/reliability.md's table of them (every test it names must exist)."""
 
+import ast
 import errno
 import fnmatch
 import os
@@ -362,3 +363,47 @@ def test_a_faulty_plugin_is_named_and_the_others_keep_working(
         in working.stderr.splitlines()
     )
     assert (out / "report.json").exists()
+
+
+# calls that can unpickle (run code from a file); each call site is covered by a test that it
+# is only reached with the opt-in (tests/test_teacher_sources.py, tests/test_teacher_cli.py)
+PICKLE_LOADERS = {
+    "joblib.load": {"plugins/kdplug_sklearn/estimator.py"},
+    "torch.export.load": {"plugins/kdplug_torch/models.py"},  # inside weights_only_loads()
+    "pickle.load": set(),
+    "pickle.loads": set(),
+    "dill.load": set(),
+    "cloudpickle.load": set(),
+    "pd.read_pickle": set(),
+    "pandas.read_pickle": set(),
+}
+
+
+def dotted(node):
+    """``a.b.c`` for a Name/Attribute chain, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def test_no_code_loads_a_pickle_or_full_torch_checkpoint_unguarded():
+    root = Path(__file__).resolve().parents[1]
+    problems = []
+    for file in sorted([*root.glob("kdplug/**/*.py"), *root.glob("plugins/**/*.py")]):
+        where = file.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = dotted(node.func)
+            given = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+            if name == "torch.load" and given.get("weights_only") is not True:
+                problems.append(f"{where}:{node.lineno}: torch.load without weights_only=True")
+            if name == "load_state_dict" and given.get("weights_only") is not True:
+                problems.append(f"{where}:{node.lineno}: timm load_state_dict, weights_only")
+            if name in ("np.load", "numpy.load") and given.get("allow_pickle") is not False:
+                problems.append(f"{where}:{node.lineno}: np.load without allow_pickle=False")
+            if name in PICKLE_LOADERS and where not in PICKLE_LOADERS[name]:
+                problems.append(f"{where}:{node.lineno}: {name} (needs the pickle opt-in)")
+    assert problems == []
