@@ -2,10 +2,6 @@
 student, the accuracy of a 1-process run, and a checkpoint that resumes in 1 process."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,6 +10,7 @@ import torch
 from kdplug.data import load_data
 from kdplug.model_dir import load_classifier
 from tests.conftest import run_cli
+from tests.distributed_launch import kill_all, start_torchrun
 
 TIMEOUT = 240
 
@@ -68,13 +65,7 @@ def test_two_processes_match_one_process_accuracy(teacher, digits_splits, tmp_pa
 def test_two_process_checkpoint_resumes_in_one_process(teacher, digits_splits, tmp_path):
     out = tmp_path / "killed"
     args = [*distill_args(teacher, digits_splits, out, 3), "--batch-size", "16"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + ["-m", "kdplug", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the launcher and both ranks
-    )
+    process = start_torchrun(args)
     metrics = out / "metrics.jsonl"
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -83,8 +74,8 @@ def test_two_process_checkpoint_resumes_in_one_process(teacher, digits_splits, t
             assert time.monotonic() < deadline, "no epoch ended in time"
             time.sleep(0.01)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+        killed = kill_all(process)
+    assert len(killed) >= 3  # the launcher and both ranks
     assert not (out / "summary.json").exists()
     first = metrics.read_text().splitlines()[0]
     state = torch.load(out / "checkpoint.pt", weights_only=True)

@@ -1,10 +1,6 @@
 """`kdplug label` in 2 processes (torch.distributed, gloo, real subprocesses) gives the
 single-process output row for row, also when killed mid-way and resumed in 1 process."""
 
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import datasets
@@ -13,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
+from tests.distributed_launch import kill_all, start_torchrun
 
 SHARD_SIZE = 40
 TIMEOUT = 240
@@ -77,13 +74,7 @@ def test_two_processes_killed_then_resumed_in_one_give_the_same_rows(
 ):
     out = tmp_path / "killed"
     args = label_args(teacher, digits_splits["unlabeled"], out)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + ["-m", "kdplug", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the launcher and both ranks
-    )
+    process = start_torchrun(args)
     try:
         deadline = time.monotonic() + TIMEOUT
         while finished_shards(out) < 4:
@@ -91,8 +82,8 @@ def test_two_processes_killed_then_resumed_in_one_give_the_same_rows(
             assert time.monotonic() < deadline, "no shard was written in time"
             time.sleep(0.01)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
+        killed = kill_all(process)
+    assert len(killed) >= 3  # the launcher and both ranks
     done = finished_shards(out)
     assert 4 <= done < 1200 // SHARD_SIZE
     assert not (out / "report.json").exists()
