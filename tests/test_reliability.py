@@ -407,3 +407,40 @@ def test_no_code_loads_a_pickle_or_full_torch_checkpoint_unguarded():
             if name in PICKLE_LOADERS and where not in PICKLE_LOADERS[name]:
                 problems.append(f"{where}:{node.lineno}: {name} (needs the pickle opt-in)")
     assert problems == []
+
+
+def test_run_records_hold_the_teacher_file_hashes_and_data_fingerprints(
+    logits_teacher, digits_splits, tmp_path
+):
+    import json
+
+    from kdplug.label import LabelConfig, run_label
+    from kdplug.outputs import file_hash
+    from kdplug.store.cache import CacheConfig, run_cache
+    from kdplug.teacher_report import calibrate, report
+
+    data, teacher = digits_splits["labeled"], f"logits:{logits_teacher}"
+    digest, fingerprint = file_hash(logits_teacher), load_data(data).fingerprint
+    assert digest.startswith("sha256:") and fingerprint
+    run_label(LabelConfig([teacher], data, str(tmp_path / "labels"), progress=False))
+    run_cache(CacheConfig([teacher], [data], str(tmp_path / "store"), progress=False))
+    report([teacher], data, out=str(tmp_path / "report"))
+    calibrate([teacher], data, str(tmp_path / "calibration.json"))
+    labels, store, judged, calibration = (
+        json.loads((tmp_path / name).read_text())
+        for name in (
+            "labels/report.json",
+            "store/store.json",
+            "report/report.json",
+            "calibration.json",
+        )
+    )
+    assert [t["fingerprint"] for t in labels["teachers"]] == [digest]
+    assert labels["data"]["fingerprint"] == fingerprint
+    assert [t["fingerprint"] for t in store["teachers"]] == [digest]
+    assert store["teachers"][0]["files"] == {logits_teacher: digest}
+    assert [s["fingerprint"] for s in store["splits"]] == [fingerprint]
+    assert [t["fingerprint"] for t in judged["teachers"]] == [digest]
+    assert judged["data_fingerprint"] == fingerprint
+    assert [t["fingerprint"] for t in calibration["teachers"]] == [digest]
+    assert calibration["data_fingerprint"] == fingerprint
