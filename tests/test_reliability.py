@@ -12,10 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 import kdplug.outputs
-from kdplug import UsageError
+from kdplug import UsageError, ops
 from kdplug.data import load_data
+from kdplug.plugins import get_manager
 from tests.conftest import run_cli
 
 DEV_FULL = "/dev/full"
@@ -444,3 +448,52 @@ def test_run_records_hold_the_teacher_file_hashes_and_data_fingerprints(
     assert judged["data_fingerprint"] == fingerprint
     assert [t["fingerprint"] for t in calibration["teachers"]] == [digest]
     assert calibration["data_fingerprint"] == fingerprint
+
+
+GENERATORS = get_manager().registries["label-generators"].names()
+# generators that keep every row, so no threshold of theirs can be crossed
+KEEP_EVERY_ROW = {"soft", "topk"}
+EXTREME = st.sampled_from([-1e4, 0.0, 1e4])
+
+
+@st.composite
+def engine_inputs(draw):
+    """(target [N, C], teacher_probs [K, N, C], known [K, C]) made as the label engine makes
+    them: teacher logits (arbitrary, all equal, or ±1e4), some classes unknown to a teacher,
+    the mean combiner's target."""
+    K, N, C = draw(st.integers(1, 4)), draw(st.integers(1, 12)), draw(st.integers(2, 5))
+    mode = draw(st.sampled_from(["any", "equal", "extreme"]))
+    if mode == "equal":
+        z = np.full((K, N, C), draw(EXTREME), dtype=np.float32)
+    else:
+        elements = st.sampled_from([-1e4, 1e4]) if mode == "extreme" else st.floats(-1e4, 1e4)
+        z = draw(arrays(np.float32, (K, N, C), elements=elements))
+    known = draw(arrays(np.bool_, (K, C)))
+    for k in range(K):
+        known[k, draw(st.integers(0, C - 1))] = True
+    logits, known = torch.tensor(z), torch.tensor(known)
+    unlabeled = torch.full((N,), -1)
+    _, target = get_manager().create("combiners", "mean")(logits, known, unlabeled, 1.0)
+    return target, ops.teacher_probs(logits, known), known
+
+
+def test_every_generator_with_a_threshold_has_the_threshold_property():
+    from tests.test_generators import THRESHOLDED
+
+    covered = {spec.split(",")[0] for spec, _ in THRESHOLDED}
+    assert covered | KEEP_EVERY_ROW == set(GENERATORS)
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+@settings(max_examples=30, deadline=None)
+@given(inputs=engine_inputs())
+def test_every_generator_gives_finite_distributions_on_extreme_logits(name, inputs):
+    target, probs, known = inputs
+    K, N, C = probs.shape
+    spec = "agreement,min_agree=1" if name == "agreement" else name  # default: a majority of 3
+    out = get_manager().create("label-generators", spec)(target, probs, known)
+    assert torch.isfinite(out.probs).all() and (out.probs >= 0).all()
+    torch.testing.assert_close(out.probs.sum(1), torch.ones(N), atol=1e-4, rtol=0)
+    assert torch.equal(out.label >= 0, out.accepted) and (out.label < C).all()
+    if name in KEEP_EVERY_ROW:
+        assert out.accepted.all()
