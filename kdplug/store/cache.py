@@ -306,7 +306,8 @@ def cache_shards(
     from tqdm.auto import tqdm
 
     total = sum(math.ceil((s.stop - s.start) / cfg.batch_size) for _, s in shards)
-    with tqdm(total=total, unit="batch", desc="cache", disable=not cfg.progress) as bar:
+    show = cfg.progress and rank_and_world()[0] == 0  # one progress bar: rank 0's
+    with tqdm(total=total, unit="batch", desc="cache", disable=not show) as bar:
         for i, shard in shards:
             tensors = cache_rows(sources[i], i, shard, teacher_set, record, augment, cfg, device)
             write_shard(shard, tensors)
