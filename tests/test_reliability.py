@@ -5,6 +5,7 @@ import ast
 import errno
 import fnmatch
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -497,3 +498,31 @@ def test_every_generator_gives_finite_distributions_on_extreme_logits(name, inpu
     assert torch.equal(out.label >= 0, out.accepted) and (out.label < C).all()
     if name in KEEP_EVERY_ROW:
         assert out.accepted.all()
+
+
+TEACHER_FILES = ["torchscript:{}", "export:{}", "onnx:{}", "logits:{}", "sklearn:{}", "kdplug:{}"]
+TEACHER_FILES += ["timm:test_resnet,checkpoint={}", "store:{}"]
+
+
+@pytest.mark.parametrize("spec", TEACHER_FILES)
+def test_a_teacher_file_that_cannot_be_read_is_a_usage_error(spec, tmp_path):
+    # a directory where the file should be: what root (CI) cannot be denied reading
+    with pytest.raises(UsageError, match=str(tmp_path)):
+        get_manager().create("teachers", spec.format(tmp_path))
+
+
+def test_a_file_without_read_permission_is_a_usage_error(logits_teacher, digits_splits, tmp_path):
+    from kdplug.label import LabelConfig, run_label
+
+    locked = tmp_path / "locked.npy"
+    shutil.copy(logits_teacher, locked)
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root with CAP_DAC_OVERRIDE (as in CI)
+        pytest.skip("this user reads and writes files whatever their mode")
+    with pytest.raises(UsageError, match="Permission denied"):
+        get_manager().create("teachers", f"logits:{locked}")
+    out = tmp_path / "readonly"
+    out.mkdir(mode=0o500)
+    config = LabelConfig([f"logits:{logits_teacher}"], digits_splits["labeled"], str(out / "o"))
+    with pytest.raises(UsageError, match="permission denied"):
+        run_label(config)
