@@ -526,3 +526,25 @@ def test_a_file_without_read_permission_is_a_usage_error(logits_teacher, digits_
     config = LabelConfig([f"logits:{logits_teacher}"], digits_splits["labeled"], str(out / "o"))
     with pytest.raises(UsageError, match="permission denied"):
         run_label(config)
+
+
+def test_cache_and_self_train_leave_an_out_holding_something_else_alone(
+    logits_teacher, digits_splits, tmp_path
+):
+    from kdplug.self_train import SelfTrainConfig, self_train
+    from kdplug.store.cache import CacheConfig, run_cache
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    data, teacher = digits_splits["labeled"], f"logits:{logits_teacher}"
+    runs = [
+        lambda: run_cache(CacheConfig([teacher], [data], str(out))),
+        lambda: self_train(
+            SelfTrainConfig([teacher], "timm:test_resnet", data, data, data, str(out))
+        ),
+    ]
+    for run in runs:
+        with pytest.raises(UsageError, match="is not a kdplug run directory of this kind"):
+            run()
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
