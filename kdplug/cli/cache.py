@@ -7,12 +7,13 @@ import sys
 import click
 
 from kdplug import distributed
-from kdplug.cli.label import _classes, nproc_option
 from kdplug.cli.options import (
     allow_pickle_option,
     batch_size_option,
     calibration_option,
+    classes_option,
     device_option,
+    nproc_option,
     teachers_option,
 )
 
@@ -61,13 +62,7 @@ from kdplug.cli.options import (
     show_default=True,
     help="Seed of the views' random parameters.",
 )
-@click.option(
-    "--classes",
-    callback=_classes,
-    default=None,
-    metavar="A,B,C",
-    help="Class names (default: the first DATA's).",
-)
+@classes_option("Class names (default: the first DATA's).")
 @calibration_option
 @batch_size_option
 @device_option

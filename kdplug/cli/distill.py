@@ -8,8 +8,12 @@ import click
 from click.core import ParameterSource
 
 from kdplug import distributed
-from kdplug.cli.label import nproc_option
-from kdplug.cli.options import allow_pickle_option, calibration_option, teachers_option
+from kdplug.cli.options import (
+    allow_pickle_option,
+    calibration_option,
+    nproc_option,
+    teachers_option,
+)
 
 
 @click.command("distill")

@@ -11,28 +11,11 @@ from kdplug.cli.options import (
     allow_pickle_option,
     batch_size_option,
     calibration_option,
+    classes_option,
     device_option,
+    nproc_option,
     teachers_option,
 )
-
-nproc_option = click.option(
-    distributed.NPROC_FLAG,
-    "nproc_per_node",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="Run in N processes on this machine through torch's elastic launcher "
-    "(like torchrun --nproc-per-node N; one process per GPU on CUDA).",
-)
-
-
-def _classes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
-    if value is None:
-        return None
-    names = [n.strip() for n in value.split(",")]
-    if not all(names) or len(set(names)) != len(names):
-        raise click.BadParameter(f"expected distinct names separated by commas, got {value!r}")
-    return names
 
 
 @click.command("label")
@@ -80,13 +63,7 @@ def _classes(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     metavar="DATA",
     help="True labels, row for row, to measure the labels against (default: DATA's own).",
 )
-@click.option(
-    "--classes",
-    callback=_classes,
-    default=None,
-    metavar="A,B,C",
-    help="Class names of the run (default: DATA's).",
-)
+@classes_option("Class names of the run (default: DATA's).")
 @allow_pickle_option
 @click.option(
     "--skip-bad-rows",

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import click
 
+from kdplug import distributed
 from kdplug.device import DEVICES
 
 
@@ -53,3 +54,26 @@ batch_size_option = click.option(
     show_default=True,
     help="Rows per batch.",
 )
+
+nproc_option = click.option(
+    distributed.NPROC_FLAG,
+    "nproc_per_node",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Run in N processes on this machine through torch's elastic launcher "
+    "(like torchrun --nproc-per-node N; one process per GPU on CUDA).",
+)
+
+
+def _names(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise click.BadParameter(f"expected distinct names separated by commas, got {value!r}")
+    return names
+
+
+def classes_option(help: str) -> Callable:
+    return click.option("--classes", callback=_names, default=None, metavar="A,B,C", help=help)
