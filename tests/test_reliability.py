@@ -548,3 +548,19 @@ def test_cache_and_self_train_leave_an_out_holding_something_else_alone(
         with pytest.raises(UsageError, match="is not a kdplug run directory of this kind"):
             run()
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_every_test_named_in_docs_reliability_exists():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "reliability.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)`", page))
+    assert len(named) > 60
+    missing = []
+    for file, name in sorted(named):
+        path = root / file
+        defined = path.exists() and re.search(rf"^def {name}\(", path.read_text(), re.M)
+        if not defined:
+            missing.append(f"{file}::{name}")
+    assert missing == []
