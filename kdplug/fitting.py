@@ -10,9 +10,10 @@ them into its metrics/report files. Held-out evaluation of a fitted combiner
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +25,19 @@ log = logging.getLogger("kdplug")
 # the distillation temperatures T=auto chooses from: KD softens targets, never sharpens
 TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 FOLDS = 5
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the small fits here on one CPU thread: their tensors are far too small to gain
+    from more, and on a busy machine the threads' synchronization makes them many times
+    slower. The previous thread count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def split_folds(n: int, folds: int, seed: int = 0) -> list[torch.Tensor]:
@@ -52,6 +66,19 @@ def held_out_targets(
     (k-fold; with fewer than 2 labeled rows the given combiner is used as it is). Rows are
     combined with label -1, as unlabeled rows are. ``logits [K, N, C]``, ``labels [N]``.
     """
+    with one_thread():
+        return _held_out_targets(combiner, logits, known, labels, temperatures, folds, chunk)
+
+
+def _held_out_targets(
+    combiner: Any,
+    logits: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+    temperatures: Sequence[float],
+    folds: int,
+    chunk: int,
+) -> dict[float, torch.Tensor]:
     rows = labels >= 0
     logits, labels = logits[:, rows], labels[rows]
     N = len(labels)
@@ -121,10 +148,11 @@ def fit_components(
     if loss is not None and getattr(loss, "standardize", False):
         logits = ops.standardize(logits, known)
     record: dict[str, Any] = {}
-    if can_fit(combiner):
-        record["combiner"] = combiner.fit(logits, known, labels)
-    if loss is not None and can_fit(loss):
-        record["loss"] = loss.fit(logits, known, labels, combiner)
+    with one_thread():
+        if can_fit(combiner):
+            record["combiner"] = combiner.fit(logits, known, labels)
+        if loss is not None and can_fit(loss):
+            record["loss"] = loss.fit(logits, known, labels, combiner)
     record = {part: fitted for part, fitted in record.items() if fitted}
     for line in describe(record):
         log.info("%s", line)

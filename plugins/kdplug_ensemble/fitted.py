@@ -26,7 +26,7 @@ import torch
 
 from kdplug import UsageError, metrics, ops
 from kdplug.calibration import apply_temperature, fit_temperature
-from kdplug.fitting import split_folds
+from kdplug.fitting import one_thread, split_folds
 from kdplug_ensemble.confidence import Best
 
 log = logging.getLogger("kdplug")
@@ -138,6 +138,27 @@ class Fitted:
         return pool_log_probs(log_p, weights, known, self.pool)
 
 
+def vetoes(log_p: torch.Tensor, known: torch.Tensor) -> bool:
+    """Whether a teacher gives probability exactly 0 to a class it knows where another
+    teacher gives it mass (``log_p [K, N, C]``): the log pool would remove that class from
+    the target, so ``pool=cv`` then keeps the linear pool."""
+    zero = torch.isinf(log_p) & known.unsqueeze(1)
+    return bool((zero.any(0) & torch.isfinite(log_p).any(0)).any())
+
+
+def choose_pool(losses: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+    """The linear pool unless the log pool's mean held-out NLL is lower by more than one
+    standard error of the per-row difference (the one-standard-error rule: the log pool
+    vetoes every class one teacher rules out, so it has to earn its place)."""
+    linear, log_pool = losses["linear"], losses["log"]
+    scores = {"linear": float(linear.mean()), "log": float(log_pool.mean())}
+    difference = linear - log_pool
+    finite = bool(torch.isfinite(difference).all()) and len(difference) > 1
+    se = float(difference.std() / math.sqrt(len(difference))) if finite else math.inf
+    chosen = "log" if finite and scores["log"] < scores["linear"] - se else "linear"
+    return chosen, {"cv_nll": {p: _json_number(v) for p, v in scores.items()}, "cv_se": se}
+
+
 class Auto:
     """Calibrated, fitted combination of the teachers; ``best`` until ``fit`` is called."""
 
@@ -161,6 +182,10 @@ class Auto:
     def fit(self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor) -> dict:
         """Fit on the labeled rows of ``logits [K, N, C]`` (labels ``[N]``, -1 ignored);
         return the fitted parameters and the cross-validation scores (JSON-ready)."""
+        with one_thread():
+            return self._fit(logits, known, labels)
+
+    def _fit(self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor) -> dict:
         rows = labels >= 0
         logits, labels = logits[:, rows].double(), labels[rows].long()
         K, N, C = logits.shape
@@ -170,9 +195,11 @@ class Auto:
             log.warning("auto: no labeled rows to fit on; falling back to `best`")
             return {"fitted": False, "fallback": "best", "rows": 0}
         temperatures = self._temperatures(logits, known, labels)
-        cv_nll = self._cross_validate(logits, known, labels) if self.pool == "cv" else {}
-        pool = min(POOLS, key=lambda p: cv_nll[p]) if cv_nll else self._forced_pool()
         log_p = calibrated_log_probs(logits, known, temperatures)
+        veto = self.pool == "cv" and vetoes(log_p, known)
+        choosing = self.pool == "cv" and not veto
+        losses = self._cross_validate(logits, known, labels) if choosing else {}
+        pool, cv = choose_pool(losses) if losses else (self._forced_pool(), {})
         weights = fit_weights(log_p, known, labels, pool, self.per_class, self.reg)
         fitted = Fitted(temperatures, weights, pool)
         pooled = fitted.log_probs(logits, known)
@@ -191,9 +218,10 @@ class Auto:
             "fitted": True,
             "rows": N,
             "pool": fitted.pool,
-            "pool_choice": "cv" if cv_nll else "given",
-            "cv_nll": {p: _json_number(v) for p, v in cv_nll.items()},
-            "folds": min(self.folds, N) if cv_nll else None,
+            "pool_choice": "cv" if cv else "linear: exact zeros (no log pool)" if veto else "given",
+            "cv_nll": cv.get("cv_nll", {}),
+            "cv_se": _json_number(cv["cv_se"]) if cv else None,
+            "folds": min(self.folds, N) if cv else None,
             "per_class": self.per_class,
             "temperatures": [round(float(t), 4) for t in temperatures],
             "weights": self._weights_record(weights, known),
@@ -223,13 +251,13 @@ class Auto:
 
     def _cross_validate(
         self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor
-    ) -> dict[str, float]:
-        """Mean held-out NLL of each pool over k folds (temperatures and weights refitted on
-        the other folds); a split too small to hold out a row picks the linear pool."""
+    ) -> dict[str, torch.Tensor]:
+        """Each pool's held-out NLL of every labeled row ``[N]`` over k folds (temperatures
+        and weights refitted on the other folds); {} for a split too small to hold out."""
         N = len(labels)
         if N < 2:
             return {}
-        totals = dict.fromkeys(POOLS, 0.0)
+        losses = {pool: torch.zeros(N, dtype=torch.float64) for pool in POOLS}
         for held in split_folds(N, min(self.folds, N)):
             train = torch.ones(N, dtype=torch.bool)
             train[held] = False
@@ -239,10 +267,9 @@ class Auto:
                 weights = fit_weights(
                     log_p[:, train], known, labels[train], pool, self.per_class, self.reg
                 )
-                fitted = Fitted(temperatures, weights, pool)
-                pooled = fitted.log_probs(logits[:, held], known)
-                totals[pool] -= float(pooled[torch.arange(len(held)), labels[held]].sum())
-        return {pool: total / N for pool, total in totals.items()}
+                pooled = Fitted(temperatures, weights, pool).log_probs(logits[:, held], known)
+                losses[pool][held] = -pooled[torch.arange(len(held)), labels[held]].double()
+        return losses
 
     def _weights_record(self, weights: torch.Tensor, known: torch.Tensor) -> Any:
         per_class = class_weights(weights, known)
