@@ -128,20 +128,19 @@ def combiner_scores(
     """Accuracy, NLL and ECE of the ensemble under every registered combiner.
 
     Each combiner is built with its default options and sees no labels (-1), as on
-    unlabeled data; one that cannot be built or run that way is listed with the reason.
+    unlabeled data; one with a ``fit`` step (``auto``) is scored out of fold, each row by a
+    copy fitted on the other folds (``kdplug.fitting.held_out_targets``). One that cannot
+    be built or run that way is listed with the reason.
     """
+    from kdplug.fitting import can_fit, held_out_targets
     from kdplug.plugins import get_manager
 
     registry = get_manager().registries["combiners"]
     results, skipped = [], []
-    unlabeled = torch.full_like(labels, -1)
     for component in registry:
         try:
             combiner = registry.create(component.name)
-            targets = [
-                combiner(logits[:, s : s + chunk], known, unlabeled[s : s + chunk], 1.0)[1]
-                for s in range(0, logits.shape[1], chunk)
-            ]
+            probs = held_out_targets(combiner, logits, known, labels, (1.0,), chunk=chunk)[1.0]
         except KdplugError as exc:
             skipped.append({"name": component.name, "reason": str(exc)})
             continue
@@ -149,11 +148,11 @@ def combiner_scores(
             reason = f"failed: {type(exc).__name__}: {exc}"
             skipped.append({"name": component.name, "reason": reason})
             continue
-        probs = torch.cat(targets)
         results.append(
             {
                 "name": component.name,
                 "plugin": component.plugin,
+                "held_out": can_fit(combiner),
                 "accuracy": metrics.accuracy(probs, labels),
                 "nll": metrics.nll(probs, labels),
                 "ece": metrics.ece(probs, labels),
@@ -205,6 +204,7 @@ def report(
     ensemble = torch.stack(calibrated)
     predictions = ops.teacher_probs(ensemble, found.known).argmax(-1)
     combiners, skipped = combiner_scores(ensemble, found.known, labels, batch_size)
+    selection = select_teachers(ensemble, found.known, labels, list(specs))
     result = {
         "data": data,
         "data_fingerprint": source.fingerprint,
@@ -216,11 +216,27 @@ def report(
         "agreement": metrics.agreement_matrix(predictions.numpy()).tolist(),
         "combiners": combiners,
         "skipped_combiners": skipped,
+        "selection": selection,
         "versions": versions(),
     }
     if out is not None:
         _write(Path(out), result)
     return result
+
+
+def select_teachers(
+    logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, specs: list[str]
+) -> dict[str, Any] | None:
+    """Greedy backward elimination of teachers by the held-out NLL of the ``auto``
+    ensemble (kdplug.selection); None with one teacher or without ``auto`` installed."""
+    from kdplug.plugins import get_manager
+    from kdplug.selection import backward_elimination
+
+    registry = get_manager().registries["combiners"]
+    if len(specs) < 2 or "auto" not in registry:
+        return None
+    record = backward_elimination(lambda: registry.create("auto"), logits, known, labels, specs)
+    return {"combiner": "auto", **record}
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -312,7 +328,12 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     ensemble = [["combiner", "accuracy", "NLL", "ECE"]]
     ensemble += [
-        [c["name"], f"{c['accuracy']:.4f}", f"{c['nll']:.4f}", f"{c['ece']:.4f}"]
+        [
+            c["name"] + (" (held out)" if c.get("held_out") else ""),
+            f"{c['accuracy']:.4f}",
+            f"{c['nll']:.4f}",
+            f"{c['ece']:.4f}",
+        ]
         for c in result["combiners"]
     ]
     title = "ensemble (calibrated teachers)" if calibrated else "ensemble"
@@ -321,10 +342,29 @@ def format_report(result: dict[str, Any]) -> str:
     else:
         lines += ["ensemble: no combiner plugin is installed", ""]
     lines += [f"skipped combiner {s['name']}: {s['reason']}" for s in result["skipped_combiners"]]
+    lines += format_selection(result.get("selection"))
     agreement = [["#"] + [str(k) for k in range(len(result["agreement"]))]]
     agreement += [[str(i)] + [f"{v:.2f}" for v in row] for i, row in enumerate(result["agreement"])]
     lines += ["", "agreement (fraction of rows with the same argmax)", _table(agreement)]
     return "\n".join(lines)
+
+
+def format_selection(selection: dict[str, Any] | None) -> list[str]:
+    """The teacher-selection lines of the report (none without a selection)."""
+    if not selection:
+        return []
+    lines = ["", "teacher selection (greedy backward elimination, held-out NLL of auto)"]
+    for flagged in selection["flagged"]:
+        lines.append(
+            f"  flagged: {short(flagged['teacher'])} (NLL without it {flagged['nll_without']:.4f})"
+        )
+    if not selection["flagged"]:
+        lines.append("  no teacher's removal lowers the ensemble's NLL")
+    lines.append(
+        f"  recommended: {', '.join(short(s) for s in selection['recommended'])} "
+        f"(NLL {selection['nll_all']:.4f} -> {selection['nll_recommended']:.4f})"
+    )
+    return lines
 
 
 def _table(rows: list[list[str]]) -> str:
