@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kdplug.errors import UsageError
-from kdplug.outputs import write_json
+from kdplug.outputs import atomic_path, write_json
 
 log = logging.getLogger("kdplug")
 MARKER = "demo.json"
@@ -68,10 +68,12 @@ def split_digits(root: Path, config: DemoConfig) -> dict[str, str]:
     parts["unlabeled-truth"] = order[start:]
     specs = {}
     for name, rows in parts.items():
-        digits.select(sorted(rows)).save_to_disk(str(root / name))
+        with atomic_path(root / name, directory=True) as tmp:
+            digits.select(sorted(rows)).save_to_disk(str(tmp))
         specs[name] = f"disk:{root / name}"
     unlabeled = digits.select(sorted(parts["unlabeled-truth"])).remove_columns("label")
-    unlabeled.save_to_disk(str(root / "unlabeled"))
+    with atomic_path(root / "unlabeled", directory=True) as tmp:
+        unlabeled.save_to_disk(str(tmp))
     specs["unlabeled"] = f"disk:{root / 'unlabeled'}"
     return specs
 
@@ -122,7 +124,8 @@ def train_teachers(root: Path, rows: str, seed: int) -> list[str]:
         ("forest", RandomForestClassifier(n_estimators=100, random_state=seed)),
     ):
         model.fit(flat, target)
-        skops.io.dump(model, root / f"{name}.skops")
+        with atomic_path(root / f"{name}.skops") as tmp:
+            skops.io.dump(model, tmp)
         spec = f"sklearn:{root / f'{name}.skops'}"
         # skops trusts no tree internals by default: name the one type a forest needs
         specs.append(spec + (",trusted=sklearn.tree._tree.Tree" if name == "forest" else ""))
@@ -135,7 +138,8 @@ def train_teachers(root: Path, rows: str, seed: int) -> list[str]:
         optimizer.step()
     cnn.eval()
     program = torch.export.export(cnn, (x[:2],), dynamic_shapes=({0: torch.export.Dim("b")},))
-    torch.export.save(program, str(root / "cnn.pt2"))
+    with atomic_path(root / "cnn.pt2") as tmp:
+        torch.export.save(program, str(tmp))
     classes = ";".join(DIGITS)
     specs.append(f"export:{root / 'cnn.pt2'},classes={classes}")
     return specs
