@@ -564,3 +564,25 @@ def test_every_test_named_in_docs_reliability_exists():
         if not defined:
             missing.append(f"{file}::{name}")
     assert missing == []
+
+
+def test_inf_logits_name_the_teacher_and_batch_or_are_counted_as_bad_rows(
+    logits_teacher, digits_splits, tmp_path
+):
+    from kdplug.data import batches
+    from kdplug.teachers import build_teacher_set
+
+    logits = np.load(logits_teacher)
+    logits[60, 2], logits[75, 0] = np.inf, -np.inf  # both in the second batch of 50
+    path = tmp_path / "inf.npy"
+    np.save(path, logits)
+    source = load_data(digits_splits["labeled"])
+    spec = f"logits:{path}"
+    strict = build_teacher_set([spec], source.classes)
+    with pytest.raises(UsageError, match=r"inf\.npy returned NaN or Inf logits in batch 1 "):
+        for x, _, idx in batches(source, 50):
+            strict(x, idx)
+    lenient = build_teacher_set([spec], source.classes, skip_bad_rows=True)
+    bad = [lenient(x, idx).bad_rows for x, _, idx in batches(source, 50)]
+    assert bad[0] is None and bad[2] is None
+    assert bad[1].nonzero().flatten().tolist() == [10, 25]
