@@ -35,7 +35,7 @@ def fail_writes(monkeypatch, patterns, after=0, how="full"):
 
     ``how="full"``: the temporary file is /dev/full, so the real writer meets the kernel's
     ENOSPC exactly as on a full disk. ``how="readonly"``: creating the temporary fails with
-    EROFS, as on a read-only file system. Returns the names of the matching writes seen.
+    EROFS, as on a read-only file system.
     """
     real = tempfile.mkdtemp
     seen = []
@@ -53,7 +53,6 @@ def fail_writes(monkeypatch, patterns, after=0, how="full"):
         return tmp
 
     monkeypatch.setattr(kdplug.outputs.tempfile, "mkdtemp", mkdtemp)
-    return seen
 
 
 def leftovers(directory):
