@@ -24,7 +24,9 @@ from kdplug.spec import Spec, parse_spec
 IMAGE_NAMES = ("image", "img", "pixel_values")
 LABEL_NAMES = ("label", "labels")
 # options every DATA spec accepts; the data path takes them, the source never sees them
-DATA_OPTIONS = ("image_column", "label_column", "image_size")
+DATA_OPTIONS = ("image_column", "label_column", "image_size", "image_mode")
+IMAGE_MODES = {"L": 1, "RGB": 3}
+COLOR_MODES = ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class DataSource:
     input_shape: tuple[int, ...]  # (C, H, W) or (D,)
     label_values: list[Any] | None = None  # raw label values in class order, when not ClassLabel
     resize: bool = False  # resize images to input_shape (the spec asked for image_size)
+    mode_given: bool = False  # the spec chose the channels (image_mode): convert every image
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -65,7 +68,7 @@ class DataSource:
             x = torch.from_numpy(
                 np.stack(
                     [
-                        decode_image(v, self.input_shape, i, self.resize)
+                        decode_image(v, self.input_shape, i, self.resize, self.mode_given)
                         for v, i in zip(images, indices)
                     ]
                 )
@@ -105,12 +108,17 @@ class DataSource:
 
 
 def decode_image(
-    value: Any, shape: tuple[int, int, int], row: int, resize: bool = False
+    value: Any,
+    shape: tuple[int, int, int],
+    row: int,
+    resize: bool = False,
+    mode_given: bool = False,
 ) -> np.ndarray:
     """One image (PIL, encoded dict, array or nested list) -> float32 ``[C, H, W]`` in [0, 1].
 
-    Grayscale/RGBA/palette images are converted to the data's mode; a size that differs
-    from the data's is resized when ``resize`` (the spec's ``image_size``), else refused.
+    Images are converted to the data's mode: grayscale, RGBA or palette to RGB is safe; a
+    color image in grayscale data is refused unless the spec chose ``image_mode``. A size
+    that differs from the data's is resized when ``resize`` (``image_size``), else refused.
     """
     from PIL import Image
 
@@ -123,6 +131,12 @@ def decode_image(
         mode = {1: "L", 3: "RGB"}.get(channels)
         if mode is None:
             raise UsageError(f"row {row}: cannot decode an image into {channels} channels")
+        if mode == "L" and value.mode in COLOR_MODES and not mode_given:
+            raise UsageError(
+                f"row {row}: a {value.mode} image in data whose first image is grayscale; add "
+                "image_mode=RGB to the data spec to read every image in color (or image_mode=L "
+                "to make every image grayscale)"
+            )
         image = value.convert(mode) if value.mode != mode else value
         if image.size != (width, height) and resize:
             image = image.resize((width, height), Image.BILINEAR)
@@ -168,6 +182,7 @@ def describe(
     image_column: str | None = None,
     label_column: str | None = None,
     image_size: Any = None,
+    image_mode: str | None = None,
 ) -> DataSource:
     """Detect the image (or feature) columns, the label column and the class names."""
     from datasets import ClassLabel, Image, Value
@@ -198,6 +213,10 @@ def describe(
             classes = [str(v) for v in values]
     if image is not None:
         shape = _image_shape(dataset, image, name, image_size)
+        if image_mode is not None:
+            if image_mode not in IMAGE_MODES:
+                raise UsageError(f"{name}: image_mode must be L or RGB, got {image_mode!r}")
+            shape = (IMAGE_MODES[image_mode], *shape[1:])
         return DataSource(
             name,
             dataset,
@@ -208,6 +227,7 @@ def describe(
             shape,
             values,
             resize=image_size is not None,
+            mode_given=image_mode is not None,
         )
     numeric = [
         c

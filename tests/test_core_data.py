@@ -120,6 +120,20 @@ def test_mixed_sizes_need_image_size_and_modes_are_converted(tmp_path):
     assert torch.equal(x[1, 0], x[1, 1]) and torch.equal(x[1, 1], x[1, 2])
 
 
+def test_a_color_image_in_grayscale_data_needs_image_mode(tmp_path):
+    image_dataset([(4, 4)] * 3, modes=["L", "L", "RGB"]).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(UsageError, match=r"row 2: a RGB image in data whose first image is gray"):
+        next(iter(batches(load_data(f"disk:{tmp_path / 'd'}"), 3)))
+    color = load_data(f"disk:{tmp_path / 'd'},image_mode=RGB")
+    x = next(iter(batches(color, 3)))[0]
+    assert color.input_shape == (3, 4, 4) and x.shape == (3, 3, 4, 4)
+    assert x[2, 0, 0, 0] == pytest.approx(20 / 255) and x[2, 1, 0, 0] == pytest.approx(20 / 255)
+    gray = next(iter(batches(load_data(f"disk:{tmp_path / 'd'},image_mode=L"), 3)))[0]
+    assert gray.shape == (3, 1, 4, 4)
+    with pytest.raises(UsageError, match="image_mode must be L or RGB"):
+        load_data(f"disk:{tmp_path / 'd'},image_mode=CMYK")
+
+
 def test_array_images_and_missing_labels(tmp_path):
     arrays = np.random.default_rng(0).integers(0, 255, size=(3, 5, 5, 3)).astype(np.uint8)
     datasets.Dataset.from_dict({"pixel_values": arrays.tolist()}).save_to_disk(str(tmp_path / "a"))
