@@ -431,6 +431,7 @@ class Trainer:
             if self.loss.uses_teachers:
                 weights, target, bad = self.teacher_target(x, idx, labels)
             logits = self.forward(self.normalize(x)).float()
+        all_logits = logits
         if self.loss.uses_teachers:
             if bad is not None:  # --skip-bad-rows: a teacher gave NaN/Inf on these rows
                 keep = ~bad
@@ -439,17 +440,22 @@ class Trainer:
                 logits, target, labels = logits[keep], target[keep], labels[keep]
                 if soft is not None:
                     soft, valid = soft[keep], valid[keep]
-                if not len(logits):
+                if not len(logits) and distributed.world_size() == 1:
                     return stats
             stats["weights"] = weights.sum(1)
-        if soft is not None:
-            ce = -(soft * torch.log_softmax(logits, -1)).sum(-1)
-            ce = (ce * valid).sum() / valid.sum().clamp_min(1)
+        if not len(logits):
+            # every row of this rank's batch was dropped: the other ranks' backward waits
+            # for this one's gradients, so join it with zero gradients
+            ce = kd = total = all_logits.sum() * 0.0
         else:
-            count = (labels >= 0).sum().clamp_min(1)
-            ce = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / count
-        kd = self.loss(logits, target, labels) if self.loss.uses_teachers else ce.new_zeros(())
-        total = self.loss.ce_weight * ce + self.loss.kd_weight * kd
+            if soft is not None:
+                ce = -(soft * torch.log_softmax(logits, -1)).sum(-1)
+                ce = (ce * valid).sum() / valid.sum().clamp_min(1)
+            else:
+                count = (labels >= 0).sum().clamp_min(1)
+                ce = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / count
+            kd = self.loss(logits, target, labels) if self.loss.uses_teachers else ce.new_zeros(())
+            total = self.loss.ce_weight * ce + self.loss.kd_weight * kd
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()

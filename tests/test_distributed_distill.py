@@ -87,3 +87,25 @@ def test_two_process_checkpoint_resumes_in_one_process(teacher, digits_splits, t
     assert summary["status"] == "finished" and summary["epochs"] == 3
     lines = metrics.read_text().splitlines()
     assert len(lines) == 3 and lines[0] == first
+
+
+def test_a_rank_whose_whole_batch_is_dropped_keeps_in_step(digits_splits, tmp_path):
+    """--skip-bad-rows under DDP: a rank left with no row still joins the gradient
+    all-reduce, so the other rank's step does not wait forever."""
+    import numpy as np
+
+    rows = len(load_data(digits_splits["test"]))
+    logits = np.random.default_rng(0).normal(size=(rows, 10)).astype(np.float32)
+    logits[np.random.default_rng(1).random(rows) < 0.8] = np.nan  # most batches lose rows
+    np.save(tmp_path / "logits.npy", logits)
+    out = tmp_path / "run"
+    result = run_cli(
+        *["distill", "--student", "timm:test_resnet", "--teacher", f"logits:{tmp_path}/logits.npy"],
+        *["--combiner", "mean", "--train", digits_splits["test"], "--skip-bad-rows"],
+        *["--epochs", "1", "--batch-size", "2", "--device", "cpu", "--out", str(out)],
+        *["--nproc-per-node", "2"],
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["bad_rows"] > 0.7 * rows
