@@ -178,3 +178,22 @@ def test_register_commands_hook_adds_a_command(tmp_path):
     fake_distribution(tmp_path, "kdplug-hello", "kdplug_hello", source, "hello")
     result = run_cli("hello", "world", env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0 and result.stdout == "hello world\n"
+
+
+def test_first_party_plugins_register_again_after_their_submodules_are_imported():
+    """A submodule named like a factory (logits.py beside def logits) replaces the factory
+    on the package once imported, and every plugin manager built later refuses the plugin."""
+    import importlib
+    import pkgutil
+
+    first_party = PluginManager()
+    first_party.load_entry_points()
+    names = [n for n, info in first_party.plugins.items() if info.distribution == "kdplug"]
+    assert len(names) >= 8
+    for name in names:
+        package = importlib.import_module(f"kdplug_{name}")
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"kdplug_{name}.{module.name}")
+    again = PluginManager()
+    again.load_entry_points()
+    assert {n: again.plugins[n].error for n in names} == dict.fromkeys(names)

@@ -358,20 +358,3 @@ def test_generators_never_accept_a_row_below_their_threshold(spec, allowed, data
     assert torch.isfinite(out.probs).all()
     assert torch.allclose(out.probs.sum(1), torch.ones(N), atol=1e-4)
     assert ((out.label >= -1) & (out.label < C)).all()
-
-
-def test_plugin_registers_again_after_its_submodules_are_imported():
-    """A factory named like its package's submodule would be shadowed by that module."""
-    import importlib
-    import pkgutil
-
-    import kdplug_pseudolabel
-
-    from kdplug.plugins import PluginManager
-
-    for module in pkgutil.iter_modules(kdplug_pseudolabel.__path__):
-        importlib.import_module(f"kdplug_pseudolabel.{module.name}")
-    manager = PluginManager()
-    manager.load_entry_points()
-    assert manager.plugins["pseudolabel"].error is None
-    assert len(manager.registries["label-generators"].names()) >= 8

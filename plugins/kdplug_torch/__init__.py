@@ -55,7 +55,7 @@ def logits(
     classes: Names = None,
 ):
     """Precomputed logits/probabilities (.npy, .safetensors, parquet, saved dataset) by row."""
-    from kdplug_torch.logits import load_logits
+    from kdplug_torch.precomputed import load_logits
 
     return load_logits(ref, key, column, probs, classes)
 
