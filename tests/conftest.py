@@ -62,3 +62,24 @@ def digits_splits(tmp_path_factory) -> dict[str, str]:
         dataset.select(sorted(rows.tolist())).save_to_disk(str(path))
         paths[name] = f"disk:{path}"
     return paths
+
+
+@pytest.fixture(scope="session")
+def slow_teacher(tmp_path_factory) -> str:
+    """A random CNN run on the 8x8 digits upsampled to 48x48: slow enough to be killed
+    mid-run by the kill-and-resume tests."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
+    ).eval()
+    path = tmp_path_factory.mktemp("slow") / "slow.pt"
+    torch.jit.save(torch.jit.script(net), path)
+    return f"torchscript:{path},size=48"

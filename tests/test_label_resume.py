@@ -19,24 +19,6 @@ SHARD_SIZE = 50
 ROWS = 1200  # the unlabeled digits split: 24 shards
 
 
-@pytest.fixture(scope="module")
-def slow_teacher(tmp_path_factory) -> str:
-    """A random CNN run on the 8x8 digits upsampled to 48x48: slow enough to be killed."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(32, 10),
-    ).eval()
-    path = tmp_path_factory.mktemp("slow") / "slow.pt"
-    torch.jit.save(torch.jit.script(net), path)
-    return f"torchscript:{path},size=48"
-
-
 def label_args(teacher: str, data: str, out) -> list[str]:
     return [
         *["label", "--teacher", teacher, "--data", data, "--out", str(out)],

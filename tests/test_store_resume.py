@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from kdplug.store.cache import CacheConfig, run_cache
 from kdplug.store.reader import open_store
@@ -16,24 +15,6 @@ from tests.conftest import run_cli
 
 SHARD_SIZE = 25
 OPTIONS = dict(topk=3, views=2, augment="scale=0.5;1,brightness=0.2", seed=7)
-
-
-@pytest.fixture(scope="module")
-def slow_teacher(tmp_path_factory) -> str:
-    """A random CNN run on the 8x8 digits upsampled to 48x48: slow enough to be killed."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 32, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(32, 10),
-    ).eval()
-    path = tmp_path_factory.mktemp("slow") / "slow.pt"
-    torch.jit.save(torch.jit.script(net), path)
-    return f"torchscript:{path},size=48"
 
 
 def cache_args(teacher: str, data: list[str], out: Path) -> list[str]:
