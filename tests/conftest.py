@@ -42,6 +42,28 @@ def run_cli(
     return result
 
 
+def kill_when(args: list[str], ready, timeout: float = 300) -> None:
+    """Start ``python -m kdplug ARGS``, SIGKILL it as soon as ``ready()`` holds."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kdplug", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert process.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the run did not get far enough in time"
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
 @pytest.fixture(scope="session")
 def digits_splits(tmp_path_factory) -> dict[str, str]:
     """scikit-learn digits saved to disk as labeled / unlabeled / test splits (disk: specs).

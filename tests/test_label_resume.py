@@ -2,10 +2,6 @@
 rows of an uninterrupted run."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import datasets
 import numpy as np
@@ -13,7 +9,7 @@ import pytest
 import torch
 
 from kdplug.label import LabelConfig, run_label
-from tests.conftest import run_cli
+from tests.conftest import kill_when, run_cli
 
 SHARD_SIZE = 50
 ROWS = 1200  # the unlabeled digits split: 24 shards
@@ -50,19 +46,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(
     )
 
     part = tmp_path / "part"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kdplug", *label_args(slow_teacher, data, part)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while finished_shards(part) < 3:
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        assert time.monotonic() < deadline, "no shard was written in time"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_when(label_args(slow_teacher, data, part), lambda: finished_shards(part) >= 3)
     done = finished_shards(part)
     assert 3 <= done < ROWS // SHARD_SIZE
     assert not (part / "report.json").exists()

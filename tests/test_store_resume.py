@@ -1,17 +1,13 @@
 """An interrupted `kdplug cache` (SIGKILL mid-run) resumed with --resume gives a store equal,
 byte for byte, to an uninterrupted one."""
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from kdplug.store.cache import CacheConfig, run_cache
 from kdplug.store.reader import open_store
-from tests.conftest import run_cli
+from tests.conftest import kill_when, run_cli
 
 SHARD_SIZE = 25
 OPTIONS = dict(topk=3, views=2, augment="scale=0.5;1,brightness=0.2", seed=7)
@@ -47,19 +43,7 @@ def test_killed_cache_resumes_to_a_byte_identical_store(slow_teacher, digits_spl
     run_cache(config)
 
     part = tmp_path / "part"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kdplug", *cache_args(slow_teacher, data, part)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while finished_shards(part) < 3:
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        assert time.monotonic() < deadline, "no shard was written in time"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_when(cache_args(slow_teacher, data, part), lambda: finished_shards(part) >= 3)
     assert 3 <= finished_shards(part) < total
     assert not (part / "store.json").exists()
     with pytest.raises(Exception, match="unfinished .* --resume"):
