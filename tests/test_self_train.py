@@ -32,31 +32,18 @@ def test_targets_are_one_hot_then_soft(tmp_path):
     assert saved.tolist() == [[0, 0, 1], [1, 0, 0], *probs.tolist()]
 
 
+def self_train_args(teacher, splits, out, rounds, epochs, generator) -> list[str]:
+    return [
+        *["self-train", "--teacher", teacher, "--student", "timm:test_resnet"],
+        *["--train", splits["labeled"], "--unlabeled", splits["unlabeled"]],
+        *["--val", splits["test"], "--out", str(out), "--rounds", str(rounds)],
+        *["--epochs", str(epochs), "--generator", generator, "--device", "cpu"],
+    ]
+
+
 def test_two_rounds_end_to_end(digits_splits, logreg, tmp_path):
     out = tmp_path / "self"
-    args = [
-        "self-train",
-        "--teacher",
-        logreg,
-        "--student",
-        "timm:test_resnet",
-        "--train",
-        digits_splits["labeled"],
-        "--unlabeled",
-        digits_splits["unlabeled"],
-        "--val",
-        digits_splits["test"],
-        "--out",
-        str(out),
-        "--rounds",
-        "2",
-        "--epochs",
-        "2",
-        "--generator",
-        "threshold,tau=0.5",
-        "--device",
-        "cpu",
-    ]
+    args = self_train_args(logreg, digits_splits, out, 2, 2, "threshold,tau=0.5")
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     table = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
@@ -78,27 +65,8 @@ def test_two_rounds_end_to_end(digits_splits, logreg, tmp_path):
 
 
 def test_no_accepted_row_is_a_clear_error(digits_splits, logreg, tmp_path):
-    result = run_cli(
-        "self-train",
-        "--teacher",
-        logreg,
-        "--student",
-        "timm:test_resnet",
-        "--train",
-        digits_splits["labeled"],
-        "--unlabeled",
-        digits_splits["unlabeled"],
-        "--val",
-        digits_splits["test"],
-        "--out",
-        str(tmp_path / "s"),
-        "--rounds",
-        "1",
-        "--generator",
-        "threshold,tau=1.0",
-        "--epochs",
-        "1",
-    )
+    args = self_train_args(logreg, digits_splits, tmp_path / "s", 1, 1, "threshold,tau=1.0")
+    result = run_cli(*args)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "Error: round 1: the generator threshold,tau=1.0 accepted no row; lower its threshold"
