@@ -7,8 +7,10 @@ prediction plus a pull toward equal weights, for the linear pool (mixture of
 probabilities) and the log pool (weighted geometric
 mean), and keeps the pool with the lower k-fold cross-validated NLL, (3) keeps the best
 single teacher instead if the pooled prediction is less accurate on the labeled rows.
-Calling it then pools every row the same way and tempers the pooled distribution:
-``target ∝ p_ens^(1/T)``.
+Calling it then pools every row the same way, at the loss's temperature ``T`` like every
+combiner: each teacher's calibrated logits are divided by ``T`` (``softmax(z_k / (t_k T))``)
+before the fitted pool mixes them, so a tempered target keeps every teacher's softened
+view of the non-target classes.
 
 Exact zeros (a probability teacher's ``log p`` at ``ops.IMPOSSIBLE``, classes a teacher
 does not know) are carried as ``-inf``: no temperature or weight gives them mass. In the
@@ -129,9 +131,13 @@ class Fitted:
     weights: torch.Tensor
     pool: str  # "linear", "log" or "single" (all weight on one teacher)
 
-    def log_probs(self, logits: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        """The fitted prediction's log-probabilities ``[N, C]`` for ``logits [K, N, C]``."""
-        log_p = calibrated_log_probs(logits, known, self.temperatures.to(logits.device))
+    def log_probs(
+        self, logits: torch.Tensor, known: torch.Tensor, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """The fitted prediction's log-probabilities ``[N, C]`` for ``logits [K, N, C]``,
+        each teacher's calibrated logits divided by ``temperature`` before pooling."""
+        temperatures = self.temperatures.to(logits.device) * temperature
+        log_p = calibrated_log_probs(logits, known, temperatures)
         weights = self.weights.to(device=logits.device, dtype=log_p.dtype)
         if self.pool == "single":
             return log_p[int(weights[:, 0].argmax())]
@@ -288,7 +294,7 @@ class Auto:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[K, B, C]``, known ``[K, C]``, labels ``[B]`` (unused) -> weights
         ``[K, B]`` (each teacher's weight averaged under the pooled prediction) and the
-        pooled distribution tempered by ``temperature``, ``[B, C]``."""
+        pool of the teachers' calibrated distributions at ``temperature``, ``[B, C]``."""
         if self.fitted is None:
             if not self.warned:
                 log.warning("auto: not fitted on labeled rows; falling back to `best`")
@@ -300,7 +306,10 @@ class Auto:
             raise UsageError(f"auto: fitted on {fitted.weights.shape[0]} teachers, called with {K}")
         pooled = fitted.log_probs(logits.float(), known)
         weights = fitted.weights.to(logits.device)
-        target = torch.softmax(pooled / temperature, -1)
+        tempered = (
+            pooled if temperature == 1 else fitted.log_probs(logits.float(), known, temperature)
+        )
+        target = tempered.exp()
         row_weights = torch.einsum("kc,bc->kb", class_weights(weights, known), pooled.exp())
         return ops.normalize_weights(row_weights, dim=0), target
 
