@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -12,6 +13,7 @@ from kdplug.cli.options import (
     batch_size_option,
     calibration_option,
     classes_option,
+    config_from,
     device_option,
     nproc_option,
     teachers_option,
@@ -87,26 +89,7 @@ from kdplug.cli.options import (
 )
 @allow_pickle_option
 @nproc_option
-def cache_command(
-    teachers: tuple[str, ...],
-    data: tuple[str, ...],
-    out: str,
-    topk: int | None,
-    views: int,
-    augment: str | None,
-    dtype: str,
-    seed: int,
-    classes: list[str] | None,
-    calibration: str | None,
-    batch_size: int,
-    device: str,
-    shard_size: int,
-    resume: bool,
-    overwrite: bool,
-    force: bool,
-    skip_bad_rows: bool,
-    nproc_per_node: int | None,
-) -> None:
+def cache_command(nproc_per_node: int | None, **params: Any) -> None:
     """Cache the teachers' outputs on DATA (V views per row) into the store OUT.
 
     \b
@@ -119,34 +102,15 @@ def cache_command(
 
     if nproc_per_node is not None:
         sys.exit(distributed.launch(nproc_per_node, sys.argv[1:]))
-    with distributed.session(device):
-        info = run_cache(
-            CacheConfig(
-                teachers=list(teachers),
-                data=list(data),
-                out=out,
-                topk=topk,
-                views=views,
-                augment=augment,
-                dtype=dtype,
-                seed=seed,
-                calibration=calibration,
-                classes=classes,
-                skip_bad_rows=skip_bad_rows,
-                shard_size=shard_size,
-                batch_size=batch_size,
-                device=device,
-                resume=resume,
-                overwrite=overwrite,
-                force=force,
-            )
-        )
+    config = config_from(CacheConfig, params)
+    with distributed.session(config.device):
+        info = run_cache(config)
         if not distributed.is_main():
             return
     rows = sum(split["rows"] for split in info["splits"])
     click.echo(
         f"cached {len(info['teachers'])} teacher(s) x {info['views']} view(s) on {rows} rows "
-        f"({len(info['splits'])} split(s)) -> {out}"
+        f"({len(info['splits'])} split(s)) -> {config.out}"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -12,6 +13,7 @@ from kdplug.cli.options import (
     batch_size_option,
     calibration_option,
     classes_option,
+    config_from,
     device_option,
     nproc_option,
     teachers_option,
@@ -71,53 +73,17 @@ from kdplug.cli.options import (
     help="Reject rows where a teacher gives NaN/Inf (counted in the report) instead of failing.",
 )
 @nproc_option
-def label_command(
-    teachers: tuple[str, ...],
-    data: str,
-    out: str,
-    combiner: str | None,
-    calibration_data: str | None,
-    generator: str,
-    calibration: str | None,
-    batch_size: int,
-    device: str,
-    resume: bool,
-    overwrite: bool,
-    shard_size: int,
-    with_inputs: bool,
-    eval_labels: str | None,
-    classes: list[str] | None,
-    skip_bad_rows: bool,
-    nproc_per_node: int | None,
-) -> None:
+def label_command(nproc_per_node: int | None, **params: Any) -> None:
     """Label DATA with the teachers; write OUT as a dataset with report.json and report.png."""
     from kdplug.label import LabelConfig, run_label
 
     if nproc_per_node is not None:
         sys.exit(distributed.launch(nproc_per_node, sys.argv[1:]))
-    with distributed.session(device):
-        report = run_label(
-            LabelConfig(
-                teachers=list(teachers),
-                data=data,
-                out=out,
-                combiner=combiner,
-                calibration_data=calibration_data,
-                generator=generator,
-                calibration=calibration,
-                batch_size=batch_size,
-                device=device,
-                resume=resume,
-                overwrite=overwrite,
-                shard_size=shard_size,
-                with_inputs=with_inputs,
-                eval_labels=eval_labels,
-                classes=classes,
-                skip_bad_rows=skip_bad_rows,
-            )
-        )
+    config = config_from(LabelConfig, params)
+    with distributed.session(config.device):
+        report = run_label(config)
         if distributed.is_main():
-            click.echo(summary(report, out))
+            click.echo(summary(report, config.out))
 
 
 def summary(report: dict, out: str) -> str:

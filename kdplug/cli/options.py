@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -77,3 +79,13 @@ def _names(_ctx: click.Context, _param: click.Parameter, value: str | None) -> l
 
 def classes_option(help: str) -> Callable:
     return click.option("--classes", callback=_names, default=None, metavar="A,B,C", help=help)
+
+
+def config_from(cls: type, params: dict[str, Any]) -> Any:
+    """An engine's config dataclass built from a command's parameters, which carry the
+    config's field names (a repeated option's tuple becomes a list)."""
+    fields = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field for the parameters {unknown}")
+    return cls(**{k: list(v) if isinstance(v, tuple) else v for k, v in params.items()})
