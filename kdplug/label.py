@@ -86,6 +86,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     classes = run_classes(cfg, source)
     truth = true_labels(cfg, source, classes)
     teacher_set = build_teacher_set(cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows)
+    teacher_set.check_data(source)
     calibration_rows = calibration_source(cfg, classes, teacher_set)
     record = run_record(cfg, source, classes, teacher_set)
     record["calibration_data"] = describe_source(calibration_rows, cfg.calibration_data)

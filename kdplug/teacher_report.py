@@ -53,7 +53,7 @@ def collect(
     """Run the teachers over the labeled rows of ``source`` with a progress bar."""
     from tqdm import tqdm
 
-    teacher_set.check_rows(len(source))
+    teacher_set.check_data(source)
     teacher_set.to(device)
     rows = np.flatnonzero(source.labels() >= 0).tolist()
     logits, labels, skipped = [], [], 0

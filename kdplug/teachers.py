@@ -114,6 +114,21 @@ class TeacherSet:
                     "logits file must be row i of the data it is used with"
                 )
 
+    def check_data(self, source: Any) -> None:
+        """``check_rows`` for ``source``, and refuse a row-indexed teacher that names the
+        data fingerprint it was made from (``data_fingerprint``, e.g. a ``store:`` teacher)
+        when ``source`` has another one."""
+        self.check_rows(len(source))
+        fingerprint = getattr(source, "fingerprint", "")
+        for teacher, name in zip(self.teachers, self.names):
+            made_from = getattr(teacher, "data_fingerprint", None)
+            if made_from and fingerprint and made_from != fingerprint:
+                raise UsageError(
+                    f"teacher {name} holds outputs for other data (fingerprint {made_from}, "
+                    f"this data {fingerprint}); use it with the data it was cached from, or "
+                    "add force=true to its spec to use it anyway"
+                )
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, index: torch.Tensor | None = None) -> TeacherOutputs:
         """Run every teacher once on ``x`` and return aligned ``[K, B, C]`` logits.

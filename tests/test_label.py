@@ -300,6 +300,16 @@ def test_empty_data_is_refused(teachers, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_logits_file_with_another_row_count_is_refused(digits_splits, tmp_path):
+    rows = len(load_data(digits_splits["test"]))
+    np.save(tmp_path / "logits.npy", np.zeros((rows + 5, 10), dtype=np.float32))
+    with pytest.raises(UsageError, match=f"holds {rows + 5} rows but the data has {rows}"):
+        label_in_process(
+            [f"logits:{tmp_path / 'logits.npy'}"], digits_splits["test"], tmp_path / "o", "soft"
+        )
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

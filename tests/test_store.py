@@ -12,11 +12,13 @@ import kdplug
 from kdplug import UsageError
 from kdplug.augment_views import ViewAugment, rebuild_views, sample_views
 from kdplug.data import load_data
+from kdplug.label import LabelConfig, run_label
 from kdplug.ops import IMPOSSIBLE
 from kdplug.store.cache import CacheConfig, run_cache
 from kdplug.store.producer import store_producer
 from kdplug.store.reader import open_store
 from kdplug.store.topk import full_log_probs, top_k_entries
+from kdplug.teacher_report import report
 from tests.conftest import run_cli
 
 AUGMENT = "scale=0.3;1,brightness=0.3,contrast=0.3"
@@ -264,6 +266,14 @@ def test_stale_teacher_or_changed_data_is_refused_unless_forced(digits_splits, t
         store_producer(f"{tmp_path / 's'},force=false", train, None, train.classes)
     producer = store_producer(f"{tmp_path / 's'},force=true", train, None, train.classes)
     assert producer.rows == 150
+    # the store as a teacher source: same row count, other data; label and report refuse it
+    stored = f"store:{tmp_path / 's'}"
+    label = LabelConfig([stored], data, str(tmp_path / "labels"), device="cpu", progress=False)
+    with pytest.raises(UsageError, match="holds outputs for other data .* force=true"):
+        run_label(label)
+    with pytest.raises(UsageError, match="holds outputs for other data"):
+        report([stored], data)
+    assert report([f"{stored},force=true"], data)["teachers"][0]["accuracy"] is not None
     other = load_data(digits_splits["test"])
     with pytest.raises(UsageError, match="holds no split for .*447 rows"):
         store_producer(f"{tmp_path / 's'},force=true", other, None, other.classes)

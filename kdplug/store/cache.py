@@ -177,7 +177,7 @@ def check_teacher_inputs(
                 "views; use --views 1 with it"
             )
     for source in sources:
-        teacher_set.check_rows(len(source))
+        teacher_set.check_data(source)
 
 
 def teacher_files(spec: str) -> dict[str, str]:

@@ -2,9 +2,10 @@
 
 Row ``i`` of the split is row ``i`` of the data the teacher is used with. A teacher is not
 told which data that is, so the split is chosen by ``split=I`` (or is the store's only
-split) and checked by its row count where the engine checks row-indexed teachers
-(``num_rows``: ``teachers report``, ``distill``) and by every row index asked for; the
-data fingerprint is checked by ``distill --store``, which sees the data.
+split) and checked where the engines check row-indexed teachers: its row count
+(``num_rows``) and the fingerprint of the data it was cached from (``data_fingerprint``;
+not with ``force=true``), by ``label``, ``teachers report`` and ``cache``; ``distill``
+checks the row count. Every row index asked for is checked too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class StoreTeacher:
 
     uses_row_index = True
 
-    def __init__(self, store: Store, split: Split, teacher: int, fingerprint: str):
+    def __init__(
+        self, store: Store, split: Split, teacher: int, fingerprint: str, force: bool = False
+    ):
         self.store = store
         self.split = split
         self.teacher = teacher
@@ -33,6 +36,7 @@ class StoreTeacher:
         self.classes = [store.classes[c] for c in self.columns.tolist()]
         self.fingerprint = fingerprint
         self.num_rows = split.rows
+        self.data_fingerprint = None if force else split.fingerprint
         self.source = f"store:{store.path}"
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -66,4 +70,6 @@ def load_store_teacher(ref: str, teacher: int, split: int | None, force: bool) -
     store.check_teachers(force)
     digest = hashlib.sha256((store.path / STORE_FILE).read_bytes())
     digest.update(f"#teacher={teacher}#split={split}".encode())
-    return StoreTeacher(store, store.splits[split], teacher, "sha256:" + digest.hexdigest())
+    return StoreTeacher(
+        store, store.splits[split], teacher, "sha256:" + digest.hexdigest(), force=force
+    )
