@@ -41,6 +41,7 @@ from kdplug import distributed
 from kdplug.data import DataSource, batches, load_data
 from kdplug.errors import UsageError
 from kdplug.ops import standardize
+from kdplug.outputs import discarding_unstarted_runs
 from kdplug.preprocess import Preprocess
 from kdplug.spec import parse_spec
 
@@ -562,6 +563,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+@discarding_unstarted_runs()
 def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     """Run (or resume) a distillation and return its summary (summary.json's content).
 

@@ -32,7 +32,7 @@ from kdplug.device import pick_device
 from kdplug.errors import PluginError, UsageError
 from kdplug.label_report import build_report, save_report_figure
 from kdplug.ops import entropy, teacher_probs
-from kdplug.outputs import atomic_path, prepare_out_dir, write_json
+from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
 from kdplug.plugins import create, get_manager
 from kdplug.run import Run
 from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
@@ -69,6 +69,7 @@ class LabelConfig:
     calibration_data: str | None = None  # labeled rows a combiner with fit (auto) is fitted on
 
 
+@discarding_unstarted_runs()
 def run_label(cfg: LabelConfig) -> dict[str, Any]:
     """Label ``cfg.data`` into ``cfg.out``; return the report (also in ``OUT/report.json``).
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kdplug.errors import UsageError
+from kdplug.errors import KdplugError, UsageError
 
 
 def _disk_error(path: Path, exc: OSError) -> UsageError:
@@ -178,12 +178,21 @@ def prepare_out_dir(
 _started_runs: list[Path] = []
 
 
-def discard_unstarted_runs() -> None:
-    """Remove each run directory started in this process that holds nothing but its marker
-    (and empty folders): a run that failed before finishing any work leaves nothing behind.
-    The CLI calls this on an error, newest run first (a run may hold another's directory)."""
-    while _started_runs:
-        record = _started_runs.pop()
-        out = record.parent
-        if out.is_dir() and [p for p in out.rglob("*") if not p.is_dir()] == [record]:
-            shutil.rmtree(out, ignore_errors=True)
+@contextlib.contextmanager
+def discarding_unstarted_runs() -> Iterator[None]:
+    """Run an engine (a ``with`` block, or as a decorator): if it fails with a kdplug error,
+    remove each run directory it started afresh that holds nothing but its marker (and
+    empty folders), newest first (a run may hold another's directory): a run that failed
+    before finishing any work leaves nothing behind. The engines' entry points use it, so
+    the CLI and Python callers get the same."""
+    start = len(_started_runs)
+    try:
+        yield
+    except KdplugError:
+        for record in reversed(_started_runs[start:]):
+            out = record.parent
+            if out.is_dir() and [p for p in out.rglob("*") if not p.is_dir()] == [record]:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        del _started_runs[start:]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kdplug.errors import UsageError
-from kdplug.outputs import write_json
+from kdplug.outputs import discarding_unstarted_runs, write_json
 
 log = logging.getLogger("kdplug")
 MARKER = "run.json"
@@ -168,6 +168,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+@discarding_unstarted_runs()
 def self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) -> list[dict]:
     """Run ``cfg.rounds`` rounds into ``cfg.out``; return one table row per round."""
     from kdplug.data import load_data

@@ -232,23 +232,41 @@ def test_a_run_failing_before_any_work_leaves_no_directory(tmp_path, digits_spli
     assert run_label(config)["rows"] == 150
 
 
-def test_only_run_directories_without_finished_work_are_discarded(tmp_path, monkeypatch):
-    from kdplug.outputs import discard_unstarted_runs, prepare_out_dir, write_json
+def test_only_run_directories_without_finished_work_are_discarded(tmp_path):
+    from kdplug.outputs import discarding_unstarted_runs, prepare_out_dir, write_json
 
-    monkeypatch.setattr(kdplug.outputs, "_started_runs", [])
     options = dict(resume=False, overwrite=False, marker="run.json", config={"a": 1})
-    empty = prepare_out_dir(tmp_path / "empty", **options)
-    (empty / ".shards").mkdir()
-    outer = prepare_out_dir(tmp_path / "outer", **options)
-    inner = prepare_out_dir(outer / "round-1" / "labels", **options)
-    worked = prepare_out_dir(tmp_path / "worked", **options)
-    write_json(worked / ".shards" / "rows-0-50.json", {})
-    resumed = prepare_out_dir(tmp_path / "worked", **{**options, "resume": True})
-    assert resumed == worked
-    discard_unstarted_runs()
+    kept = prepare_out_dir(tmp_path / "before", **options)  # started outside the block
+    with pytest.raises(UsageError, match="failed"), discarding_unstarted_runs():
+        empty = prepare_out_dir(tmp_path / "empty", **options)
+        (empty / ".shards").mkdir()
+        outer = prepare_out_dir(tmp_path / "outer", **options)
+        inner = prepare_out_dir(outer / "round-1" / "labels", **options)
+        worked = prepare_out_dir(tmp_path / "worked", **options)
+        write_json(worked / ".shards" / "rows-0-50.json", {})
+        resumed = prepare_out_dir(tmp_path / "worked", **{**options, "resume": True})
+        assert resumed == worked
+        raise UsageError("failed")
     assert not empty.exists() and not inner.exists() and not outer.exists()
     assert (worked / "run.json").exists() and (worked / ".shards" / "rows-0-50.json").exists()
-    assert kdplug.outputs._started_runs == []
+    assert (kept / "run.json").exists()
+    with discarding_unstarted_runs():  # a block that succeeds leaves its runs alone
+        done = prepare_out_dir(tmp_path / "done", **options)
+    assert (done / "run.json").exists()
+
+
+def test_a_python_caller_gets_the_same_cleanup_as_the_cli(digits_splits, tmp_path):
+    from kdplug.label import LabelConfig, run_label
+
+    bad = tmp_path / "nan.npy"
+    logits = np.zeros((150, 10), dtype=np.float32)
+    logits[3] = np.nan
+    np.save(bad, logits)
+    out = tmp_path / "labels"
+    config = LabelConfig([f"logits:{bad}"], digits_splits["labeled"], str(out), progress=False)
+    with pytest.raises(UsageError, match="returned NaN or Inf"):
+        run_label(config)
+    assert not out.exists()
 
 
 def test_self_train_round_data_is_written_whole_or_not_at_all(digits_splits, tmp_path, monkeypatch):

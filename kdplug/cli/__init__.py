@@ -23,9 +23,6 @@ class KdplugGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KdplugError as exc:
-            from kdplug.outputs import discard_unstarted_runs
-
-            discard_unstarted_runs()  # an --out holding only run.json is no run to resume
             if os.environ.get("KDPLUG_DEBUG"):
                 raise
             click.echo(f"Error: {exc}", err=True)

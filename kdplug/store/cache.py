@@ -31,7 +31,14 @@ from kdplug.data import DataSource, batches, load_data
 from kdplug.device import pick_device
 from kdplug.errors import UsageError
 from kdplug.ops import IMPOSSIBLE, masked_log_softmax
-from kdplug.outputs import atomic_path, file_hash, prepare_out_dir, versions, write_json
+from kdplug.outputs import (
+    atomic_path,
+    discarding_unstarted_runs,
+    file_hash,
+    prepare_out_dir,
+    versions,
+    write_json,
+)
 from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
 from kdplug.spec import parse_spec
 from kdplug.store.layout import (
@@ -74,6 +81,7 @@ class CacheConfig:
     progress: bool = True
 
 
+@discarding_unstarted_runs()
 def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     """Cache the teachers' outputs on ``cfg.data`` into ``cfg.out``; return store.json's content."""
     augment = check_config(cfg)
