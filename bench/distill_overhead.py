@@ -212,7 +212,7 @@ def overhead(root: Path, args: argparse.Namespace) -> dict:
                 timed = hand_loop(data, teacher, args.student, args)[1:]
                 hand += timed
             else:
-                engine(data, [teacher], args.student, "kd", root / f"run{repeat}", args)
+                engine(data, [teacher], args.student, "kd,T=4", root / f"run{repeat}", args)
                 timed = clock.epochs()[1:]
                 kdplug_times += timed
             median[which] = statistics.median(timed)
@@ -236,10 +236,10 @@ def throughput(root: Path, args: argparse.Namespace) -> dict:
     rates = {}
     for name, chosen, loss in [
         ("student only", [], "ce"),
-        ("1 teacher", teachers[:1], "kd"),
-        ("3 teachers", teachers, "kd"),
+        ("1 teacher", teachers[:1], "kd,T=4"),
+        ("3 teachers", teachers, "kd,T=4"),
     ]:
-        out = root / f"gpu-{loss}{len(chosen)}"
+        out = root / f"gpu-{len(chosen)}-teachers"
         summary = engine(data, chosen, args.student, loss, out, args)
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rates[name] = round(statistics.median(line["samples_per_s"] for line in lines[1:]), 1)

@@ -64,7 +64,7 @@ def pearson_mean(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_defaults_and_contract_attributes():
     kd = create("losses", "kd")
-    assert (kd.temperature, kd.standardize, kd.uses_teachers) == (4.0, False, True)
+    assert (kd.temperature, kd.standardize, kd.uses_teachers) == (2.0, False, True)
     assert (kd.ce_weight, kd.kd_weight) == (0.1, 0.9)
     dkd = create("losses", "dkd")
     assert (dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup) == (1.0, 8.0, 4.0, 20)
@@ -98,7 +98,7 @@ def test_kd_target_with_a_zero_probability_class():
     target = np.array([[0.7, 0.3, 0.0, 0.0], [0.1, 0.2, 0.0, 0.7], [0.25, 0.25, 0.0, 0.5]])
     _, value = loss_value("kd", STUDENT, target, LABELS)
     assert math.isfinite(value)
-    assert value == pytest.approx(hinton(STUDENT, target, 4.0), rel=1e-5)
+    assert value == pytest.approx(hinton(STUDENT, target, 2.0), rel=1e-5)
 
 
 def test_kd_gradient_is_T_times_q_minus_target():
@@ -121,7 +121,7 @@ def test_kd_standardize_zscores_the_student():
 
 def test_kd_is_zero_when_student_matches_target():
     target = softmax(STUDENT / 4.0)
-    _, value = loss_value("kd", STUDENT, target, LABELS)
+    _, value = loss_value("kd,T=4", STUDENT, target, LABELS)
     assert value == pytest.approx(0.0, abs=1e-5)
 
 

@@ -21,7 +21,7 @@ def ce(ce_weight: float = 1.0):
 
 
 def kd(
-    T: float | str = 4.0, standardize: bool = False, ce_weight: float = 0.1, kd_weight: float = 0.9
+    T: float | str = 2.0, standardize: bool = False, ce_weight: float = 0.1, kd_weight: float = 0.9
 ):
     """Hinton KD: T^2 * KL(target || softmax(student / T)) on every row; T=auto fits T."""
     from kdplug_losses.hinton import KD
