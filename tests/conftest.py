@@ -86,22 +86,26 @@ def digits_splits(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-@pytest.fixture(scope="session")
-def slow_teacher(tmp_path_factory) -> str:
-    """A random CNN run on the 8x8 digits upsampled to 48x48: slow enough to be killed
-    mid-run by the kill-and-resume tests."""
+def random_cnn_teacher(path: Path, channels: int, size: int) -> str:
+    """A random two-conv CNN saved as TorchScript at ``path``, run on the 8x8 digits
+    upsampled to ``size`` x ``size``: a teacher slow enough to be killed mid-run."""
     import torch
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1),
+        torch.nn.Conv2d(1, channels, 3, padding=1),
         torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.Conv2d(channels, channels, 3, padding=1),
         torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(),
-        torch.nn.Linear(32, 10),
+        torch.nn.Linear(channels, 10),
     ).eval()
-    path = tmp_path_factory.mktemp("slow") / "slow.pt"
     torch.jit.save(torch.jit.script(net), path)
-    return f"torchscript:{path},size=48"
+    return f"torchscript:{path},size={size}"
+
+
+@pytest.fixture(scope="session")
+def slow_teacher(tmp_path_factory) -> str:
+    """The kill-and-resume tests' teacher: 32 channels at 48x48."""
+    return random_cnn_teacher(tmp_path_factory.mktemp("slow") / "slow.pt", 32, 48)

@@ -6,9 +6,8 @@ import time
 import datasets
 import numpy as np
 import pytest
-import torch
 
-from tests.conftest import run_cli
+from tests.conftest import random_cnn_teacher, run_cli
 from tests.distributed_launch import kill_all, start_torchrun
 
 SHARD_SIZE = 40
@@ -17,20 +16,8 @@ TIMEOUT = 240
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
-    """A random CNN on the 8x8 digits upsampled to 32x32: slow enough to be killed."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 16, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(16, 10),
-    ).eval()
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.jit.save(torch.jit.script(net), path)
-    return f"torchscript:{path},size=32"
+    """A random CNN: 16 channels at 32x32, slow enough to be killed."""
+    return random_cnn_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", 16, 32)
 
 
 def label_args(teacher: str, data: str, out) -> list[str]:
