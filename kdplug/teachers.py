@@ -2,7 +2,8 @@
 
 Teacher contract (see docs/plugins.md): a callable ``teacher(x) -> logits [B, C_t]`` with
 optional ``classes`` (names in output order), ``fingerprint`` (hash of its files) and
-``uses_row_index`` (called as ``teacher(x, index)`` with the rows' dataset positions).
+``uses_row_index`` (called as ``teacher(x, index)`` with the rows' dataset positions; then
+optionally ``num_rows`` and ``data_fingerprint``, the data those rows belong to).
 Probability outputs are passed as log-probabilities (``log p``, exact zeros as
 ``ops.IMPOSSIBLE``), so a temperature never moves mass onto a class with probability 0.
 """
