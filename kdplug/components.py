@@ -27,6 +27,9 @@ class Combiner(Protocol):
     Optional ``fit(logits [K, N, C], known [K, C], labels [N]) -> dict``: the engines call
     it once with the teachers' outputs on the labeled rows (label -1 rows to be ignored)
     before combining any row, and record the JSON-ready dict it returns (kdplug.fitting).
+    Optional ``predict(logits, known, labels) -> (weights, probs)``: the combined
+    prediction, where it is not the target at temperature 1 (``auto``: calibrated
+    teachers); ``kdplug.fitting.combined_prediction`` uses it.
     """
 
     def __call__(

@@ -150,7 +150,7 @@ def teacher_accuracies(
 ) -> tuple[list[float], float]:
     """Test accuracy of each teacher and of their combination (fitted on labeled rows)."""
     from kdplug.data import load_data
-    from kdplug.fitting import fit_on_rows
+    from kdplug.fitting import combined_prediction, fit_on_rows
     from kdplug.metrics import accuracy
     from kdplug.ops import teacher_probs
     from kdplug.plugins import create
@@ -164,7 +164,7 @@ def teacher_accuracies(
     x, y = arrays(test)
     outputs = teachers(x)
     each = [accuracy(p, y) for p in teacher_probs(outputs.logits, outputs.known)]
-    _, target = combine(outputs.logits, outputs.known, torch.full_like(y, -1), 1.0)
+    _, target = combined_prediction(combine, outputs.logits, outputs.known, torch.full_like(y, -1))
     return each, accuracy(target, y)
 
 

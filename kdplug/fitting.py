@@ -4,8 +4,11 @@ A combiner may define ``fit(logits [K, N, C], known [K, C], labels [N]) -> dict`
 loss strategy ``fit(logits, known, labels, combiner) -> dict`` (e.g. ``kd,T=auto``). An
 engine collects the teachers' outputs on its labeled rows and calls ``fit_components``
 once, before it combines any row; the returned dicts are JSON-ready and the engine writes
-them into its metrics/report files. Held-out evaluation of a fitted combiner
-(``held_out_targets``) and the choice of the distillation temperature live here too.
+them into its metrics/report files. A combiner may also define ``predict(logits, known,
+labels) -> (weights, probs)``, its prediction where that differs from its target at
+temperature 1 (``auto``: calibrated teachers); ``combined_prediction`` calls it.
+Held-out evaluation of a fitted combiner (``held_out_targets``, ``held_out_prediction``)
+and the choice of the distillation temperature live here too.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +53,17 @@ def can_fit(component: Any) -> bool:
     return callable(getattr(component, "fit", None))
 
 
+def combined_prediction(
+    combiner: Any, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [K, B], probs [B, C])``: the combiner's ``predict`` if it has one, else
+    its target at temperature 1. What ``label`` writes and reports score."""
+    predict = getattr(combiner, "predict", None)
+    if callable(predict):
+        return predict(logits, known, labels)
+    return combiner(logits, known, labels, 1.0)
+
+
 def held_out_targets(
     combiner: Any,
     logits: torch.Tensor,
@@ -66,23 +80,39 @@ def held_out_targets(
     (k-fold; with fewer than 2 labeled rows the given combiner is used as it is). Rows are
     combined with label -1, as unlabeled rows are. ``logits [K, N, C]``, ``labels [N]``.
     """
+    outputs = {T: lambda c, x, k, y, T=T: c(x, k, y, T)[1] for T in temperatures}
     with one_thread():
-        return _held_out_targets(combiner, logits, known, labels, temperatures, folds, chunk)
+        return _held_out(combiner, logits, known, labels, outputs, folds, chunk)
 
 
-def _held_out_targets(
+def held_out_prediction(
     combiner: Any,
     logits: torch.Tensor,
     known: torch.Tensor,
     labels: torch.Tensor,
-    temperatures: Sequence[float],
+    folds: int = FOLDS,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """``combined_prediction`` ``[N, C]`` on the labeled rows, held out as in
+    ``held_out_targets``."""
+    outputs = {"prediction": lambda c, x, k, y: combined_prediction(c, x, k, y)[1]}
+    with one_thread():
+        return _held_out(combiner, logits, known, labels, outputs, folds, chunk)["prediction"]
+
+
+def _held_out(
+    combiner: Any,
+    logits: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+    outputs: dict[Any, Callable[..., torch.Tensor]],
     folds: int,
     chunk: int,
-) -> dict[float, torch.Tensor]:
+) -> dict[Any, torch.Tensor]:
     rows = labels >= 0
     logits, labels = logits[:, rows], labels[rows]
     N = len(labels)
-    out = {T: logits.new_zeros(N, logits.shape[-1]) for T in temperatures}
+    out = {key: logits.new_zeros(N, logits.shape[-1]) for key in outputs}
     parts = split_folds(N, min(folds, N)) if can_fit(combiner) and N >= 2 else []
     plan = [(held, fitted_copy(combiner, logits, known, labels, held)) for held in parts]
     plan = plan or [(torch.arange(N), combiner)]
@@ -90,8 +120,8 @@ def _held_out_targets(
         for start in range(0, len(held), chunk):
             index = held[start : start + chunk]
             unlabeled = torch.full((len(index),), -1, dtype=torch.long)
-            for T in temperatures:
-                out[T][index] = fitted(logits[:, index], known, unlabeled, T)[1].to(logits)
+            for key, output in outputs.items():
+                out[key][index] = output(fitted, logits[:, index], known, unlabeled).to(logits)
     return out
 
 

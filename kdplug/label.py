@@ -30,6 +30,7 @@ from kdplug import distributed
 from kdplug.data import DataSource, batches, default_workers, load_data
 from kdplug.device import pick_device
 from kdplug.errors import PluginError, UsageError
+from kdplug.fitting import can_fit, combined_prediction, fit_on_rows
 from kdplug.label_report import build_report, save_report_figure
 from kdplug.ops import entropy, teacher_probs
 from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
@@ -177,7 +178,6 @@ def fit_combiner(
 ) -> dict[str, Any]:
     """Fit a combiner that has ``fit`` (``auto``) on the teachers' outputs for the labeled
     calibration rows (none without ``--calibration-data``: it then says how it falls back)."""
-    from kdplug.fitting import can_fit, fit_on_rows
 
     if not can_fit(combiner):
         if rows is not None:
@@ -311,7 +311,7 @@ def label_rows(
             out = teacher_set(x, idx)
         logits = out.logits.float()
         unlabeled = torch.full((x.shape[0],), -1, dtype=torch.long, device=device)
-        weights, target = combiner(logits, out.known, unlabeled, 1.0)
+        weights, target = combined_prediction(combiner, logits, out.known, unlabeled)
         parts["teacher_probs"].append(teacher_probs(logits, out.known).cpu())
         parts["target"].append(target.float().cpu())
         parts["weights"].append(weights.float().cpu())

@@ -4,8 +4,8 @@ Starting from all K teachers, each round scores the ensemble without each remain
 teacher and removes the one whose removal lowers the held-out NLL the most, if it lowers
 it by more than one standard error of the per-row difference (so that a gain within the
 noise of a small labeled split removes nobody); it stops when no removal does. The NLL of
-an ensemble is that of its combined target at temperature 1 on the labeled rows, each
-row's target from a combiner fitted without it (``kdplug.fitting.held_out_targets``).
+an ensemble is that of its combined prediction on the labeled rows, each row's from a
+combiner fitted without it (``kdplug.fitting.held_out_prediction``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from kdplug.fitting import FOLDS, held_out_targets, one_thread
+from kdplug.fitting import FOLDS, held_out_prediction, one_thread
 
 
 def row_nll(
@@ -26,9 +26,9 @@ def row_nll(
     labels: torch.Tensor,
     folds: int = FOLDS,
 ) -> torch.Tensor:
-    """Held-out NLL ``[N]`` of each labeled row under the combined target of ``logits
+    """Held-out NLL ``[N]`` of each labeled row under the combined prediction of ``logits
     [K, N, C]`` (probabilities clipped at 1e-12, as ``kdplug.metrics.nll``)."""
-    target = held_out_targets(make_combiner(), logits, known, labels, (1.0,), folds)[1.0]
+    target = held_out_prediction(make_combiner(), logits, known, labels, folds)
     y = labels[labels >= 0].long()
     return -target[torch.arange(len(y)), y].double().clamp_min(1e-12).log()
 

@@ -129,10 +129,10 @@ def combiner_scores(
 
     Each combiner is built with its default options and sees no labels (-1), as on
     unlabeled data; one with a ``fit`` step (``auto``) is scored out of fold, each row by a
-    copy fitted on the other folds (``kdplug.fitting.held_out_targets``). One that cannot
+    copy fitted on the other folds (``kdplug.fitting.held_out_prediction``). One that cannot
     be built or run that way is listed with the reason.
     """
-    from kdplug.fitting import can_fit, held_out_targets
+    from kdplug.fitting import can_fit, held_out_prediction
     from kdplug.plugins import get_manager
 
     registry = get_manager().registries["combiners"]
@@ -140,7 +140,7 @@ def combiner_scores(
     for component in registry:
         try:
             combiner = registry.create(component.name)
-            probs = held_out_targets(combiner, logits, known, labels, (1.0,), chunk=chunk)[1.0]
+            probs = held_out_prediction(combiner, logits, known, labels, chunk=chunk)
         except KdplugError as exc:
             skipped.append({"name": component.name, "reason": str(exc)})
             continue

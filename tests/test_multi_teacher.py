@@ -10,7 +10,13 @@ import torch
 from kdplug_ensemble.fitted import Fitted
 
 from kdplug import UsageError, metrics
-from kdplug.fitting import choose_temperature, fit_components, held_out_targets, split_folds
+from kdplug.fitting import (
+    choose_temperature,
+    combined_prediction,
+    fit_components,
+    held_out_targets,
+    split_folds,
+)
 from kdplug.ops import IMPOSSIBLE
 from kdplug.plugins import create
 from tests.conftest import run_cli
@@ -74,9 +80,9 @@ def test_auto_is_never_less_accurate_than_the_best_teacher_on_the_labeled_rows()
         combiner = create("combiners", "auto,pool=log" if seed % 2 else "auto")
         record = combiner.fit(logits, known, y)
         guarded += record["guard"] is not None
-        _, target = combiner(logits, known, torch.full_like(y, -1))
+        _, prediction = combiner.predict(logits, known, torch.full_like(y, -1))
         best = max(metrics.accuracy(logits[k].softmax(-1), y) for k in range(K))
-        assert metrics.accuracy(target, y) >= best
+        assert metrics.accuracy(prediction, y) >= best
     assert guarded  # seeds 12, 17: the NLL-optimal pool alone would lose accuracy there
 
 
@@ -97,17 +103,45 @@ def test_fitted_combination_matches_a_hand_computation(pool):
         torch.tensor(weights, dtype=torch.float32)[:, None].expand(3, C).clone(),
         pool,
     )
-    row_weights, target = combiner(
-        torch.tensor(logits, dtype=torch.float32), full(3), torch.full((4,), -1), 3.0
+    z = torch.tensor(logits, dtype=torch.float32)
+    unlabeled = torch.full((4,), -1)
+
+    def pooled(p):  # p [K, B, C] -> the fitted pool [B, C]
+        if pool == "linear":
+            return np.einsum("k,kbc->bc", weights, p)
+        return softmax(np.einsum("k,kbc->bc", weights, np.log(p)))
+
+    # the prediction: every teacher calibrated, then pooled
+    row_weights, prediction = combiner.predict(z, full(3), unlabeled)
+    np.testing.assert_allclose(
+        prediction.numpy(), pooled(softmax(logits / temperatures[:, None, None])), atol=1e-5
     )
-    # every teacher calibrated, then tempered by the loss's T = 3, then pooled
-    p = softmax(logits / (temperatures[:, None, None] * 3.0))  # [K, B, C]
-    if pool == "linear":
-        expected = np.einsum("k,kbc->bc", weights, p)
-    else:
-        expected = softmax(np.einsum("k,kbc->bc", weights, np.log(p)))
-    np.testing.assert_allclose(target.numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(row_weights.numpy(), np.repeat(weights[:, None], 4, 1), atol=1e-6)
+    # the target at the loss's T = 3: every teacher's own logits / 3, pooled alike
+    target_weights, target = combiner(z, full(3), unlabeled, 3.0)
+    np.testing.assert_allclose(target.numpy(), pooled(softmax(logits / 3.0)), atol=1e-5)
+    torch.testing.assert_close(target_weights, row_weights)
+
+
+def test_combined_prediction_is_predict_where_a_combiner_has_it():
+    y = labels_for(30, 21)
+    logits = torch.stack([teacher(y, 0.9, 3.0, 22), teacher(y, 0.7, 0.5, 23)])
+    unlabeled = torch.full_like(y, -1)
+    auto = create("combiners", "auto")
+    auto.fit(logits, full(2), y)
+    assert auto.fitted.temperatures[0] > 1.5  # an overconfident teacher, softened
+    torch.testing.assert_close(
+        combined_prediction(auto, logits, full(2), unlabeled)[1],
+        auto.predict(logits, full(2), unlabeled)[1],
+    )
+    assert not torch.allclose(
+        auto.predict(logits, full(2), unlabeled)[1], auto(logits, full(2), unlabeled)[1]
+    )
+    mean = create("combiners", "mean")  # no predict: its target at temperature 1
+    torch.testing.assert_close(
+        combined_prediction(mean, logits, full(2), unlabeled)[1],
+        mean(logits, full(2), unlabeled, 1.0)[1],
+    )
 
 
 def probability_teachers(n: int, seed: int):
@@ -327,6 +361,29 @@ def test_label_fits_auto_on_calibration_data_and_records_it(
     assert fitted["weights"][0] > 0.8  # the good teacher, on rows none of them trained on
     assert "combiner fitted on labeled rows" in result.stderr
     assert f"weights={fitted['weights']}" in result.stderr
+
+
+def test_label_writes_the_calibrated_prediction(digits_splits, digit_teachers):
+    from types import SimpleNamespace
+
+    from kdplug.data import batches, load_data
+    from kdplug.fitting import fit_on_rows
+    from kdplug.label import label_rows
+    from kdplug.teachers import build_teacher_set
+
+    cpu = torch.device("cpu")
+    source, labeled = load_data(digits_splits["test"]), load_data(digits_splits["labeled"])
+    teacher_set = build_teacher_set(digit_teachers, source.classes)
+    auto = create("combiners", "auto")
+    fit_on_rows(auto, None, teacher_set, labeled, range(len(labeled)), 256, cpu)
+    written = label_rows(
+        batches(source, 100, workers=0), teacher_set, auto, cpu, SimpleNamespace(update=print)
+    )
+    x, _, idx = source.batch(list(range(len(source))))
+    out = teacher_set(x, idx)
+    unlabeled = torch.full((len(source),), -1)
+    prediction = auto.predict(out.logits.float(), out.known, unlabeled)[1]
+    torch.testing.assert_close(written["target"], prediction)
 
 
 def test_label_without_calibration_data_keeps_mean(digits_splits, digit_teachers, tmp_path):

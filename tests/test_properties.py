@@ -116,16 +116,20 @@ def three_teachers_four_classes(draw):
 @given(outputs=three_teachers_four_classes(), temperature=st.sampled_from([0.5, 1.0, 4.0, 1e3]))
 def test_fitted_auto_gives_distributions_and_keeps_exact_zeros(spec, outputs, temperature):
     z, known, labels = outputs
-    weights, target = FITTED[spec](z, known, labels, temperature)
-    assert torch.isfinite(weights).all() and (weights >= 0).all()
-    torch.testing.assert_close(weights.sum(0), torch.ones(z.shape[1]), atol=1e-5, rtol=0)
-    assert torch.isfinite(target).all() and (target >= 0).all()
-    torch.testing.assert_close(target.sum(-1), torch.ones(z.shape[1]), atol=1e-5, rtol=0)
-    # a class that every teacher rules out (unknown, or probability exactly 0) gets exactly 0,
-    # unless a teacher rules out all its classes on that row (it is then uniform over them)
-    ruled_out = ((z <= ops.IMPOSSIBLE) | ~known[:, None, :]).all(0)
-    some_mass = ((z > ops.IMPOSSIBLE) & known[:, None, :]).any(-1).all(0)
-    assert (target[ruled_out & some_mass[:, None]] == 0).all()
+    # the distillation target at `temperature`, and the prediction (calibrated teachers)
+    for weights, target in (
+        FITTED[spec](z, known, labels, temperature),
+        FITTED[spec].predict(z, known, labels),
+    ):
+        assert torch.isfinite(weights).all() and (weights >= 0).all()
+        torch.testing.assert_close(weights.sum(0), torch.ones(z.shape[1]), atol=1e-5, rtol=0)
+        assert torch.isfinite(target).all() and (target >= 0).all()
+        torch.testing.assert_close(target.sum(-1), torch.ones(z.shape[1]), atol=1e-5, rtol=0)
+        # a class every teacher rules out (unknown, or probability exactly 0) gets exactly 0,
+        # unless a teacher rules out all its classes on that row (then uniform over them)
+        ruled_out = ((z <= ops.IMPOSSIBLE) | ~known[:, None, :]).all(0)
+        some_mass = ((z > ops.IMPOSSIBLE) & known[:, None, :]).any(-1).all(0)
+        assert (target[ruled_out & some_mass[:, None]] == 0).all()
 
 
 @st.composite

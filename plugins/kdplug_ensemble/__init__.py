@@ -4,7 +4,8 @@ A combiner is called as ``combiner(logits [K, B, C], known [K, C], labels [B],
 temperature)`` and returns ``(weights [K, B], target [B, C])``. Weights come from the
 teachers' probabilities at temperature 1; the target mixes their probabilities at
 ``temperature``. ``auto`` is fitted on labeled rows first (its ``fit`` method, called by
-the engines). See docs/combiners.md.
+the engines) and has a ``predict`` (the calibrated pool) besides its target. See
+docs/combiners.md.
 """
 
 from __future__ import annotations

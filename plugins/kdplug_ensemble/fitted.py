@@ -7,10 +7,15 @@ prediction plus a pull toward equal weights, for the linear pool (mixture of
 probabilities) and the log pool (weighted geometric
 mean), and keeps the pool with the lower k-fold cross-validated NLL, (3) keeps the best
 single teacher instead if the pooled prediction is less accurate on the labeled rows.
-Calling it then pools every row the same way, at the loss's temperature ``T`` like every
-combiner: each teacher's calibrated logits are divided by ``T`` (``softmax(z_k / (t_k T))``)
-before the fitted pool mixes them, so a tempered target keeps every teacher's softened
-view of the non-target classes.
+
+The fit then serves two uses. ``predict`` gives the **prediction**: the calibrated
+teachers pooled, what ``label`` writes and reports score. Calling it gives the
+**distillation target** at the loss's temperature ``T``: each teacher's own logits
+divided by ``T`` (``softmax(z_k / T)``, as every combiner tempers them), pooled with the
+fitted weights. Calibration decides how much each teacher counts; it does not reshape
+what the student learns from: a temperature below 1 would sharpen an underconfident
+teacher (a forest's vote fractions) and erase the non-target probabilities distillation
+transfers (docs/benchmarks.md measures both).
 
 Exact zeros (a probability teacher's ``log p`` at ``ops.IMPOSSIBLE``, classes a teacher
 does not know) are carried as ``-inf``: no temperature or weight gives them mass. In the
@@ -131,13 +136,18 @@ class Fitted:
     weights: torch.Tensor
     pool: str  # "linear", "log" or "single" (all weight on one teacher)
 
-    def log_probs(
-        self, logits: torch.Tensor, known: torch.Tensor, temperature: float = 1.0
-    ) -> torch.Tensor:
-        """The fitted prediction's log-probabilities ``[N, C]`` for ``logits [K, N, C]``,
-        each teacher's calibrated logits divided by ``temperature`` before pooling."""
-        temperatures = self.temperatures.to(logits.device) * temperature
-        log_p = calibrated_log_probs(logits, known, temperatures)
+    def predict(self, logits: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """The fitted prediction's log-probabilities ``[N, C]`` for ``logits [K, N, C]``:
+        each teacher at its calibrated temperature, pooled."""
+        return self._pool(logits, known, self.temperatures.to(logits.device))
+
+    def target(self, logits: torch.Tensor, known: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The distillation target's log-probabilities ``[N, C]``: each teacher's logits
+        divided by ``temperature`` (no calibration), pooled with the fitted weights."""
+        return self._pool(logits, known, torch.full_like(self.temperatures, temperature))
+
+    def _pool(self, logits: torch.Tensor, known: torch.Tensor, temperatures: torch.Tensor):
+        log_p = calibrated_log_probs(logits, known, temperatures.to(logits.device))
         weights = self.weights.to(device=logits.device, dtype=log_p.dtype)
         if self.pool == "single":
             return log_p[int(weights[:, 0].argmax())]
@@ -208,7 +218,7 @@ class Auto:
         pool, cv = choose_pool(losses) if losses else (self._forced_pool(), {})
         weights = fit_weights(log_p, known, labels, pool, self.per_class, self.reg)
         fitted = Fitted(temperatures, weights, pool)
-        pooled = fitted.log_probs(logits, known)
+        pooled = fitted.predict(logits, known)
         accuracy = {"ensemble": metrics.accuracy(pooled, labels)}
         singles = [metrics.accuracy(log_p[k], labels) for k in range(K)]
         best = max(range(K), key=lambda k: singles[k])
@@ -218,7 +228,7 @@ class Auto:
             weights = torch.zeros_like(weights)
             weights[best] = 1.0
             fitted = Fitted(temperatures, weights, "single")
-            pooled = fitted.log_probs(logits, known)
+            pooled = fitted.predict(logits, known)
         self.fitted = Fitted(temperatures.float(), weights.float(), fitted.pool)
         return {
             "fitted": True,
@@ -273,7 +283,7 @@ class Auto:
                 weights = fit_weights(
                     log_p[:, train], known, labels[train], pool, self.per_class, self.reg
                 )
-                pooled = Fitted(temperatures, weights, pool).log_probs(logits[:, held], known)
+                pooled = Fitted(temperatures, weights, pool).predict(logits[:, held], known)
                 losses[pool][held] = -pooled[torch.arange(len(held)), labels[held]].double()
         return losses
 
@@ -293,25 +303,33 @@ class Auto:
         temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[K, B, C]``, known ``[K, C]``, labels ``[B]`` (unused) -> weights
-        ``[K, B]`` (each teacher's weight averaged under the pooled prediction) and the
-        pool of the teachers' calibrated distributions at ``temperature``, ``[B, C]``."""
+        ``[K, B]`` (each teacher's weight averaged under the fitted prediction) and the
+        distillation target at ``temperature``, ``[B, C]``."""
+        return self._combine(logits, known, labels, temperature)
+
+    def predict(
+        self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights ``[K, B]`` as when called, and the fitted prediction ``[B, C]`` (the
+        calibrated teachers pooled)."""
+        return self._combine(logits, known, labels, None)
+
+    def _combine(self, logits, known, labels, temperature: float | None):
         if self.fitted is None:
             if not self.warned:
                 log.warning("auto: not fitted on labeled rows; falling back to `best`")
                 self.warned = True
-            return self.fallback(logits, known, labels, temperature)
+            return self.fallback(logits, known, labels, 1.0 if temperature is None else temperature)
         fitted, known = self.fitted, known.bool()
         K = logits.shape[0]
         if fitted.weights.shape[0] != K:
             raise UsageError(f"auto: fitted on {fitted.weights.shape[0]} teachers, called with {K}")
-        pooled = fitted.log_probs(logits.float(), known)
-        weights = fitted.weights.to(logits.device)
-        tempered = (
-            pooled if temperature == 1 else fitted.log_probs(logits.float(), known, temperature)
-        )
-        target = tempered.exp()
-        row_weights = torch.einsum("kc,bc->kb", class_weights(weights, known), pooled.exp())
-        return ops.normalize_weights(row_weights, dim=0), target
+        pooled = fitted.predict(logits.float(), known).exp()
+        weights = class_weights(fitted.weights.to(logits.device), known)
+        row_weights = ops.normalize_weights(torch.einsum("kc,bc->kb", weights, pooled), dim=0)
+        if temperature is None:
+            return row_weights, pooled
+        return row_weights, fitted.target(logits.float(), known, temperature).exp()
 
     def __repr__(self) -> str:
         return (
