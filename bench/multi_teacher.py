@@ -357,7 +357,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--losses",
         nargs="+",
-        default=["kd", "kd,T=1", "kd,T=4", "dkd", "dkd,T=1", "dkd,T=2"],
+        default=["kd", "kd,T=1", "kd,T=4", "dkd", "dkd,T=1", "dkd,T=4"],
         help="loss specs, one column each (kd and dkd alone: their default T)",
     )
     args = parser.parse_args()

@@ -67,7 +67,7 @@ def test_defaults_and_contract_attributes():
     assert (kd.temperature, kd.standardize, kd.uses_teachers) == (2.0, False, True)
     assert (kd.ce_weight, kd.kd_weight) == (0.1, 0.9)
     dkd = create("losses", "dkd")
-    assert (dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup) == (1.0, 8.0, 4.0, 20)
+    assert (dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup) == (1.0, 8.0, 2.0, 20)
     assert (dkd.ce_weight, dkd.kd_weight) == (1.0, 1.0)
     dist = create("losses", "dist")
     assert (dist.beta, dist.gamma, dist.temperature, dist.ce_weight, dist.kd_weight) == (
@@ -186,7 +186,7 @@ def test_dkd_standardize_zscores_the_student():
 def test_dkd_target_lacking_the_label_class_is_finite():
     target = np.array([[0.0, 0.6, 0.4, 0.0], [0.2, 0.3, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]])
     labels = np.array([0, 3, -1])  # rows 0-1: p_t[y] = 0; row 2: no mass outside y
-    _, value = loss_value("dkd,warmup=0", STUDENT, target, labels)
+    _, value = loss_value("dkd,T=4,warmup=0", STUDENT, target, labels)
     q = softmax(STUDENT / 4.0)
     expected = 0.0
     for row, y in ((0, 0), (1, 3)):

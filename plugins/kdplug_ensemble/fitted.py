@@ -315,6 +315,7 @@ class Auto:
         return self._combine(logits, known, labels, None)
 
     def _combine(self, logits, known, labels, temperature: float | None):
+        """Row weights and the target at ``temperature``, or the prediction for None."""
         if self.fitted is None:
             if not self.warned:
                 log.warning("auto: not fitted on labeled rows; falling back to `best`")

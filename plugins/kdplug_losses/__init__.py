@@ -32,7 +32,7 @@ def kd(
 def dkd(
     alpha: float = 1.0,
     beta: float = 8.0,
-    T: float | str = 4.0,
+    T: float | str = 2.0,
     warmup: int = 20,
     standardize: bool = False,
     ce_weight: float = 1.0,
