@@ -53,7 +53,8 @@ def register_combiners(register: Register) -> None:
 
     A Combiner is called as ``combiner(logits [K, B, C], known [K, C], labels [B],
     temperature)`` and returns ``(weights [K, B], target [B, C])``: per-sample teacher
-    weights summing to 1 and the combined soft target.
+    weights summing to 1 and the combined soft target. Optional methods ``fit`` and
+    ``predict``: see docs/plugins.md.
     """
 
 

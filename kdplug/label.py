@@ -2,7 +2,8 @@
 
 1. Each shard (a fixed row range, kdplug.shards) runs the teachers batch by batch and is
    written atomically to ``OUT/.shards/``: per-teacher probabilities ``[K, R, C]``, the
-   combiner's target ``[R, C]`` and weights ``[K, R]``, and the bad-row mask ``[R]``.
+   combined prediction ``[R, C]`` (``kdplug.fitting.combined_prediction``, stored as
+   ``target``) and weights ``[K, R]``, and the bad-row mask ``[R]``.
    ``resume`` skips every finished shard, whichever process wrote it. Under
    torch.distributed (``kdplug.distributed``) rank ``r`` of ``W`` takes the unfinished shards
    ``r, r + W, ...``; a lost rank's shards are redone on ``--resume`` by any number of ranks.
@@ -302,7 +303,8 @@ def label_rows(
     rows: Any, teacher_set: TeacherSet, combiner: Any, device: torch.device, bar: Any
 ) -> dict[str, torch.Tensor]:
     """The tensors of the batches ``rows`` (``(x, y, idx)``): ``teacher_probs [K, R, C]``,
-    ``target [R, C]``, ``weights [K, R]`` and ``bad [R]`` (a teacher gave NaN/Inf)."""
+    ``target [R, C]`` (the combined prediction), ``weights [K, R]`` and ``bad [R]`` (a
+    teacher gave NaN/Inf)."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("teacher_probs", "target", "weights")}
     bad_parts = []
     for x, _, idx in rows:

@@ -28,9 +28,9 @@ def row_nll(
 ) -> torch.Tensor:
     """Held-out NLL ``[N]`` of each labeled row under the combined prediction of ``logits
     [K, N, C]`` (probabilities clipped at 1e-12, as ``kdplug.metrics.nll``)."""
-    target = held_out_prediction(make_combiner(), logits, known, labels, folds)
+    prediction = held_out_prediction(make_combiner(), logits, known, labels, folds)
     y = labels[labels >= 0].long()
-    return -target[torch.arange(len(y)), y].double().clamp_min(1e-12).log()
+    return -prediction[torch.arange(len(y)), y].double().clamp_min(1e-12).log()
 
 
 def backward_elimination(

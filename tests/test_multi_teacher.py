@@ -81,9 +81,34 @@ def test_auto_is_never_less_accurate_than_the_best_teacher_on_the_labeled_rows()
         record = combiner.fit(logits, known, y)
         guarded += record["guard"] is not None
         _, prediction = combiner.predict(logits, known, torch.full_like(y, -1))
+        _, target = combiner(logits, known, torch.full_like(y, -1))
         best = max(metrics.accuracy(logits[k].softmax(-1), y) for k in range(K))
         assert metrics.accuracy(prediction, y) >= best
+        assert metrics.accuracy(target, y) >= best
     assert guarded  # seeds 12, 17: the NLL-optimal pool alone would lose accuracy there
+
+
+def test_the_target_takes_the_calibrated_teachers_when_their_own_outputs_lose_accuracy():
+    y = labels_for(200, 30)
+    flat_good = teacher(y, 0.9, 0.3, 31)  # accurate, but its own outputs are nearly flat
+    sharp_weak = teacher(y, 0.85, 6.0, 32)  # less accurate and over-confident
+    logits, unlabeled = torch.stack([flat_good, sharp_weak]), torch.full_like(y, -1)
+    combiner = create("combiners", "auto")
+    record = combiner.fit(logits, full(2), y)
+    own = Fitted(combiner.fitted.temperatures, combiner.fitted.weights, combiner.fitted.pool)
+    assert (
+        metrics.accuracy(own.log_target(logits, full(2), 1.0), y)
+        < record["accuracy"]["best_teacher"]
+    )
+    assert record["target"].startswith("calibrated teachers")
+    assert combiner.fitted.calibrated_target
+    _, target = combiner(logits, full(2), unlabeled, 2.0)
+    expected = own.log_target(logits / combiner.fitted.temperatures.view(-1, 1, 1), full(2), 2.0)
+    torch.testing.assert_close(target, expected.exp())
+    assert (
+        metrics.accuracy(combiner(logits, full(2), unlabeled)[1], y)
+        >= record["accuracy"]["best_teacher"]
+    )
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -190,6 +215,8 @@ def test_without_labeled_rows_auto_warns_and_falls_back_to_best(caplog):
     best_weights, best_target = create("combiners", "best")(logits, full(2), unlabeled, 2.0)
     torch.testing.assert_close(weights, best_weights)
     torch.testing.assert_close(target, best_target)
+    best_prediction = create("combiners", "best")(logits, full(2), unlabeled, 1.0)[1]
+    torch.testing.assert_close(combiner.predict(logits, full(2), unlabeled)[1], best_prediction)
 
 
 def test_a_teacher_that_knows_no_labeled_class_keeps_temperature_one():
@@ -372,18 +399,25 @@ def test_label_writes_the_calibrated_prediction(digits_splits, digit_teachers):
     from kdplug.teachers import build_teacher_set
 
     cpu = torch.device("cpu")
-    source, labeled = load_data(digits_splits["test"]), load_data(digits_splits["labeled"])
+    source, labeled = load_data(digits_splits["test"]), load_data(digits_splits["unlabeled"])
     teacher_set = build_teacher_set(digit_teachers, source.classes)
     auto = create("combiners", "auto")
-    fit_on_rows(auto, None, teacher_set, labeled, range(len(labeled)), 256, cpu)
+    fitted = fit_on_rows(auto, None, teacher_set, labeled, range(len(labeled)), 256, cpu)
+    assert fitted["combiner"]["target"] == "the teachers' own outputs"
     written = label_rows(
-        batches(source, 100, workers=0), teacher_set, auto, cpu, SimpleNamespace(update=print)
+        batches(source, 100, workers=0),
+        teacher_set,
+        auto,
+        cpu,
+        SimpleNamespace(update=lambda steps: None),
     )
     x, _, idx = source.batch(list(range(len(source))))
     out = teacher_set(x, idx)
     unlabeled = torch.full((len(source),), -1)
     prediction = auto.predict(out.logits.float(), out.known, unlabeled)[1]
     torch.testing.assert_close(written["target"], prediction)
+    target = auto(out.logits.float(), out.known, unlabeled)[1]  # not the distillation target
+    assert (written["target"] - target).abs().max() > 0.1
 
 
 def test_label_without_calibration_data_keeps_mean(digits_splits, digit_teachers, tmp_path):

@@ -30,7 +30,7 @@ from kdplug.cli.options import (
     "--combiner",
     default=None,
     metavar="SPEC",
-    help="How the teachers are combined into one target (see `kdplug list combiners`); "
+    help="How the teachers are combined into one soft label (see `kdplug list combiners`); "
     "default auto with --calibration-data, else mean.",
 )
 @click.option(

@@ -12,10 +12,13 @@ The fit then serves two uses. ``predict`` gives the **prediction**: the calibrat
 teachers pooled, what ``label`` writes and reports score. Calling it gives the
 **distillation target** at the loss's temperature ``T``: each teacher's own logits
 divided by ``T`` (``softmax(z_k / T)``, as every combiner tempers them), pooled with the
-fitted weights. Calibration decides how much each teacher counts; it does not reshape
-what the student learns from: a temperature below 1 would sharpen an underconfident
-teacher (a forest's vote fractions) and erase the non-target probabilities distillation
-transfers (docs/benchmarks.md measures both).
+fitted weights. Calibration decides how much each teacher counts, not what the student
+learns from: a temperature below 1 would sharpen an under-confident teacher (a forest's
+vote fractions) and erase the non-target probabilities distillation transfers
+(docs/benchmarks.md measures both). (4) If that pool of the teachers' own outputs is less
+accurate on the labeled rows than the best single teacher (when their confidence scales
+differ so much that a sharp weak teacher outvotes a flat good one), the target pools the
+calibrated teachers instead.
 
 Exact zeros (a probability teacher's ``log p`` at ``ops.IMPOSSIBLE``, classes a teacher
 does not know) are carried as ``-inf``: no temperature or weight gives them mass. In the
@@ -41,11 +44,11 @@ log = logging.getLogger("kdplug")
 POOLS = ("linear", "log")
 
 
-def calibrated_log_probs(
+def tempered_log_probs(
     logits: torch.Tensor, known: torch.Tensor, temperatures: torch.Tensor
 ) -> torch.Tensor:
-    """Each teacher's log-probabilities ``[K, N, C]`` after its temperature, ``-inf`` where
-    it cannot predict a class or gives it probability exactly 0."""
+    """Each teacher's log-probabilities ``[K, N, C]`` at its temperature ``[K]``, ``-inf``
+    where it cannot predict a class or gives it probability exactly 0."""
     z = apply_temperature(logits, temperatures.to(logits).view(-1, 1, 1))
     log_p = ops.masked_log_softmax(z, known)
     zero = (z <= ops.IMPOSSIBLE) | ~known.unsqueeze(1)
@@ -130,24 +133,31 @@ def fit_weights(
 @dataclass
 class Fitted:
     """What ``fit`` learned: each teacher's temperature ``[K]``, weights ``[K, C]``, the
-    pool."""
+    pool, and whether the distillation target uses the calibrated teachers too."""
 
     temperatures: torch.Tensor
     weights: torch.Tensor
     pool: str  # "linear", "log" or "single" (all weight on one teacher)
+    calibrated_target: bool = False
 
-    def predict(self, logits: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        """The fitted prediction's log-probabilities ``[N, C]`` for ``logits [K, N, C]``:
-        each teacher at its calibrated temperature, pooled."""
-        return self._pool(logits, known, self.temperatures.to(logits.device))
+    def log_prediction(self, logits: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """The prediction's log-probabilities ``[N, C]`` for ``logits [K, N, C]``: each
+        teacher at its calibrated temperature, pooled."""
+        return self._pool(logits, known, self.temperatures)
 
-    def target(self, logits: torch.Tensor, known: torch.Tensor, temperature: float) -> torch.Tensor:
+    def log_target(
+        self, logits: torch.Tensor, known: torch.Tensor, temperature: float
+    ) -> torch.Tensor:
         """The distillation target's log-probabilities ``[N, C]``: each teacher's logits
-        divided by ``temperature`` (no calibration), pooled with the fitted weights."""
-        return self._pool(logits, known, torch.full_like(self.temperatures, temperature))
+        divided by ``temperature`` (and by its calibrated temperature only where
+        ``calibrated_target``), pooled with the fitted weights."""
+        base = self.temperatures if self.calibrated_target else torch.ones_like(self.temperatures)
+        return self._pool(logits, known, base * temperature)
 
-    def _pool(self, logits: torch.Tensor, known: torch.Tensor, temperatures: torch.Tensor):
-        log_p = calibrated_log_probs(logits, known, temperatures.to(logits.device))
+    def _pool(
+        self, logits: torch.Tensor, known: torch.Tensor, temperatures: torch.Tensor
+    ) -> torch.Tensor:
+        log_p = tempered_log_probs(logits, known, temperatures.to(logits.device))
         weights = self.weights.to(device=logits.device, dtype=log_p.dtype)
         if self.pool == "single":
             return log_p[int(weights[:, 0].argmax())]
@@ -211,14 +221,14 @@ class Auto:
             log.warning("auto: no labeled rows to fit on; falling back to `best`")
             return {"fitted": False, "fallback": "best", "rows": 0}
         temperatures = self._temperatures(logits, known, labels)
-        log_p = calibrated_log_probs(logits, known, temperatures)
+        log_p = tempered_log_probs(logits, known, temperatures)
         veto = self.pool == "cv" and vetoes(log_p, known)
         choosing = self.pool == "cv" and not veto
         losses = self._cross_validate(logits, known, labels) if choosing else {}
         pool, cv = choose_pool(losses) if losses else (self._forced_pool(), {})
         weights = fit_weights(log_p, known, labels, pool, self.per_class, self.reg)
         fitted = Fitted(temperatures, weights, pool)
-        pooled = fitted.predict(logits, known)
+        pooled = fitted.log_prediction(logits, known)
         accuracy = {"ensemble": metrics.accuracy(pooled, labels)}
         singles = [metrics.accuracy(log_p[k], labels) for k in range(K)]
         best = max(range(K), key=lambda k: singles[k])
@@ -228,8 +238,10 @@ class Auto:
             weights = torch.zeros_like(weights)
             weights[best] = 1.0
             fitted = Fitted(temperatures, weights, "single")
-            pooled = fitted.predict(logits, known)
-        self.fitted = Fitted(temperatures.float(), weights.float(), fitted.pool)
+            pooled = fitted.log_prediction(logits, known)
+        accuracy["target"] = metrics.accuracy(fitted.log_target(logits, known, 1.0), labels)
+        calibrated_target = accuracy["target"] < singles[best]
+        self.fitted = Fitted(temperatures.float(), weights.float(), fitted.pool, calibrated_target)
         return {
             "fitted": True,
             "rows": N,
@@ -248,6 +260,12 @@ class Auto:
                 "rows; all weight on that teacher"
                 if guarded
                 else None
+            ),
+            "target": (
+                f"calibrated teachers: their own outputs pooled were less accurate than "
+                f"teacher {best} on the labeled rows"
+                if calibrated_target
+                else "the teachers' own outputs"
             ),
         }
 
@@ -278,12 +296,12 @@ class Auto:
             train = torch.ones(N, dtype=torch.bool)
             train[held] = False
             temperatures = self._temperatures(logits[:, train], known, labels[train])
-            log_p = calibrated_log_probs(logits, known, temperatures)
+            log_p = tempered_log_probs(logits, known, temperatures)
             for pool in POOLS:
                 weights = fit_weights(
                     log_p[:, train], known, labels[train], pool, self.per_class, self.reg
                 )
-                pooled = Fitted(temperatures, weights, pool).predict(logits[:, held], known)
+                pooled = Fitted(temperatures, weights, pool).log_prediction(logits[:, held], known)
                 losses[pool][held] = -pooled[torch.arange(len(held)), labels[held]].double()
         return losses
 
@@ -303,18 +321,24 @@ class Auto:
         temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[K, B, C]``, known ``[K, C]``, labels ``[B]`` (unused) -> weights
-        ``[K, B]`` (each teacher's weight averaged under the fitted prediction) and the
+        ``[K, B]`` (each teacher's weight averaged under the prediction) and the
         distillation target at ``temperature``, ``[B, C]``."""
-        return self._combine(logits, known, labels, temperature)
+        return self._combine(logits, known, labels, float(temperature))
 
     def predict(
         self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights ``[K, B]`` as when called, and the fitted prediction ``[B, C]`` (the
-        calibrated teachers pooled)."""
+        """Weights ``[K, B]`` as when called, and the prediction ``[B, C]`` (the calibrated
+        teachers pooled)."""
         return self._combine(logits, known, labels, None)
 
-    def _combine(self, logits, known, labels, temperature: float | None):
+    def _combine(
+        self,
+        logits: torch.Tensor,
+        known: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Row weights and the target at ``temperature``, or the prediction for None."""
         if self.fitted is None:
             if not self.warned:
@@ -325,12 +349,12 @@ class Auto:
         K = logits.shape[0]
         if fitted.weights.shape[0] != K:
             raise UsageError(f"auto: fitted on {fitted.weights.shape[0]} teachers, called with {K}")
-        pooled = fitted.predict(logits.float(), known).exp()
+        prediction = fitted.log_prediction(logits.float(), known).exp()
         weights = class_weights(fitted.weights.to(logits.device), known)
-        row_weights = ops.normalize_weights(torch.einsum("kc,bc->kb", weights, pooled), dim=0)
+        row_weights = ops.normalize_weights(torch.einsum("kc,bc->kb", weights, prediction), dim=0)
         if temperature is None:
-            return row_weights, pooled
-        return row_weights, fitted.target(logits.float(), known, temperature).exp()
+            return row_weights, prediction
+        return row_weights, fitted.log_target(logits.float(), known, temperature).exp()
 
     def __repr__(self) -> str:
         return (
