@@ -100,7 +100,7 @@ def test_the_target_takes_the_calibrated_teachers_when_their_own_outputs_lose_ac
         metrics.accuracy(own.log_target(logits, full(2), 1.0), y)
         < record["accuracy"]["best_teacher"]
     )
-    assert record["target"].startswith("calibrated teachers")
+    assert record["distillation_target"].startswith("calibrated teachers")
     assert combiner.fitted.calibrated_target
     _, target = combiner(logits, full(2), unlabeled, 2.0)
     expected = own.log_target(logits / combiner.fitted.temperatures.view(-1, 1, 1), full(2), 2.0)
@@ -403,7 +403,7 @@ def test_label_writes_the_calibrated_prediction(digits_splits, digit_teachers):
     teacher_set = build_teacher_set(digit_teachers, source.classes)
     auto = create("combiners", "auto")
     fitted = fit_on_rows(auto, None, teacher_set, labeled, range(len(labeled)), 256, cpu)
-    assert fitted["combiner"]["target"] == "the teachers' own outputs"
+    assert fitted["combiner"]["distillation_target"] == "the teachers' own outputs"
     written = label_rows(
         batches(source, 100, workers=0),
         teacher_set,

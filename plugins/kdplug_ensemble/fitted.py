@@ -261,7 +261,7 @@ class Auto:
                 if guarded
                 else None
             ),
-            "target": (
+            "distillation_target": (
                 f"calibrated teachers: their own outputs pooled were less accurate than "
                 f"teacher {best} on the labeled rows"
                 if calibrated_target
