@@ -176,11 +176,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument(
-        "--loss",
-        default="kd,T=4",
-        help="the KD loss of runs b, c and d",
-    )
+    parser.add_argument("--loss", default="kd,T=4", help="the KD loss of runs b, c and d")
     parser.add_argument("--combiner", default="mean", help="the combiner of runs b, c and d")
     parser.add_argument("--topk", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -179,7 +179,6 @@ def fit_combiner(
 ) -> dict[str, Any]:
     """Fit a combiner that has ``fit`` (``auto``) on the teachers' outputs for the labeled
     calibration rows (none without ``--calibration-data``: it then says how it falls back)."""
-
     if not can_fit(combiner):
         if rows is not None:
             log.warning("--calibration-data is unused: this combiner has no fit step")
