@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kdplug.errors import KdplugError, PluginError, UsageError
+from kdplug.errors import KdplugError, PluginError, UsageError, record_origin
 from kdplug.spec import Spec, parse_spec
 
 # kind name on the CLI -> (register hook, whether the factory takes a REF, one of them)
@@ -130,7 +130,9 @@ class Registry:
                 f"bad spec {spec.text!r}: {spec.name} takes no reference, only key=value options"
             )
         try:
-            return component.factory(*args, **options)
+            built = component.factory(*args, **options)
+            record_origin(built, component.plugin, f"{self.singular} {spec.text!r}")
+            return built
         except KdplugError:
             raise
         except Exception as exc:  # a plugin bug: name the plugin and the component
