@@ -36,18 +36,28 @@ def teacher_probs(
 
 
 def standardize(
-    logits: torch.Tensor, known: torch.Tensor | None = None, eps: float = 1e-6
+    logits: torch.Tensor,
+    known: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    skip_impossible: bool = True,
 ) -> torch.Tensor:
-    """Logit standardization (Sun et al. 2024): z-score each logit vector over known classes."""
+    """Logit standardization (Sun et al. 2024): z-score each logit vector over known classes.
+
+    The spread is the sample standard deviation (n - 1), as in the authors' code
+    (``torch.std``). With ``skip_impossible`` (teachers' logits) a logit at or below
+    ``IMPOSSIBLE / 2`` marks a class of probability 0: it is left out of the mean and the
+    spread and stays IMPOSSIBLE. A student's logits are z-scored whole
+    (``skip_impossible=False``), however low they are.
+    """
     z = logits.float()
     if known is None:
         known = torch.ones(z.shape[-1], dtype=torch.bool, device=z.device)
-    mask = (known if known.dim() == z.dim() else known.unsqueeze(-2)).expand_as(z)
-    # ignore impossible classes (very low logits) so one zero probability does not dominate
-    valid = mask & (z > IMPOSSIBLE / 2)
-    count = valid.sum(-1, keepdim=True).clamp_min(1)
-    mean = (z * valid).sum(-1, keepdim=True) / count
-    var = (((z - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    valid = (known if known.dim() == z.dim() else known.unsqueeze(-2)).expand_as(z)
+    if skip_impossible:
+        valid = valid & (z > IMPOSSIBLE / 2)
+    count = valid.sum(-1, keepdim=True)
+    mean = (z * valid).sum(-1, keepdim=True) / count.clamp_min(1)
+    var = (((z - mean) * valid) ** 2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)
     # clamp before sqrt: its gradient at var = 0 (all logits equal) would be NaN
     out = (z - mean) / (var.clamp_min(eps * eps).sqrt() + eps)
     return torch.where(valid, out, torch.full_like(out, IMPOSSIBLE))

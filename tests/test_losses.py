@@ -23,7 +23,8 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def zscore(z: np.ndarray) -> np.ndarray:
-    return (z - z.mean(-1, keepdims=True)) / z.std(-1, keepdims=True)
+    """The z-score of the logit-standardization authors' code: torch.std, so n - 1."""
+    return (z - z.mean(-1, keepdims=True)) / z.std(-1, ddof=1, keepdims=True)
 
 
 def kl(p: np.ndarray, q: np.ndarray) -> float:
@@ -181,6 +182,35 @@ def test_dkd_standardize_zscores_the_student():
     _, value = loss_value(f"dkd,T={T},standardize=true,warmup=0", STUDENT, target, LABELS)
     expected = dkd_reference(zscore(STUDENT), target, LABELS, T, 1.0, 8.0)
     assert value == pytest.approx(expected, rel=1e-4)
+
+
+def test_dkd_nckd_is_exact_for_a_confident_teacher():
+    # teacher [75, 0, 0] at T = 1 leaves ~2.7e-33 outside class 0; NCKD renormalizes it to
+    # [0.5, 0.5] exactly (a 1e-30 floor on that mass once gave -0.0183 here)
+    target = softmax(np.array([[75.0, 0.0, 0.0]]))
+    student = np.array([[0.0, 0.0, 5.0]])
+    _, value = loss_value("dkd,alpha=0,beta=1,T=1,warmup=0", student, target, np.array([0]))
+    expected = kl([0.5, 0.5], softmax(np.array([0.0, 5.0])))
+    assert expected == pytest.approx(1.8136, abs=1e-4)
+    assert value == pytest.approx(expected, rel=1e-5)
+    s = torch.tensor(student, dtype=torch.float32, requires_grad=True)
+    loss = create("losses", "dkd,alpha=0,beta=1,T=1,warmup=0")
+    loss(s, torch.tensor(target), torch.tensor([0])).backward()
+    q_rest = softmax(np.array([0.0, 5.0]))  # d NCKD / d z_rest = q_hat - p_hat
+    np.testing.assert_allclose(s.grad.numpy()[0, 1:], q_rest - 0.5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["kd,T=1,standardize=true", "dkd,T=1,standardize=true,warmup=0"])
+def test_standardize_takes_every_student_logit_however_low(spec):
+    # only teachers' logits at IMPOSSIBLE mean "probability 0"; a student logit of -6000 is
+    # an ordinary logit, and standardization makes the loss independent of the scale
+    target = softmax(zscore(np.array([[2.0, 1.0, 0.0]])))
+    student = np.array([[0.0, 1.0, -6000.0]])
+    _, value = loss_value(spec, student, target, np.array([0]))
+    _, scaled = loss_value(spec, student / 1000, target, np.array([0]))
+    assert value == pytest.approx(scaled, rel=1e-4)
+    if spec.startswith("kd"):
+        assert value == pytest.approx(hinton(zscore(student), target, 1.0), rel=1e-4)
 
 
 def test_dkd_target_lacking_the_label_class_is_finite():

@@ -170,6 +170,9 @@ def test_loss_is_finite_non_negative_with_finite_gradients(spec, batch):
 def test_loss_is_zero_when_the_student_is_the_teacher(spec, batch):
     _, teacher, labels = batch
     loss = get_manager().create("losses", spec)
+    # a teacher logit at IMPOSSIBLE means probability 0, which standardization leaves out;
+    # a student's logits all count, so there the two differ by design
+    assume(not loss.standardize or bool((teacher > ops.IMPOSSIBLE / 2).all()))
     value = loss(teacher, target_for(loss, teacher), labels)
     assert abs(value.item()) <= 1e-4
 

@@ -63,7 +63,9 @@ class Distillation:
 
     def student_log_probs(self, student_logits: torch.Tensor) -> torch.Tensor:
         """``log_softmax(z / T)`` of the student ``[B, C]``, z standardized when asked."""
-        z = ops.standardize(student_logits) if self.standardize else student_logits.float()
+        z = student_logits.float()
+        if self.standardize:  # every student logit counts, however low (no IMPOSSIBLE mask)
+            z = ops.standardize(z, skip_impossible=False)
         return torch.log_softmax(z / self.temperature, dim=-1)
 
     def __repr__(self) -> str:

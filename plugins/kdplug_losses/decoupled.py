@@ -57,8 +57,11 @@ class DKD(Distillation):
         log_q_rest = log_q.masked_fill(is_y, float("-inf")).logsumexp(-1)
         tckd = kl_rows(binary_t, torch.stack([log_q_y, log_q_rest], -1))
 
-        # the other classes, renormalized; a target with no mass outside y gives NCKD = 0
-        others_t = target.masked_fill(is_y, 0) / p_rest.clamp_min(1e-30).unsqueeze(-1)
+        # the other classes, renormalized exactly however small their mass (a confident
+        # teacher at T = 1 leaves ~1e-33); a target with no mass outside y gives NCKD = 0
+        rest = p_rest.unsqueeze(-1)
+        others = target.masked_fill(is_y, 0)
+        others_t = torch.where(rest > 0, others / torch.where(rest > 0, rest, 1.0), 0.0)
         log_others_q = (log_q - log_q_rest.unsqueeze(-1)).masked_fill(is_y, 0)
         nckd = kl_rows(others_t, log_others_q)
 
