@@ -284,6 +284,13 @@ def default_workers(rows: int) -> int:
     return 0 if rows < 20_000 else min(4, os.cpu_count() or 1)
 
 
+def batch_count(rows: int, batch_size: int, drop_last: bool) -> int:
+    """How many batches ``batches`` makes of ``rows`` rows: with ``drop_last`` a last
+    partial batch is dropped, unless it is the only one."""
+    full, partial = divmod(rows, batch_size)
+    return full + (1 if partial and (not drop_last or full == 0) else 0)
+
+
 def batches(
     source: DataSource,
     batch_size: int,
@@ -304,8 +311,7 @@ def batches(
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         rows = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
     chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    if drop_last and chunks and len(chunks[-1]) < batch_size and len(chunks) > 1:
-        chunks.pop()
+    chunks = chunks[: batch_count(len(rows), batch_size, drop_last)]
     workers = default_workers(len(rows)) if workers is None else workers
     return torch.utils.data.DataLoader(
         _Batches(source),

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from kdplug import distributed
-from kdplug.data import DataSource, batches, load_data
+from kdplug.data import DataSource, batch_count, batches, load_data
 from kdplug.errors import UsageError
 from kdplug.ops import standardize
 from kdplug.outputs import discarding_unstarted_runs
@@ -592,8 +592,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     if hasattr(parts.producer, "check_rows"):
         parts.producer.check_rows(len(rows))
     fitted = fit_on_labeled_rows(parts, config, device)
-    steps = len(rows) // (config.batch_size * distributed.world_size())
-    trainer = Trainer(parts, config, device, max(1, steps))
+    trainer = Trainer(parts, config, device, updates_per_epoch(len(rows), config.batch_size))
     val = val_batches(parts.val, config, trainer.cuda)
     names = teacher_names(parts)
     progress = start_progress(out, trainer, config, main)
@@ -681,6 +680,12 @@ def start_progress(
         write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in progress["history"]))
     log.info("resuming %s after epoch %d of %d", out, progress["epoch"], config.epochs)
     return progress
+
+
+def updates_per_epoch(rows: int, batch_size: int) -> int:
+    """The optimizer steps each rank takes per epoch (``train_epoch``'s batches), which the
+    learning-rate schedule is planned for."""
+    return batch_count(distributed.rows_per_rank(rows), batch_size, drop_last=True)
 
 
 def train_epoch(

@@ -168,6 +168,11 @@ def epoch_rows(rows: int, seed: int, epoch: int) -> list[int] | None:
     return list(sampler)
 
 
+def rows_per_rank(rows: int) -> int:
+    """How many of ``rows`` rows each rank gets from ``epoch_rows`` (padded to equal shares)."""
+    return -(-rows // world_size())
+
+
 def wrap_model(model: Any, device: Any) -> Any:
     """``model`` in DistributedDataParallel when there are several ranks, else itself."""
     if world_size() == 1:

@@ -53,3 +53,22 @@ def test_launch_refuses_to_nest_under_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="under torchrun leave it out"):
         distributed.launch(2, ["label"])
+
+
+@pytest.mark.parametrize("rows,world,batch", [(447, 2, 16), (447, 1, 16), (10, 3, 4), (5, 2, 16)])
+def test_the_planned_updates_per_epoch_are_the_batches_each_rank_runs(
+    monkeypatch, rows, world, batch
+):
+    # the LR schedule is planned for this many updates; 447 rows on 2 ranks in batches of 16
+    # once planned 13 while 14 ran, so the last updates happened at LR 0
+    from kdplug.data import batches
+    from kdplug.distill import updates_per_epoch
+
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    planned = updates_per_epoch(rows, batch)
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        share = distributed.epoch_rows(rows, seed=0, epoch=0)
+        source = list(range(rows)) if share is None else share
+        loader = batches(source, batch, indices=share, shuffle=share is None, drop_last=True)
+        assert len(loader.sampler) == planned
