@@ -8,25 +8,35 @@ teachers and the label/cache engines key on).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import logging
+import math
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from kdplug.errors import UsageError
+from kdplug.errors import KdplugError, UsageError
 from kdplug.plugins import get_manager
 from kdplug.spec import Spec, parse_spec
+
+log = logging.getLogger("kdplug")
 
 IMAGE_NAMES = ("image", "img", "pixel_values")
 LABEL_NAMES = ("label", "labels")
 # options every DATA spec accepts; the data path takes them, the source never sees them
-DATA_OPTIONS = ("image_column", "label_column", "image_size", "image_mode")
+DATA_OPTIONS = ("image_column", "label_column", "image_size", "image_mode", "max_pixels")
 IMAGE_MODES = {"L": 1, "RGB": 3}
 COLOR_MODES = ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
+# one-channel modes of more than 8 bits: scaled by their bit depth, not clipped to 255
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+GRAY_MODES = ("L", "1", *DEEP_MODES)
 
 
 @dataclass
@@ -43,6 +53,7 @@ class DataSource:
     label_values: list[Any] | None = None  # raw label values in class order, when not ClassLabel
     resize: bool = False  # resize images to input_shape (the spec asked for image_size)
     mode_given: bool = False  # the spec chose the channels (image_mode): convert every image
+    max_pixels: int | None = None  # PIL's decompression-bomb limit (max_pixels), None: PIL's
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -62,18 +73,17 @@ class DataSource:
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decode rows ``indices`` into ``(x, y, idx)``."""
-        rows = self.dataset[list(indices)]
         if self.kind == "image":
-            images = rows[self.input_columns[0]]
-            x = torch.from_numpy(
-                np.stack(
-                    [
-                        decode_image(v, self.input_shape, i, self.resize, self.mode_given)
-                        for v, i in zip(images, indices)
-                    ]
-                )
-            )
+            column = self.input_columns[0]
+            with image_limits(self.max_pixels), naming(self.spec):
+                rows = read_rows(self.dataset, list(indices), column)
+                images = [
+                    decode_image(v, self.input_shape, i, self.resize, self.mode_given)
+                    for v, i in zip(rows[column], indices)
+                ]
+            x = torch.from_numpy(np.stack(images))
         else:
+            rows = self.dataset[list(indices)]
             cols = [np.asarray(rows[c], dtype=np.float32) for c in self.input_columns]
             x = torch.from_numpy(np.stack(cols, axis=1))
         y = torch.tensor(self._labels(rows), dtype=torch.int64)
@@ -96,9 +106,12 @@ class DataSource:
         return [lookup.get(v, -1) if v is not None else -1 for v in values]
 
     def with_classes(self, classes: list[str]) -> DataSource:
-        """Map this source's labels onto the run's class names (missing names become -1)."""
-        if self.classes == classes or self.label_column is None:
+        """Map this source's labels onto the run's class names (missing names become -1);
+        data without labels just takes the run's class names."""
+        if self.classes == classes:
             return self
+        if self.label_column is None:
+            return dataclasses.replace(self, classes=list(classes))
         if self.classes is None:
             raise UsageError(f"{self.spec}: its labels have no class names to match {classes}")
         own = self.label_values if self.label_values is not None else list(range(len(self.classes)))
@@ -119,44 +132,230 @@ def decode_image(
     Images are converted to the data's mode: grayscale, RGBA or palette to RGB is safe; a
     color image in grayscale data is refused unless the spec chose ``image_mode``. A size
     that differs from the data's is resized when ``resize`` (``image_size``), else refused.
+    Grayscale images of more than 8 bits are scaled by their bit depth (see
+    ``deep_intensities``); an image that cannot be decoded names its row and file.
     """
     from PIL import Image
 
-    channels, height, width = shape
     if value is None:
         raise UsageError(f"row {row}: no image")
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        value = open_image(value, row)
     if isinstance(value, Image.Image):
-        mode = {1: "L", 3: "RGB"}.get(channels)
-        if mode is None:
-            raise UsageError(f"row {row}: cannot decode an image into {channels} channels")
-        if mode == "L" and value.mode in COLOR_MODES and not mode_given:
+        return _decode_pil(value, shape, row, resize, mode_given)
+    return _decode_array(value, shape, row)
+
+
+def _decode_pil(
+    image: Any, shape: tuple[int, int, int], row: int, resize: bool, mode_given: bool
+) -> np.ndarray:
+    from PIL import Image
+
+    channels, height, width = shape
+    where = _where(row, getattr(image, "filename", None))
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise UsageError(f"{where}: cannot decode an image into {channels} channels")
+    if mode == "L" and image.mode in COLOR_MODES and not mode_given:
+        raise UsageError(
+            f"{where}: a {image.mode} image in data whose first image is grayscale; add "
+            "image_mode=RGB to the data spec to read every image in color (or image_mode=L "
+            "to make every image grayscale)"
+        )
+    if image.mode in DEEP_MODES:
+        image = Image.fromarray(deep_intensities(image, where))  # mode F, in [0, 1]
+    elif image.mode != mode:
+        image = image.convert(mode)
+    if image.size != (width, height) and resize:
+        image = image.resize((width, height), Image.BILINEAR)
+    elif image.size != (width, height):
+        raise UsageError(
+            f"{where}: image is {image.size[0]}x{image.size[1]}, the data's images are "
+            f"{width}x{height}; add image_size={height} to the data spec to resize all"
+        )
+    array = np.asarray(image, dtype=np.float32)
+    if image.mode != "F":
+        array = array / 255.0
+    if array.ndim == 2:
+        return np.repeat(array[None], channels, axis=0)
+    return array.transpose(2, 0, 1).copy()
+
+
+def deep_intensities(image: Any, where: str) -> np.ndarray:
+    """A grayscale image of more than 8 bits as float32 intensities in [0, 1].
+
+    16-bit modes (``I;16*``) are divided by 65535. Mode ``I`` (32-bit signed) is divided by
+    ``2**bits - 1`` with ``bits`` the file's depth where it says (16 for a PNG, TIFF's
+    BitsPerSample), else by ``2**31 - 1``. Mode ``F`` (32-bit float) is taken as
+    intensities already in [0, 1]. Values outside the range are refused, not clipped.
+    """
+    array = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(array).all():
+            raise UsageError(f"{where}: a 32-bit float image (mode F) holds NaN or infinity")
+        if array.size and (array.min() < 0 or array.max() > 1):
             raise UsageError(
-                f"row {row}: a {value.mode} image in data whose first image is grayscale; add "
-                "image_mode=RGB to the data spec to read every image in color (or image_mode=L "
-                "to make every image grayscale)"
+                f"{where}: a 32-bit float image (mode F) with values in "
+                f"[{array.min():g}, {array.max():g}]; float images must hold intensities in "
+                "[0, 1]"
             )
-        image = value.convert(mode) if value.mode != mode else value
-        if image.size != (width, height) and resize:
-            image = image.resize((width, height), Image.BILINEAR)
-        elif image.size != (width, height):
-            raise UsageError(
-                f"row {row}: image is {image.size[0]}x{image.size[1]}, the data's images are "
-                f"{width}x{height}; add image_size={height} to the data spec to resize all"
-            )
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
-    array = np.asarray(value, dtype=np.float32)
+        return array.astype(np.float32)
+    bits = _bit_depth(image)
+    top = 2 ** min(bits, 31) - 1
+    if array.size and (array.min() < 0 or array.max() > top):
+        raise UsageError(
+            f"{where}: a {bits}-bit image (mode {image.mode}) with values in "
+            f"[{array.min()}, {array.max()}], outside 0..{top}"
+        )
+    return (array.astype(np.float64) / top).astype(np.float32)
+
+
+def _bit_depth(image: Any) -> int:
+    """Bits per sample of a one-channel integer image (``I;16*`` or ``I``)."""
+    if image.mode.startswith("I;16") or image.format == "PNG":  # PNG holds at most 16 bits
+        return 16
+    bits = getattr(image, "tag_v2", {}).get(258)  # TIFF's BitsPerSample
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    return bits if isinstance(bits, int) and 8 <= bits <= 32 else 32
+
+
+def _decode_array(value: Any, shape: tuple[int, int, int], row: int) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"row {row}: not an image or a numeric array: {_one_line(exc)}") from exc
     if array.ndim == 2:
         array = array[None]
     elif array.ndim == 3 and array.shape[-1] in (1, 3) and array.shape[0] not in (1, 3):
         array = array.transpose(2, 0, 1)
     if array.shape != shape:
         raise UsageError(f"row {row}: array image of shape {array.shape}, expected {shape}")
-    if array.max(initial=0.0) > 1.0:
+    if not np.isfinite(array).all():
+        raise UsageError(f"row {row}: the array image holds NaN or infinity")
+    low, high = array.min(initial=0.0), array.max(initial=0.0)
+    if low < 0 or high > 255:
+        raise UsageError(
+            f"row {row}: array image values lie in [{low:g}, {high:g}]; arrays must hold "
+            "intensities in [0, 1] or [0, 255]"
+        )
+    if high > 1.0:
         array = array / 255.0
     return np.ascontiguousarray(array)
+
+
+@contextlib.contextmanager
+def image_limits(max_pixels: int | None) -> Iterator[None]:
+    """Decode images under PIL's decompression-bomb limit (``max_pixels`` when given, else
+    ``Image.MAX_IMAGE_PIXELS``), refusing PIL's warning zone (over the limit but under twice
+    it, where PIL only warns) as it refuses what is over twice the limit."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+@contextlib.contextmanager
+def naming(name: str) -> Iterator[None]:
+    """Prefix the data's name to a UsageError raised inside (a bad row or image)."""
+    try:
+        yield
+    except UsageError as exc:
+        if str(exc).startswith(f"{name}: "):
+            raise
+        raise UsageError(f"{name}: {exc}") from exc
+
+
+def read_rows(dataset: Any, indices: list[int], column: str) -> dict[str, list]:
+    """Rows ``indices`` of ``dataset``; an image in ``column`` that the dataset cannot decode
+    is a UsageError naming its row and file."""
+    try:
+        return dataset[indices]
+    except Exception:  # a damaged file fails inside datasets' decoder, as any type
+        raw = _undecoded(dataset, column)
+        for row in indices:
+            value = raw[row][column]
+            if isinstance(value, dict):
+                open_image(value, row)
+        raise
+
+
+def _undecoded(dataset: Any, column: str) -> Any:
+    """``dataset`` with the images of ``column`` as ``{"bytes", "path"}``, not decoded."""
+    from datasets import Image
+
+    feature = dataset.features.get(column)
+    if isinstance(feature, Image) and feature.decode:
+        return dataset.cast_column(column, Image(decode=False))
+    return dataset
+
+
+def open_image(value: dict, row: int) -> Any:
+    """An encoded image (``{"bytes", "path"}``) decoded by PIL; a UsageError naming the row,
+    the file and what is wrong when it cannot be."""
+    from PIL import Image
+
+    data, path = value.get("bytes"), value.get("path")
+    where = _where(row, path)
+    if data is None and not path:
+        raise UsageError(f"row {row}: no image")
+    if data is not None and len(data) == 0 or data is None and _is_empty_file(path):
+        raise UsageError(f"{where}: the image file is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data) if data else path)
+        image.load()
+    except Exception as exc:  # PIL raises many types for a damaged or hostile file
+        raise UsageError(f"{where}: {_image_problem(exc, data, path)}") from exc
+    return image
+
+
+def _image_problem(exc: Exception, data: bytes | None, path: str | None) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return (
+            f"the image has {_pixels(data, path)} pixels, over PIL's decompression-bomb limit "
+            f"of {Image.MAX_IMAGE_PIXELS} (Image.MAX_IMAGE_PIXELS); if you trust the file, "
+            "add max_pixels=N to the data spec"
+        )
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image PIL can read (corrupt, or not an image file)"
+    return f"a corrupt or truncated image ({type(exc).__name__}: {_one_line(exc)})"
+
+
+def _pixels(data: bytes | None, path: str | None) -> str:
+    """``WxH = N`` of an image over the size limit, read from its header alone."""
+    from PIL import Image
+
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(data) if data else path) as image:
+            width, height = image.size
+        return f"{width}x{height} = {width * height}"
+    except Exception:  # only for the message: the file was refused already
+        return "too many"
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _is_empty_file(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(path) and os.path.getsize(path) == 0
+
+
+def _where(row: int, path: str | None) -> str:
+    return f"row {row} ({path})" if path else f"row {row}"
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def load_data(spec: str | Spec, classes: list[str] | None = None) -> DataSource:
@@ -183,6 +382,7 @@ def describe(
     label_column: str | None = None,
     image_size: Any = None,
     image_mode: str | None = None,
+    max_pixels: Any = None,
 ) -> DataSource:
     """Detect the image (or feature) columns, the label column and the class names."""
     from datasets import ClassLabel, Image, Value
@@ -206,13 +406,14 @@ def describe(
         if isinstance(feature, ClassLabel):
             classes = list(feature.names)
         else:
-            present = sorted({v for v in dataset[label] if v is not None and v != -1})
-            values = present
-            if all(isinstance(v, int) for v in present):
-                values = list(range(max(present) + 1)) if present else []
+            values = distinct_labels(dataset[label], name, label)
             classes = [str(v) for v in values]
     if image is not None:
-        shape = _image_shape(dataset, image, name, image_size)
+        if max_pixels is not None:
+            max_pixels = _positive_int(max_pixels)
+            if max_pixels is None:
+                raise UsageError(f"{name}: max_pixels must be a positive integer")
+        shape = _image_shape(dataset, image, name, image_size, max_pixels)
         if image_mode is not None:
             if image_mode not in IMAGE_MODES:
                 raise UsageError(f"{name}: image_mode must be L or RGB, got {image_mode!r}")
@@ -228,6 +429,7 @@ def describe(
             values,
             resize=image_size is not None,
             mode_given=image_mode is not None,
+            max_pixels=max_pixels,
         )
     numeric = [
         c
@@ -244,12 +446,61 @@ def describe(
     return DataSource(name, dataset, "tabular", numeric, label, classes, (len(numeric),), values)
 
 
-def _image_shape(dataset: Any, column: str, name: str, image_size: Any) -> tuple[int, int, int]:
-    first = dataset[0][column]
+def distinct_labels(values: list[Any], name: str, column: str) -> list[Any]:
+    """The classes of a label column without class names: its distinct values, sorted.
+
+    None, NaN and -1 mean "no label"; whole floats (a CSV column with an empty cell) count
+    as ints. Integer labels that are not 0..C-1 are said once in the log.
+    """
+    present = set()
+    try:
+        for v in values:
+            if v is None or v == -1 or (isinstance(v, float) and math.isnan(v)):
+                continue
+            present.add(int(v) if isinstance(v, float) and v.is_integer() else v)
+        ordered = sorted(present)
+    except TypeError as exc:  # lists, dicts or mixed types: not class labels
+        raise UsageError(
+            f"{name}: label column {column!r} holds values that are not class labels "
+            f"({_one_line(exc)}); use label_column=NAME"
+        ) from exc
+    dense = list(range(len(ordered)))
+    if ordered == dense:
+        return dense  # bools too: classes "0" and "1"
+    if not all(isinstance(v, int) for v in ordered):
+        return ordered
+    shown = [str(v) for v in ordered[:10]] + (["..."] if len(ordered) > 10 else [])
+    log.info(
+        "%s: the integer labels are not 0..C-1; the classes are their %d distinct values "
+        "%s (a row's class is its label's position in this list)",
+        name,
+        len(ordered),
+        ", ".join(shown),
+    )
+    return ordered
+
+
+def _positive_int(value: Any) -> int | None:
+    """An option value as a positive int (also from its text, ``"8"``), else None."""
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _image_shape(
+    dataset: Any, column: str, name: str, image_size: Any, max_pixels: int | None = None
+) -> tuple[int, int, int]:
+    with image_limits(max_pixels), naming(name):
+        first = read_rows(dataset, [0], column)[column][0]
+        if isinstance(first, dict) and ("bytes" in first or "path" in first):
+            first = open_image(first, 0)
     if first is None:
         raise UsageError(f"{name}: row 0 has no image in column {column!r}")
     if hasattr(first, "mode"):
-        channels = 1 if first.mode in ("L", "1", "I", "F", "I;16") else 3
+        channels = 1 if first.mode in GRAY_MODES else 3
         width, height = first.size
     else:
         shape = np.asarray(first).shape
@@ -258,7 +509,8 @@ def _image_shape(dataset: Any, column: str, name: str, image_size: Any) -> tuple
         channels, height, width = shape if len(shape) == 3 else (1, *shape)
     if image_size is not None:
         size = image_size if isinstance(image_size, list) else [image_size, image_size]
-        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        size = [_positive_int(s) for s in size]
+        if len(size) != 2 or None in size:
             raise UsageError(f"{name}: image_size must be N or H;W, got {image_size!r}")
         height, width = size
     return channels, height, width
@@ -274,7 +526,22 @@ class _Batches(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, indices: list[int]):
-        return self.source.batch(indices)
+        try:
+            return self.source.batch(indices)
+        except KdplugError as exc:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return exc  # from a worker: _Loader raises it whole, not torch's re-wrapped copy
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader that raises a worker's kdplug error as it was (one line, its type)."""
+
+    def __iter__(self):
+        for item in super().__iter__():
+            if isinstance(item, KdplugError):
+                raise item
+            yield item
 
 
 def default_workers(rows: int) -> int:
@@ -313,7 +580,7 @@ def batches(
     chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     chunks = chunks[: batch_count(len(rows), batch_size, drop_last)]
     workers = default_workers(len(rows)) if workers is None else workers
-    return torch.utils.data.DataLoader(
+    return _Loader(
         _Batches(source),
         sampler=chunks,
         batch_size=None,

@@ -5,6 +5,7 @@ Every factory returns a ``datasets.Dataset``; the core's data path detects its c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import kdplug
@@ -26,18 +27,33 @@ def _one_split(data, split: str | None, ref: str):
 
     if not isinstance(data, DatasetDict):
         return data
+    return data[_pick_split(list(data), split, ref)]
+
+
+def _pick_split(splits: list[str], split: str | None, ref: str) -> str:
+    """``split``, else "train", else the only split; a UsageError naming the splits."""
     if split is None:
-        split = "train" if "train" in data else (next(iter(data)) if len(data) == 1 else None)
-    if split not in data:
-        raise UsageError(f"{ref}: choose a split with split=NAME (splits: {list(data)})")
-    return data[split]
+        split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+    if split not in splits:
+        raise UsageError(f"{ref}: choose a split with split=NAME (splits: {splits})")
+    return split
 
 
 def disk(ref: str, split: str | None = None):
-    """A dataset saved with datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    """A dataset saved with datasets' save_to_disk (a Dataset or a DatasetDict).
+
+    Of a DatasetDict only the chosen split is read, so an empty other split is no matter.
+    """
     import datasets
 
     path = _existing(ref, "disk")
+    splits = _saved_splits(path)
+    if splits is not None:
+        split = _pick_split(splits, split, ref)
+        path = path / split
+    if _saved_empty(path):
+        shown = f"disk:{ref},split={split}" if splits is not None else f"disk:{ref}"
+        raise UsageError(f"{shown}: the dataset is empty")
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises many types for a bad or empty directory
@@ -45,6 +61,24 @@ def disk(ref: str, split: str | None = None):
             f"disk:{ref} is not a readable saved dataset ({type(exc).__name__}: {exc})"
         ) from exc
     return _one_split(data, split, ref)
+
+
+def _saved_splits(path: Path) -> list[str] | None:
+    """The split names of a saved DatasetDict, None for anything else."""
+    try:
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return [str(s) for s in splits] if isinstance(splits, list) else None
+
+
+def _saved_empty(path: Path) -> bool:
+    """Whether a saved Dataset holds no data files (save_to_disk of 0 rows, which
+    load_from_disk cannot read back)."""
+    try:
+        return json.loads((path / "state.json").read_text())["_data_files"] == []
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # load_from_disk says what is wrong with it
 
 
 def _files(builder: str, ref: str, **kwargs):
