@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kdplug.errors import KdplugError, PluginError, UsageError, record_origin
-from kdplug.spec import Spec, parse_spec
+from kdplug.errors import KdplugError, PluginError, UsageError, describe, record_origin
+from kdplug.spec import Quoted, Raw, Spec, guess_value, parse_spec
 
 # kind name on the CLI -> (register hook, whether the factory takes a REF, one of them)
 KINDS: dict[str, tuple[str, bool, str]] = {
@@ -38,12 +41,8 @@ class Component:
 
     def options(self) -> dict[str, inspect.Parameter] | None:
         """Keyword options the factory accepts, or None when it takes ``**options``."""
-        params = _signature(self.factory).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return None
-        skip = 1 if KINDS[self.kind][1] else 0
-        named = [p for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        return {p.name: p for p in named[skip:]}
+        named, anything = _parameters(self.factory, 1 if KINDS[self.kind][1] else 0)
+        return None if anything else named
 
 
 def _signature(factory: Callable[..., Any]) -> inspect.Signature:
@@ -53,8 +52,150 @@ def _signature(factory: Callable[..., Any]) -> inspect.Signature:
         return inspect.signature(factory)
 
 
+def _parameters(
+    factory: Callable[..., Any], skip: int
+) -> tuple[dict[str, inspect.Parameter], bool]:
+    """The factory's named options (less the first ``skip``) and whether it takes ``**``."""
+    params = _signature(factory).parameters.values()
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    anything = any(p.kind is p.VAR_KEYWORD for p in params)
+    return {p.name: p for p in named[skip:]}, anything
+
+
+def _unknown(owner: str, key: str, accepted: dict[str, inspect.Parameter]) -> UsageError:
+    allowed = ", ".join(sorted(accepted)) or "none"
+    return UsageError(f"{owner}: unknown option {key!r} (accepted: {allowed})")
+
+
+# -- typed options: spec text -> the values a factory's annotations ask for ----------------
+_TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null")
+_NONE_TYPE = type(None)
+
+
+def _members(kind: Any) -> tuple[Any, ...]:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return typing.get_args(kind)
+    return (kind,)
+
+
+def _is_list(kind: Any) -> bool:
+    return kind is list or typing.get_origin(kind) is list
+
+
+def _is_typed(kind: Any) -> bool:
+    """An annotation kdplug converts text to (the others get the old guess)."""
+    return kind in (bool, int, float, str) or typing.get_origin(kind) is typing.Literal
+
+
+def from_text(text: Raw, kind: Any) -> Any:
+    """Spec text (a string or a list of strings) as the annotation ``kind`` asks.
+
+    ``none``/``null`` (unquoted, any case) is None where ``kind`` allows None; then the
+    members of a union are tried in the order written, the first to accept the text wins
+    (so ``float | str`` reads ``4`` as 4.0, ``str | int`` keeps ``01``). A single value
+    tries the scalar members before the list ones (``list[float]`` takes ``0.5`` as
+    ``[0.5]``); a list (``a;b``) only the list ones. ``bool`` takes true/false, yes/no,
+    on/off, 1/0; ``int`` an integer; ``float`` a finite number; ``str`` any text verbatim;
+    ``Literal[...]`` one of its values. No annotation, ``Any`` or another type: the old
+    guess (``kdplug.spec.guess_value``). Raises ValueError when nothing accepts the text.
+    """
+    members = _members(kind)
+    if _NONE_TYPE in members and isinstance(text, str) and not isinstance(text, Quoted):
+        if text.lower() in _NONE:
+            return None
+    members = tuple(m for m in members if m is not _NONE_TYPE)
+    if isinstance(text, list):
+        candidates = [m for m in members if _is_list(m) or not _is_typed(m)]
+    else:
+        candidates = sorted(members, key=_is_list)  # stable: the scalar ones first
+    for member in candidates:
+        try:
+            return _as(text, member)
+        except ValueError:
+            continue
+    raise ValueError(f"{text!r} is not {_describe(kind)}")
+
+
+def _as(text: Raw, kind: Any) -> Any:
+    if _is_list(kind):
+        item = (typing.get_args(kind) or (Any,))[0]
+        return [from_text(t, item) for t in (text if isinstance(text, list) else [text])]
+    if not _is_typed(kind):
+        return guess_value(text)
+    if kind is bool and text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    if kind is int:
+        return int(text)
+    if kind is float and math.isfinite(value := float(text)):
+        return value
+    if kind is str:
+        return str(text)
+    for choice in typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ():
+        if str(choice) == text:
+            return choice
+    raise ValueError(text)
+
+
+def _describe(kind: Any) -> str:
+    """``kind`` in words for an error: ``float or a list of float or none``."""
+    words = []
+    for member in _members(kind):
+        if member is bool:
+            words.append("true or false")
+        elif member is _NONE_TYPE:
+            words.append("none")
+        elif _is_list(member):
+            item = typing.get_args(member)
+            words.append(f"a list of {_describe(item[0])}" if item else "a list")
+        elif typing.get_origin(member) is typing.Literal:
+            words.append(" or ".join(str(c) for c in typing.get_args(member)))
+        else:
+            words.append(getattr(member, "__name__", str(member)))
+    return " or ".join(words)
+
+
+def _typed_value(owner: str, key: str, text: Raw, kind: Any) -> Any:
+    try:
+        return from_text(text, kind)
+    except ValueError:
+        shown = ";".join(text) if isinstance(text, list) else text
+        hint = ""
+        if isinstance(text, list) and not any(_is_list(m) for m in _members(kind)):
+            hint = f' (quote a value holding ";": {key}="{shown}")'
+        elif isinstance(text, str) and float in _members(kind) and _non_finite(text):
+            hint = " (a finite number)"
+        raise UsageError(
+            f"{owner}: option {key}={shown!r} must be {_describe(kind)}{hint}"
+        ) from None
+
+
+def _non_finite(text: str) -> bool:
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def typed_options(
+    factory: Callable[..., Any], options: dict[str, Raw], owner: str, skip: int = 0
+) -> dict[str, Any]:
+    """Spec option text (``Spec.raw``) typed by ``factory``'s signature (see ``from_text``),
+    less its first ``skip`` parameters (a REF). A factory taking ``**options`` gets its
+    other options guessed. An unknown option or text its annotation refuses is a
+    UsageError naming ``owner``: ``threshold: option tau='high' must be float``."""
+    named, anything = _parameters(factory, skip)
+    typed = {}
+    for key, text in options.items():
+        if key not in named and not anything:
+            raise _unknown(owner, key, named)
+        kind = named[key].annotation if key in named else inspect.Parameter.empty
+        typed[key] = _typed_value(owner, key, text, kind)
+    return typed
+
+
 def _check_type(component: Component, key: str, value: Any, param: inspect.Parameter) -> Any:
-    """Coerce int to float where a float is declared; refuse values of the wrong type."""
+    """A Python value given in code: int to float where a float is declared; refuse values
+    of the wrong simple type."""
     expected = param.annotation
     if expected is bool and not isinstance(value, bool):
         raise UsageError(f"{component.name}: option {key}={value!r} must be true or false")
@@ -93,7 +234,7 @@ class Registry:
         if taken is not None:
             raise PluginError(
                 f"{self.kind} name {name!r} is registered by both plugin {taken.plugin!r} "
-                f"and plugin {plugin!r}"
+                f"and plugin {plugin!r} (KDPLUG_BLOCK_PLUGINS=NAME skips the one you do not want)"
             )
         self._components[name] = Component(self.kind, name, factory, plugin)
 
@@ -110,20 +251,24 @@ class Registry:
             raise UsageError(f"unknown {self.singular} {name!r}{hint} (known: {known})") from None
 
     def create(self, spec: str | Spec, *args: Any, **extra: Any) -> Any:
-        """Build a component from a spec; ``args`` follow REF (e.g. num_classes, in_chans)."""
+        """Build a component from a spec; ``args`` follow REF (e.g. num_classes, in_chans).
+
+        The spec's option text is typed by the factory's signature (``typed_options``);
+        ``extra`` options are Python values, checked against it."""
         spec = parse_spec(spec) if isinstance(spec, str) else spec
         component = self.get(spec.name)
-        options = {**spec.options, **extra}
-        accepted = component.options()
-        if accepted is not None:
-            for key in list(options):
-                if key not in accepted:
-                    allowed = ", ".join(sorted(accepted)) or "none"
-                    raise UsageError(f"{spec.name}: unknown option {key!r} (accepted: {allowed})")
-                options[key] = _check_type(component, key, options[key], accepted[key])
+        if spec.raw is not None:
+            skip = 1 if self.takes_ref else 0
+            options = typed_options(component.factory, spec.raw, spec.name, skip)
+            options.update(self._checked(component, extra))
+        else:
+            options = self._checked(component, {**spec.options, **extra})
         if self.takes_ref:
             if spec.ref is None:
-                raise UsageError(f"{spec.name} needs a reference: {spec.name}:REF")
+                raise UsageError(
+                    f'{spec.name} needs a reference: {spec.name}:REF (quote a REF holding "=": '
+                    f'{spec.name}:"a=b")'
+                )
             args = (spec.ref, *args)
         elif spec.ref is not None:
             raise UsageError(
@@ -135,8 +280,19 @@ class Registry:
             return built
         except KdplugError:
             raise
-        except Exception as exc:  # a plugin bug: name the plugin and the component
+        except (Exception, SystemExit) as exc:  # a plugin bug: name the plugin and the component
             raise PluginError(
                 f"plugin {component.plugin!r} failed to build {self.singular} "
-                f"{spec.name!r}: {type(exc).__name__}: {exc}"
+                f"{spec.name!r}: {describe(exc)}"
             ) from exc
+
+    @staticmethod
+    def _checked(component: Component, values: dict[str, Any]) -> dict[str, Any]:
+        """Options given as Python values, checked against the factory's signature."""
+        accepted = component.options()
+        if accepted is None:
+            return dict(values)
+        for key in values:
+            if key not in accepted:
+                raise _unknown(component.name, key, accepted)
+        return {k: _check_type(component, k, v, accepted[k]) for k, v in values.items()}

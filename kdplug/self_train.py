@@ -22,6 +22,7 @@ import numpy as np
 
 from kdplug.errors import UsageError
 from kdplug.outputs import discarding_unstarted_runs, write_json
+from kdplug.spec import quote, quote_list
 
 log = logging.getLogger("kdplug")
 MARKER = "run.json"
@@ -81,7 +82,18 @@ def write_round_data(unlabeled: Any, rows: np.ndarray, out: Path) -> str:
 
     with atomic_path(out, directory=True) as tmp:
         unlabeled.dataset.select(rows.tolist()).save_to_disk(str(tmp))
-    return f"disk:{out}"
+    return disk_spec(out)
+
+
+def disk_spec(path: Path) -> str:
+    """The DATA spec of a dataset saved at ``path`` (quoted where the path needs it)."""
+    return f"disk:{quote(str(path))}"
+
+
+def targets_teacher(target: str, classes: list[str]) -> str:
+    """The spec of the round's targets (``write_targets``' spec) named by the data's classes,
+    which survive verbatim (``no;yes``, ``01``, names holding ``;``)."""
+    return f"{target},classes={quote_list([str(c) for c in classes])}"
 
 
 def write_targets(train_labels: np.ndarray, probs: np.ndarray, classes: int, path: Path) -> str:
@@ -92,7 +104,7 @@ def write_targets(train_labels: np.ndarray, probs: np.ndarray, classes: int, pat
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.concatenate([onehot, probs]).astype(np.float32))
-    return f"logits:{path},probs=true"
+    return f"logits:{quote(str(path))},probs=true"
 
 
 def run_round(
@@ -125,11 +137,11 @@ def run_round(
     if not cfg.resume or not (root / "pseudo").exists():
         pseudo = write_round_data(unlabeled, rows, root / "pseudo")
     else:
-        pseudo = f"disk:{root / 'pseudo'}"
+        pseudo = disk_spec(root / "pseudo")
     target = write_targets(train.labels(), probs, len(train.classes), root / "targets.npy")
     summary = distill(
         DistillConfig(
-            teachers=[f"{target},classes={';'.join(train.classes)}"],
+            teachers=[targets_teacher(target, train.classes)],
             student=student_spec(cfg.student, cfg.drop_path),
             train=cfg.train,
             unlabeled=pseudo,
@@ -194,7 +206,7 @@ def self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) -> l
             f"round {number}: {row['accepted']} pseudo-labels, student val accuracy "
             f"{row['val_accuracy']:.4f}"
         )
-        student = f"kdplug:{row['student']}"
+        student = f"kdplug:{quote(row['student'])}"
         teachers = [student] if cfg.replace else [*teachers, student]
     plot_rounds(rows, out / "rounds.png")
     write_json(out / SUMMARY, {"config": cfg.record(), "rounds": rows})

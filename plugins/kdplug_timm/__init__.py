@@ -22,8 +22,8 @@ def timm_student(
     drop_rate: float = 0.0,
     pretrained: bool = False,
     checkpoint: str | None = None,
-    mean: list | float | None = None,
-    std: list | float | None = None,
+    mean: float | list[float] | None = None,
+    std: float | list[float] | None = None,
 ):
     """A timm architecture with the data's classes and channels (options go to create_model)."""
     from kdplug_timm.models import build_student
@@ -47,10 +47,10 @@ def timm_teacher(
     num_classes: int | None = None,
     in_chans: int | None = None,
     pretrained: bool = False,
-    classes: list | str | None = None,
-    mean: list | float | None = None,
-    std: list | float | None = None,
-    size: list | int | None = None,
+    classes: str | list[str] | None = None,
+    mean: float | list[float] | None = None,
+    std: float | list[float] | None = None,
+    size: int | list[int] | None = None,
 ):
     """A timm model from checkpoint=PATH (safetensors or state dict) or pretrained=true."""
     from kdplug_timm.models import build_teacher
