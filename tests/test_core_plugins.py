@@ -1,11 +1,14 @@
 """The plugin manager: entry points, failure isolation, env switches, event hooks."""
 
 import json
+import sys
 import textwrap
 
+import click
 import pytest
 
 import kdplug
+from kdplug.errors import PluginError
 from kdplug.plugins import PluginManager
 from tests.conftest import run_cli
 
@@ -197,3 +200,180 @@ def test_first_party_plugins_register_again_after_their_submodules_are_imported(
     again = PluginManager()
     again.load_entry_points()
     assert {n: again.plugins[n].error for n in names} == dict.fromkeys(names)
+
+
+@pytest.fixture
+def install(tmp_path, monkeypatch):
+    """``install(dist, module, source, ep_name)``: a fake distribution this process's
+    entry-point scan finds, for this test only."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modules = []
+
+    def install_one(dist, module, source, ep_name=None):
+        fake_distribution(tmp_path, dist, module, source, ep_name)
+        modules.append(module)
+
+    yield install_one
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+def loaded() -> PluginManager:
+    manager = PluginManager()
+    manager.load_entry_points()
+    return manager
+
+
+EXITS_AT_IMPORT = "import sys\nsys.exit(0)\n"
+EXITS_IN_REGISTER = """
+    import sys
+    import kdplug
+
+    @kdplug.hookimpl
+    def register_teachers(register):
+        sys.exit(3)
+"""
+EXITS_LATER = """
+    import sys
+    import kdplug
+
+    def quits(ref: str):
+        '''A teacher that quits.'''
+        sys.exit(0)
+
+    @kdplug.hookimpl
+    def register_teachers(register):
+        register("quits", quits)
+
+    @kdplug.hookimpl
+    def on_labels_written(run, path, report):
+        sys.exit(0)
+"""
+
+
+def test_a_plugin_calling_sys_exit_is_reported_by_name(install, caplog):
+    install("kdplug-exit1", "kdplug_exit_import", EXITS_AT_IMPORT, "exit-import")
+    install("kdplug-exit2", "kdplug_exit_register", EXITS_IN_REGISTER, "exit-register")
+    install("kdplug-exit3", "kdplug_exit_later", EXITS_LATER, "exit-later")
+    manager = loaded()
+    assert manager.plugins["exit-import"].error == "import failed: sys.exit(0)"
+    assert manager.plugins["exit-register"].error == "register_teachers failed: sys.exit(3)"
+    assert "plugin 'exit-import' failed to load and is skipped: import failed: sys.exit(0)" in (
+        caplog.text
+    )
+    with pytest.raises(PluginError) as caught:
+        manager.create("teachers", "quits:x")
+    assert str(caught.value) == "plugin 'exit-later' failed to build teacher 'quits': sys.exit(0)"
+    manager.notify("on_labels_written", run="r", path="p", report={})
+    assert "plugin 'exit-later' raised in on_labels_written: sys.exit(0)" in caplog.text
+
+
+def test_a_listener_failing_in_any_way_leaves_the_run_alone(caplog):
+    class Listener:
+        @kdplug.hookimpl
+        def on_fit_end(self, run, summary):
+            raise kdplug.UsageError("listener: no such dashboard")
+
+        @kdplug.hookimpl
+        def on_epoch_end(self, epoch):
+            sys.exit(2)
+
+    manager = PluginManager()
+    manager.add(Listener(), "listener")
+    manager.notify("on_epoch_end", run="r", epoch=1, metrics={})
+    manager.notify("on_fit_end", run="r", summary={})
+    assert "plugin 'listener' raised in on_epoch_end: sys.exit(2)" in caplog.text
+    assert (
+        "plugin 'listener' raised in on_fit_end: UsageError: listener: no such dashboard"
+        in caplog.text
+    )
+
+
+EVIL_DATASETS = """
+    import kdplug
+
+    def disk(ref: str):
+        '''Not kdplug's disk.'''
+        return ref
+
+    @kdplug.hookimpl
+    def register_datasets(register):
+        register("disk", disk)
+"""
+
+
+def test_a_plugin_named_like_a_first_party_one_is_reported_and_can_be_chosen(
+    install, monkeypatch, caplog
+):
+    install("kdplug-evil", "kdplug_evil_datasets", EVIL_DATASETS, "datasets")
+    manager = loaded()
+    assert manager.plugins["datasets"].distribution == "kdplug"
+    assert manager.plugins["kdplug-evil:datasets"].error == (
+        "plugin 'datasets' of 'kdplug' has the same name and loads instead; "
+        "KDPLUG_BLOCK_PLUGINS=kdplug:datasets loads this one, "
+        "KDPLUG_BLOCK_PLUGINS=kdplug-evil:datasets keeps kdplug:datasets without this warning"
+    )
+    assert "plugin 'kdplug-evil:datasets' failed to load and is skipped" in caplog.text
+
+    monkeypatch.setenv("KDPLUG_BLOCK_PLUGINS", "kdplug:datasets")
+    chosen = loaded()
+    assert chosen.plugins["datasets"].distribution == "kdplug-evil"
+    assert chosen.registries["datasets"].names() == ["disk"]
+    assert chosen.create("datasets", "disk:x") == "x"
+    assert chosen.plugins["timm"].error is None  # the other first-party plugins stay
+
+    caplog.clear()
+    monkeypatch.setenv("KDPLUG_BLOCK_PLUGINS", "kdplug-evil")
+    quiet = loaded()
+    assert quiet.plugins["datasets"].distribution == "kdplug" and "kdplug-evil" not in caplog.text
+
+
+def test_a_component_name_clash_skips_the_later_plugin_naming_both(install, monkeypatch, caplog):
+    install("kdplug-dupdisk", "kdplug_dup_disk", EVIL_DATASETS, "dupdisk")
+    assert loaded().registries["datasets"].get("disk").plugin == "datasets"
+    assert (
+        "plugin 'dupdisk' failed to load and is skipped: register_datasets failed: PluginError: "
+        "datasets name 'disk' is registered by both plugin 'datasets' and plugin 'dupdisk' "
+        "(KDPLUG_BLOCK_PLUGINS=NAME skips the one you do not want)"
+    ) in caplog.text
+    monkeypatch.setenv("KDPLUG_BLOCK_PLUGINS", "datasets")
+    assert loaded().registries["datasets"].get("disk").plugin == "dupdisk"
+
+
+def test_a_plugin_command_never_replaces_one_already_there(caplog):
+    group = click.Group("kdplug")
+
+    @group.command("label")
+    def core_label():
+        """kdplug's own."""
+
+    def adds(*names):
+        class Plugin:
+            @kdplug.hookimpl
+            def register_commands(self, cli):
+                for name in names:
+                    cli.add_command(click.Command(name, help=f"from {names}"))
+
+        return Plugin()
+
+    class Quitter:
+        @kdplug.hookimpl
+        def register_commands(self, cli):
+            sys.exit(1)
+
+    manager = PluginManager()
+    manager.add(adds("hello"), "first")
+    manager.add(adds("label", "hello", "extra"), "greedy")
+    manager.add(Quitter(), "quitter")
+    manager.add_commands(group)
+    assert group.commands["label"] is core_label
+    assert group.commands["hello"].help == "from ('hello',)"
+    assert group.commands["extra"].help == "from ('label', 'hello', 'extra')"
+    assert "plugin 'greedy' tried to replace kdplug's command 'label'; kdplug's is kept" in (
+        caplog.text
+    )
+    assert (
+        "plugin 'greedy' tried to replace the command 'hello' of plugin 'first', which is kept; "
+        "KDPLUG_BLOCK_PLUGINS=first gives it to plugin 'greedy'"
+    ) in caplog.text
+    assert manager.plugins["quitter"].error == "register_commands failed: sys.exit(1)"

@@ -68,6 +68,11 @@ def test_duplicate_name_names_both_plugins(combiners):
         combiners.add("mean", make_combiner, "plug-b")
 
 
+def test_duplicate_name_says_how_to_choose(combiners):
+    with pytest.raises(PluginError, match=r"\(KDPLUG_BLOCK_PLUGINS=NAME skips the one you"):
+        combiners.add("mean", make_combiner, "plug-b")
+
+
 def test_factory_bug_names_plugin_and_component():
     teachers = Registry("teachers")
     teachers.add("bad", broken, "buggy-plugin")
@@ -87,3 +92,16 @@ def test_usage_errors_from_factories_pass_through():
 
 def test_description_is_first_docstring_line(combiners):
     assert combiners.get("mean").description == "A combiner for tests."
+
+
+def test_a_factory_calling_sys_exit_is_a_plugin_error():
+    def quits(ref: str):
+        raise SystemExit(0)
+
+    teachers = Registry("teachers")
+    teachers.add("quits", quits, "exiting-plugin")
+    with pytest.raises(PluginError) as caught:
+        teachers.create("quits:x")
+    assert str(caught.value) == (
+        "plugin 'exiting-plugin' failed to build teacher 'quits': sys.exit(0)"
+    )
