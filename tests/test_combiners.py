@@ -105,7 +105,7 @@ def test_weighted_count_must_match_the_teachers(spec):
         ("weighted", "option weights is required"),
         ("weighted:weights=0.5;-0.5", "weights must be >= 0"),
         ("weighted:weights=0;0", "must not all be 0"),
-        ("weighted:weights=a;b", "weights must be numbers"),
+        ("weighted:weights=a;b", "option weights='a;b' must be a list of float or none"),
         ("mean,T=2", "unknown option 'T'"),
     ],
 )

@@ -256,7 +256,7 @@ def test_gradients_reach_the_student(spec):
         ("dkd,alpha=-1", "dkd: alpha must be >= 0"),
         ("dkd,beta=-2", "dkd: beta must be >= 0"),
         ("dkd,warmup=-1", "dkd: warmup must be an integer >= 0"),
-        ("dkd,warmup=2.5", "warmup=2.5 must be int"),
+        ("dkd,warmup=2.5", "dkd: option warmup='2.5' must be int"),
         ("dkd,kd_weight=-1", "dkd: kd_weight must be >= 0"),
         ("dist,tau=0", "dist: tau must be > 0"),
         ("dist,gamma=-1", "dist: gamma must be >= 0"),
