@@ -106,7 +106,11 @@ def load_temperatures(
                 "differs); calibrate it again"
             )
         temperature = entry.get("temperature")
-        if not isinstance(temperature, int | float) or not temperature > 0:
-            raise UsageError(f"{path}: teacher {spec} has no positive temperature")
+        number = isinstance(temperature, int | float) and not isinstance(temperature, bool)
+        if not number or not math.isfinite(temperature) or temperature <= 0:
+            raise UsageError(
+                f"{path}: teacher {spec} has temperature {temperature!r}; a temperature "
+                "must be a finite number > 0 (calibrate it again)"
+            )
         temperatures.append(float(temperature))
     return temperatures

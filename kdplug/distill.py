@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from kdplug import distributed
 from kdplug.data import DataSource, batch_count, batches, load_data
-from kdplug.errors import UsageError
+from kdplug.errors import PluginError, UsageError, component_name, running
+from kdplug.fitting import invalid_rows
 from kdplug.ops import standardize
 from kdplug.outputs import discarding_unstarted_runs
 from kdplug.preprocess import Preprocess
@@ -389,6 +390,7 @@ class Trainer:
             self.augment = Augment(parts.train.input_shape, transform)
             self.mixup = MixupLabels(mixup, len(parts.classes)) if mixup else None
         self.updates = 0
+        self.invalid_targets = torch.zeros((), dtype=torch.long, device=device)
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -404,14 +406,31 @@ class Trainer:
             logits = out.logits
             if self.loss.standardize:
                 logits = standardize(logits, out.known)
-            weights, target = self.combiner(logits, out.known, labels, self.loss.temperature)
+            with running(self.combiner, "the combiner"):
+                weights, target = self.combiner(logits, out.known, labels, self.loss.temperature)
+            target = target.float()
+            self.invalid_targets += invalid_rows(target).sum()
         bad = out.bad_rows.clone() if out.bad_rows is not None else None
-        return weights.clone(), target.float().clone(), bad
+        return weights.clone(), target.clone(), bad
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         self.model.train()
+        self.invalid_targets = torch.zeros((), dtype=torch.long, device=self.device)
         if hasattr(self.loss, "set_epoch"):
-            self.loss.set_epoch(epoch, epochs)
+            with running(self.loss, "the loss"):
+                self.loss.set_epoch(epoch, epochs)
+
+    def check_targets(self, epoch: int) -> None:
+        """Refuse an epoch in which the combiner gave NaN, Inf or negative probabilities
+        (counted on the device by each step, checked here so no step waits for it)."""
+        count = int(distributed.all_reduce_sum(self.invalid_targets.float()))
+        if count:
+            rows = f"{count} row{'s' * (count != 1)}"
+            raise PluginError(
+                f"{component_name(self.combiner, 'the combiner')} returned NaN, Inf or "
+                f"negative probabilities for {rows} in epoch {epoch + 1}; nothing of that "
+                "epoch is kept"
+            )
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on a CPU batch; see the class docstring for what it returns."""
@@ -455,7 +474,10 @@ class Trainer:
             else:
                 count = (labels >= 0).sum().clamp_min(1)
                 ce = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / count
-            kd = self.loss(logits, target, labels) if self.loss.uses_teachers else ce.new_zeros(())
+            kd = ce.new_zeros(())
+            if self.loss.uses_teachers:
+                with running(self.loss, "the loss"):
+                    kd = self.loss(logits, target, labels)
             total = self.loss.ce_weight * ce + self.loss.kd_weight * kd
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -734,6 +756,7 @@ def train_epoch(
         "lr": trainer.optimizer.param_groups[0]["lr"],
         **{
             key: float(totals[key]) / seen if key in totals else 0.0 for key in ("loss", "ce", "kd")
+    trainer.check_targets(epoch)
         },
         "val_accuracy": accuracy,
         "val_nll": val_nll,

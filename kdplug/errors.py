@@ -32,13 +32,15 @@ class PluginError(KdplugError):
 
 
 class BadRowsError(UsageError):
-    """Some rows of a batch are bad input for a component. ``message`` holds ``{rows}``;
-    ``rows`` are positions in the batch, which an engine that knows the batch's data rows
-    turns into those (``in_data``)."""
+    """Some rows of a batch are bad input for a component. ``message`` holds ``{rows}``
+    (filled with the first five and how many more); ``rows`` are positions in the batch,
+    which an engine that knows the batch's data rows turns into those (``in_data``)."""
 
     def __init__(self, message: str, rows: Sequence[int]):
         self.message, self.rows = message, [int(r) for r in rows]
-        super().__init__(message.format(rows=self.rows[:5]))
+        more = len(self.rows) - 5
+        shown = f"{self.rows[:5]}" + (f" and {more} more" if more > 0 else "")
+        super().__init__(message.format(rows=shown))
 
     def in_data(self, index: Sequence[int]) -> BadRowsError:
         """The same error naming the data rows ``index[row]`` of the batch's rows."""

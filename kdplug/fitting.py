@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kdplug import metrics, ops
+from kdplug.errors import running
 
 log = logging.getLogger("kdplug")
 
@@ -62,6 +63,13 @@ def combined_prediction(
     if callable(predict):
         return predict(logits, known, labels)
     return combiner(logits, known, labels, 1.0)
+
+
+def invalid_rows(probs: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
+    """``[R]`` bool: the rows of ``probs [R, ...]`` holding NaN, Inf or a value below 0
+    (beyond float rounding): what no combiner or label generator may return."""
+    flat = probs.detach().reshape(len(probs), -1)
+    return ~torch.isfinite(flat).all(1) | (flat < -tolerance).any(1)
 
 
 def held_out_targets(
@@ -180,9 +188,11 @@ def fit_components(
     record: dict[str, Any] = {}
     with one_thread():
         if can_fit(combiner):
-            record["combiner"] = combiner.fit(logits, known, labels)
+            with running(combiner, "the combiner", " while fitting on the labeled rows"):
+                record["combiner"] = combiner.fit(logits, known, labels)
         if loss is not None and can_fit(loss):
-            record["loss"] = loss.fit(logits, known, labels, combiner)
+            with running(loss, "the loss", " while fitting on the labeled rows"):
+                record["loss"] = loss.fit(logits, known, labels, combiner)
     record = {part: fitted for part, fitted in record.items() if fitted}
     for line in describe(record):
         log.info("%s", line)

@@ -30,8 +30,8 @@ import torch
 from kdplug import distributed
 from kdplug.data import DataSource, batches, default_workers, load_data
 from kdplug.device import pick_device
-from kdplug.errors import PluginError, UsageError
-from kdplug.fitting import can_fit, combined_prediction, fit_on_rows
+from kdplug.errors import PluginError, UsageError, component_name, running
+from kdplug.fitting import can_fit, combined_prediction, fit_on_rows, invalid_rows
 from kdplug.label_report import build_report, save_report_figure
 from kdplug.ops import entropy, teacher_probs
 from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
@@ -312,7 +312,11 @@ def label_rows(
             out = teacher_set(x, idx)
         logits = out.logits.float()
         unlabeled = torch.full((x.shape[0],), -1, dtype=torch.long, device=device)
-        weights, target = combined_prediction(combiner, logits, out.known, unlabeled)
+        batch = f" on batch {teacher_set.batches_seen - 1}"
+        with running(combiner, "the combiner", batch):
+            weights, target = combined_prediction(combiner, logits, out.known, unlabeled)
+        refuse_invalid(combiner, "the combiner", "weights", weights.T, idx, finite_only=True)
+        refuse_invalid(combiner, "the combiner", "probabilities", target, idx)
         parts["teacher_probs"].append(teacher_probs(logits, out.known).cpu())
         parts["target"].append(target.float().cpu())
         parts["weights"].append(weights.float().cpu())
@@ -347,16 +351,23 @@ def apply_generator(generator: Any, spec: str, merged: dict, known: torch.Tensor
     if not good.any():
         raise UsageError("every row had NaN or Inf teacher outputs; nothing to label")
     target, probs = merged["target"][good], merged["teacher_probs"][:, good]
-    decided = generator(target, probs, known)
+    with running(generator, f"label generator {spec!r}"):
+        decided = generator(target, probs, known)
     n, C = target.shape
-    name = parse_spec(spec).name
+    what = component_name(generator, f"label generator {spec!r}")
     for attr, shape in (("label", (n,)), ("accepted", (n,)), ("probs", (n, C))):
         value = getattr(decided, attr, None)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise PluginError(
-                f"label generator {name!r} returned {attr} of shape {got}, expected {shape}"
-            )
+            raise PluginError(f"{what} returned {attr} of shape {got}, expected {shape}")
+    rows = good.nonzero().flatten()
+    refuse_invalid(generator, what, "probabilities", decided.probs.float(), rows)
+    outside = decided.accepted.bool() & ((decided.label < 0) | (decided.label >= C))
+    if outside.any():
+        raise PluginError(
+            f"{what} accepted rows {rows[outside][:5].tolist()} with labels "
+            f"{decided.label[outside][:5].tolist()}, outside the {C} classes 0..{C - 1}"
+        )
     N = len(good)
     label = torch.full((N,), -1, dtype=torch.long)
     accepted = torch.zeros(N, dtype=torch.bool)
@@ -378,6 +389,30 @@ def generator_options(spec: str) -> dict[str, Any]:
     component = get_manager().registries["label-generators"].get(parsed.name)
     accepted = component.options() or {}
     defaults = {name: p.default for name, p in accepted.items() if p.default is not p.empty}
+def refuse_invalid(
+    component: Any,
+    what: str,
+    name: str,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    finite_only: bool = False,
+) -> None:
+    """Refuse a plugin's output ``values [R, ...]`` for the data rows ``rows [R]`` that
+    holds NaN or Inf (or, unless ``finite_only``, a value below 0): a PluginError naming the
+    component (``what`` where no registry built it) and the first such rows."""
+    if finite_only:
+        bad = ~torch.isfinite(values.detach().reshape(len(values), -1)).all(1)
+    else:
+        bad = invalid_rows(values)
+    if bad.any():
+        kind = "NaN or Inf" if finite_only else "NaN, Inf or negative"
+        first, count = rows.to(bad.device)[bad][:5].tolist(), int(bad.sum())
+        raise PluginError(
+            f"{component_name(component, what)} returned {kind} {name} for {count} "
+            f"row{'s' * (count != 1)}, e.g. rows {first}"
+        )
+
+
     return {**defaults, **parsed.options}
 
 

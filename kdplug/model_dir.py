@@ -9,6 +9,7 @@ dict of ``timm.create_model(architecture, num_classes=..., in_chans=...)``. Infe
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,26 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise UsageError(f"{file} lacks {', '.join(missing)}")
     if len(config["classes"]) != config["num_classes"] or len(config["input_size"]) != 3:
         raise UsageError(f"{file}: classes/num_classes or input_size [C, H, W] disagree")
+    for key in ("mean", "std"):
+        check_normalization(file, key, config[key], config["in_chans"])
     return config
+
+
+def check_normalization(file: Path, key: str, values: Any, channels: Any) -> None:
+    """``mean`` / ``std``: one finite number per channel (or one for all); std > 0."""
+    values = values if isinstance(values, list) else [values]
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if (
+        not numbers
+        or not all(math.isfinite(v) for v in values)
+        or len(values) not in (1, channels)
+        or (key == "std" and min(values) <= 0)
+    ):
+        bound = " > 0" if key == "std" else ""
+        raise UsageError(
+            f"{file}: {key} must be a finite number{bound} per channel (in_chans is "
+            f"{channels}) or one for all, got {json.dumps(values)}"
+        )
 
 
 def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:

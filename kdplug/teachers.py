@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kdplug.calibration import apply_temperature, load_temperatures
-from kdplug.errors import UsageError
+from kdplug.errors import BadRowsError, UsageError, running
 from kdplug.ops import IMPOSSIBLE
 
 __all__ = [
@@ -49,6 +49,7 @@ def alignment(
     if teacher_classes is None:
         return None
     own = [str(c) for c in teacher_classes]
+    refuse_duplicates(own, f"the classes of teacher {name}")
     position = {c: i for i, c in enumerate(own)}
     index = torch.tensor([position.get(str(c), -1) for c in classes], dtype=torch.long)
     if not (index >= 0).any():
@@ -57,6 +58,17 @@ def alignment(
             f"data classes {list(classes)[:20]}"
         )
     return index
+
+
+def refuse_duplicates(classes: Sequence[str], whose: str) -> None:
+    """Class names must be distinct: a repeated name would make two classes one."""
+    names = [str(c) for c in classes]
+    if len(set(names)) < len(names):
+        repeated = next(c for c in names if names.count(c) > 1)
+        raise UsageError(
+            f"class {repeated!r} appears more than once in {whose}: {names[:20]}; "
+            "class names must be distinct"
+        )
 
 
 class TeacherSet:
@@ -80,6 +92,7 @@ class TeacherSet:
         self.teachers = list(teachers)
         self.names = list(names)
         self.classes = list(classes)
+        refuse_duplicates(self.classes, "the run's classes (--classes, else the data's)")
         self.temperatures = list(temperatures) if temperatures else [1.0] * len(self.teachers)
         self.skip_bad_rows = skip_bad_rows
         self.index = [
@@ -171,15 +184,22 @@ class TeacherSet:
         self.batches_seen += 1
         return TeacherOutputs(out, self.known.to(x.device), bad if bad.any() else None)
 
-    @staticmethod
-    def _run(teacher: Any, name: str, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-        if getattr(teacher, "uses_row_index", False):
+    def _run(
+        self, teacher: Any, name: str, x: torch.Tensor, index: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One teacher on ``x``: a bug in it is a PluginError naming its plugin and the
+        batch; rows it refuses (BadRowsError) are named as data rows."""
+        row_index = getattr(teacher, "uses_row_index", False)
+        if row_index and index is None:
+            raise UsageError(f"teacher {name} needs row indices, which this run lacks")
+        try:
+            with running(teacher, f"teacher {name!r}", f" on batch {self.batches_seen}"):
+                z = teacher(x, index) if row_index else teacher(x)
+                return torch.as_tensor(z).to(device=x.device, dtype=torch.float32)
+        except BadRowsError as exc:
             if index is None:
-                raise UsageError(f"teacher {name} needs row indices, which this run lacks")
-            z = teacher(x, index)
-        else:
-            z = teacher(x)
-        return torch.as_tensor(z).to(device=x.device, dtype=torch.float32)
+                raise
+            raise exc.in_data(index.tolist()) from None
 
     def _shape_error(
         self, name: str, shape: tuple, rows: int, wanted: int, columns: torch.Tensor | None

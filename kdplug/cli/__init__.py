@@ -15,18 +15,97 @@ import click
 from kdplug import __version__
 from kdplug.errors import KdplugError
 
+DEBUG_HINT = "set KDPLUG_DEBUG=1 for the traceback"
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+
 
 class KdplugGroup(click.Group):
-    """A click group that prints kdplug's errors as one line with their exit code."""
+    """A click group that ends every failure in one line on stderr with its exit code:
+    kdplug's errors with theirs, any other exception with 1 (``KDPLUG_DEBUG=1`` shows the
+    traceback instead), Ctrl-C with 130. click's own exits and usage errors pass."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except KdplugError as exc:
-            if os.environ.get("KDPLUG_DEBUG"):
+            if _debug():
                 raise
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if _debug():
+                import traceback
+
+                traceback.print_exc()
+            click.echo(f"Error: interrupted; {_how_to_continue(self, ctx)}", err=True)
+            ctx.exit(INTERRUPTED)
+        except Exception as exc:
+            if _debug():
+                raise
+            click.echo(f"Error: {_unexpected(exc)}", err=True)
+            ctx.exit(1)
+
+
+def _debug() -> bool:
+    return bool(os.environ.get("KDPLUG_DEBUG"))
+
+
+def _how_to_continue(group: click.Group, ctx: click.Context) -> str:
+    """What to run after Ctrl-C: the same command with --resume where it has one."""
+    name = ctx.invoked_subcommand
+    command = group.get_command(ctx, name) if name else None
+    if command is not None and any(p.name == "resume" for p in command.params):
+        return "run the same command with --resume to continue"
+    return "run the same command again"
+
+
+def _unexpected(exc: Exception) -> str:
+    """One line for an exception kdplug did not expect: its type and message, the file
+    it names, and the plugin (or kdplug module) and line that raised it."""
+    from kdplug.errors import describe
+
+    text = describe(exc)
+    filename = getattr(exc, "filename", None)
+    if filename and str(filename) not in text:
+        text += f" ({filename})"
+    try:
+        return f"{text} (raised {_raised_in(exc)}; {DEBUG_HINT})"
+    except Exception:  # the report of an error must not fail
+        return f"{text} ({DEBUG_HINT})"
+
+
+def _raised_in(exc: BaseException) -> str:
+    """``in plugin 'P' at FILE:LINE`` for the innermost frame of a plugin in the traceback,
+    else ``at FILE:LINE`` of the innermost kdplug frame (or the innermost frame)."""
+    import traceback
+    from pathlib import Path
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    modules = _plugin_modules()
+    for frame in reversed(frames):
+        path = Path(frame.filename)
+        for name, top in modules.items():
+            if top in path.parts or path.stem == top:
+                return f"in plugin {name!r} at {path.name}:{frame.lineno}"
+    ours = [f for f in frames if "kdplug" in Path(f.filename).parts] or frames
+    return f"at {Path(ours[-1].filename).name}:{ours[-1].lineno}"
+
+
+def _plugin_modules() -> dict[str, str]:
+    """Each loaded plugin's name -> the top-level package or module it is made of."""
+    from kdplug.plugins import get_manager
+
+    manager = get_manager()
+    found = {}
+    for name in manager.plugins:
+        plugin = manager.pm.get_plugin(name)
+        module = getattr(plugin, "__name__", None) or type(plugin).__module__
+        top = module.split(".")[0] if isinstance(module, str) else ""
+        if top and top not in ("kdplug", "builtins"):
+            found[name] = top
+    return found
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

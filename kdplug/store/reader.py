@@ -34,6 +34,14 @@ from kdplug.store.topk import full_log_probs
 log = logging.getLogger("kdplug")
 
 FORCE_HINT = "--force (force=true in a store spec)"
+MAX_LOG_PROB = 1e-3  # a stored log-probability above this (rounding aside) is corrupt
+# what each array checked when read must not hold (Store._refuse names it)
+CORRUPT = {
+    "values": "NaN, Inf or positive log-probabilities",
+    "tail": "NaN, Inf or positive log-probabilities",
+    "indices": "class indices outside the store's classes",
+    "boxes": "crop boxes outside [0, 1] (or NaN)",
+}
 
 
 @dataclass
@@ -62,7 +70,13 @@ class Store:
         self.augment = ViewAugment.from_dict(info["augment"]) if info["augment"] else None
         known = torch.ones(len(self.teachers), len(self.classes), dtype=torch.bool)
         for k, teacher in enumerate(self.teachers):
-            known[k, teacher["unknown_classes"]] = False
+            unknown = teacher["unknown_classes"]
+            if not all(isinstance(c, int) and 0 <= c < len(self.classes) for c in unknown):
+                raise ValueError(
+                    f"{STORE_FILE}: unknown_classes {unknown} of teacher {teacher['spec']} "
+                    f"are not all class indices in 0..{len(self.classes) - 1}"
+                )
+            known[k, unknown] = False
         self.known = known  # [T, C]
 
     def check_teachers(self, force: bool = False) -> None:
@@ -128,21 +142,36 @@ class Store:
         """Teacher log-probabilities ``[T, B, C]`` (float32, rebuilt from top-k where the store
         holds top-k) of ``rows [B]`` at ``views [B]``, and the bad-view mask ``[B]``."""
         values = torch.from_numpy(np.asarray(split.arrays["values"][rows, views]))
+        self._refuse(split, "values", rows, ~torch.isfinite(values) | (values > MAX_LOG_PROB))
         indices, tail = None, None
         if "indices" in split.arrays:
             indices = torch.from_numpy(np.asarray(split.arrays["indices"][rows, views]))
+            self._refuse(split, "indices", rows, (indices < 0) | (indices >= len(self.classes)))
             indices = indices.to(device).permute(1, 0, 2)
             tail = torch.from_numpy(np.asarray(split.arrays["tail"][rows, views]))
+            self._refuse(split, "tail", rows, ~torch.isfinite(tail) | (tail > MAX_LOG_PROB))
             tail = tail.to(device).permute(1, 0)
         logits = full_log_probs(values.to(device).permute(1, 0, 2), indices, tail, self.known)
         bad = torch.from_numpy(np.asarray(split.arrays["bad"][rows, views])).to(device)
         return logits, bad
+
+    def _refuse(self, split: Split, name: str, rows: np.ndarray, wrong: torch.Tensor) -> None:
+        """Refuse the store when ``wrong`` (one entry or more per row of ``rows``) holds
+        a True: that array's values are outside what kdplug cache writes."""
+        bad = wrong.reshape(len(rows), -1).any(1).numpy()
+        if bad.any():
+            raise UsageError(
+                f"store {self.path} is corrupt: {split.name}/{name}.npy holds {CORRUPT[name]} "
+                f"for rows {rows[bad][:5].tolist()} of {split.data}; re-run kdplug cache "
+                "with --overwrite"
+            )
 
     def view_inputs(
         self, split: Split, x: torch.Tensor, rows: np.ndarray, views: np.ndarray
     ) -> torch.Tensor:
         """The stored views ``views [B]`` of ``rows [B]`` rebuilt from their inputs ``x``."""
         boxes = torch.from_numpy(np.asarray(split.arrays["boxes"][rows, views]))
+        self._refuse(split, "boxes", rows, ~((boxes >= 0) & (boxes <= 1)))
         flips = torch.from_numpy(np.asarray(split.arrays["flips"][rows, views]))
         seeds = torch.from_numpy(np.asarray(split.arrays["seeds"][rows, views]))
         return rebuild_views(x, boxes, flips, seeds, self.augment)
@@ -173,7 +202,7 @@ def open_store(path: str | Path) -> Store:
         return Store(path, info, splits)
     except UsageError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise UsageError(
             f"store {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
             "re-run kdplug cache with --overwrite"

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from kdplug import UsageError
+from kdplug.errors import BadRowsError
 from kdplug.outputs import file_hash
 from kdplug.teacher_io import (
     PICKLE_SUFFIXES,
@@ -42,10 +43,21 @@ class EstimatorTeacher:
                 f"{self.source} expects {self.features} features, the data gives "
                 f"{rows.shape[1]} per row (x flattened from {tuple(x.shape[1:])})"
             )
-        if self.probs:
-            out = torch.from_numpy(np.asarray(self.estimator.predict_proba(rows), np.float32))
-            return probs_to_logits(out).to(x.device)
-        scores = np.asarray(self.estimator.decision_function(rows), dtype=np.float32)
+        try:
+            if self.probs:
+                out = np.asarray(self.estimator.predict_proba(rows), np.float32)
+                return probs_to_logits(torch.from_numpy(out)).to(x.device)
+            scores = np.asarray(self.estimator.decision_function(rows), dtype=np.float32)
+        except ValueError:
+            missing = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+            if not len(missing):
+                raise
+            raise BadRowsError(
+                f"{self.source}: {type(self.estimator).__name__} does not accept missing "
+                "(NaN) or infinite feature values, which rows {rows} hold; fill or drop "
+                "them in the data",
+                missing,
+            ) from None
         if scores.ndim == 1:
             scores = np.stack([np.zeros_like(scores), scores], axis=1)
         return torch.from_numpy(scores).to(x.device)
