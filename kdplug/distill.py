@@ -743,6 +743,7 @@ def train_epoch(
     ):
         for key, value in trainer.step(x, y, idx).items():
             totals[key] = totals[key] + value if key in totals else value
+    trainer.check_targets(epoch)
     trainer.end_epoch(epoch)
     train_time = time.perf_counter() - start
     if distributed.world_size() > 1:
@@ -756,7 +757,6 @@ def train_epoch(
         "lr": trainer.optimizer.param_groups[0]["lr"],
         **{
             key: float(totals[key]) / seen if key in totals else 0.0 for key in ("loss", "ce", "kd")
-    trainer.check_targets(epoch)
         },
         "val_accuracy": accuracy,
         "val_nll": val_nll,

@@ -378,17 +378,6 @@ def apply_generator(generator: Any, spec: str, merged: dict, known: torch.Tensor
     return Labels(label, accepted, soft, dict(decided.info))
 
 
-def is_private(generator: Any) -> bool:
-    """A generator with ``private = True`` (pate) releases only its labels and probs."""
-    return bool(getattr(generator, "private", False))
-
-
-def generator_options(spec: str) -> dict[str, Any]:
-    """The generator's options as run: its factory's defaults updated by the spec."""
-    parsed = parse_spec(spec)
-    component = get_manager().registries["label-generators"].get(parsed.name)
-    accepted = component.options() or {}
-    defaults = {name: p.default for name, p in accepted.items() if p.default is not p.empty}
 def refuse_invalid(
     component: Any,
     what: str,
@@ -413,6 +402,17 @@ def refuse_invalid(
         )
 
 
+def is_private(generator: Any) -> bool:
+    """A generator with ``private = True`` (pate) releases only its labels and probs."""
+    return bool(getattr(generator, "private", False))
+
+
+def generator_options(spec: str) -> dict[str, Any]:
+    """The generator's options as run: its factory's defaults updated by the spec."""
+    parsed = parse_spec(spec)
+    component = get_manager().registries["label-generators"].get(parsed.name)
+    accepted = component.options() or {}
+    defaults = {name: p.default for name, p in accepted.items() if p.default is not p.empty}
     return {**defaults, **parsed.options}
 
 
