@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kdplug.errors import UsageError
-from kdplug.outputs import atomic_path, write_json
+from kdplug.outputs import atomic_path, check_out, disk_error, write_json
 
 log = logging.getLogger("kdplug")
 MARKER = "demo.json"
@@ -44,12 +44,19 @@ class DemoConfig:
 
 def prepare(out: Path) -> None:
     """Start from an empty OUT; replace only a previous demo, never other files."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists() and not (out / ".demo").exists():
-            raise UsageError(f"{out} exists and does not hold a kdplug demo; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / ".demo").touch()
+    check_out(out)
+    previous = out.exists() and any(out.iterdir())
+    if previous and not (out / MARKER).exists() and not (out / ".demo").exists():
+        raise UsageError(f"{out} exists and does not hold a kdplug demo; choose another --out")
+    try:
+        if previous:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".demo").touch()
+    except OSError as exc:
+        raise UsageError(
+            f"{disk_error(out.absolute(), exc)}; give --out a writable folder"
+        ) from exc
 
 
 def split_digits(root: Path, config: DemoConfig) -> dict[str, str]:

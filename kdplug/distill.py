@@ -605,7 +605,20 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     if main:
         record = config.record()
         prepare_out_dir(
-            out, resume=config.resume, overwrite=config.overwrite, marker=MARKER, config=record
+            out,
+            resume=config.resume,
+            overwrite=config.overwrite,
+            marker=MARKER,
+            config=record,
+            inputs=[
+                *config.teachers,
+                config.store,
+                config.student,
+                config.train,
+                config.unlabeled,
+                config.val,
+                config.calibration,
+            ],
         )
     distributed.barrier()
     rows = TrainRows(parts.train, parts.unlabeled)

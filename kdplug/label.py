@@ -97,7 +97,18 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     if distributed.is_main():
         prepare_out_dir(
-            out, resume=cfg.resume, overwrite=cfg.overwrite, marker=MARKER, config=record
+            out,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            marker=MARKER,
+            config=record,
+            inputs=[
+                *cfg.teachers,
+                cfg.data,
+                cfg.calibration,
+                cfg.eval_labels,
+                cfg.calibration_data,
+            ],
         )
     distributed.barrier()
     if (out / "report.json").exists():

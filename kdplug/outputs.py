@@ -1,4 +1,5 @@
-"""Writing outputs safely: atomic files and directories, file hashes, run metadata."""
+"""Writing outputs safely: atomic files and directories, file hashes, run metadata, and
+run directories that never destroy an input and are used by one run at a time."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ import errno
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdplug.errors import KdplugError, UsageError
 
 
-def _disk_error(path: Path, exc: OSError) -> UsageError:
+def disk_error(path: Path, exc: OSError) -> UsageError:
+    """The one-line error for an OSError met writing ``path``."""
     reason = {
         errno.ENOSPC: "the disk is full",
         errno.EROFS: "the file system is read-only",
@@ -41,7 +48,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would stay on a renamed directory
     except OSError as exc:
-        raise _disk_error(path, exc) from exc
+        raise disk_error(path, exc) from exc
     target = tmp if directory else tmp / path.name
     try:
         yield target
@@ -59,7 +66,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
                 os.fsync(fh.fileno())
             os.replace(target, path)
     except OSError as exc:
-        raise _disk_error(path, exc) from exc
+        raise disk_error(path, exc) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -97,7 +104,7 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        raise _disk_error(path, exc) from exc
+        raise disk_error(path, exc) from exc
 
 
 def _jsonable(value: Any) -> Any:
@@ -133,20 +140,239 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+# atomic_path's longest sibling of a path NAME: ".NAME.XXXXXXXX.tmp" (tempfile.mkdtemp)
+_SIBLING_EXTRA = len(".") + len(".XXXXXXXX.tmp")
+
+
+def input_paths(specs: Iterable[str | None]) -> list[Path]:
+    """The existing local files and folders that spec strings (or plain paths) name: the
+    string itself, a spec's REF and any option value that is a path (``disk:PATH``,
+    ``timm:ARCH,checkpoint=PATH``), relative to the working directory."""
+    from kdplug.spec import parse_spec
+
+    found = []
+    for text in specs:
+        if not isinstance(text, str) or not text:
+            continue
+        candidates = [text]
+        with contextlib.suppress(KdplugError):
+            spec = parse_spec(text)
+            candidates.append(spec.ref)
+            for value in spec.options.values():
+                candidates.extend(value if isinstance(value, list) else [value])
+        found += [Path(c) for c in candidates if isinstance(c, str) and c and os.path.lexists(c)]
+    return found
+
+
+def _forms(path: Path) -> list[Path]:
+    """``path`` made absolute as written, and with every symlink resolved."""
+    return [Path(os.path.abspath(path)), path.resolve()]
+
+
+def _held_input(out: Path, inputs: list[Path]) -> Path | None:
+    """The first input that ``out`` is or contains (either written or resolved), else None."""
+    outs = _forms(out)
+    for path in inputs:
+        for form in _forms(path):
+            if any(form == o or o in form.parents for o in outs):
+                return form
+    return None
+
+
+def _check_name_length(out: Path) -> None:
+    """Refuse a name whose temporary sibling would not fit the file system's name limit."""
+    absolute = Path(os.path.abspath(out))
+    parent = next(p for p in absolute.parents if p.exists())
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return
+    longest = len(os.fsencode(absolute.name)) + _SIBLING_EXTRA
+    if limit > 0 and longest > limit:
+        raise UsageError(
+            f"the name of --out {out} is {longest - limit} bytes too long: kdplug writes "
+            f"beside it a temporary .NAME.XXXXXXXX.tmp ({longest} bytes) and {parent} allows "
+            f"{limit}; choose a name of at most {limit - _SIBLING_EXTRA} bytes"
+        )
+
+
+def check_out(
+    out: str | os.PathLike,
+    *,
+    inputs: Iterable[str | None] = (),
+    overwrite: bool = False,
+    directory: bool = True,
+) -> Path:
+    """Refuse, before any work, an ``--out`` that cannot be written whole or would destroy an
+    input: a file where a directory goes (or the reverse), a name whose temporary sibling is
+    too long, or a path that is or holds one of ``inputs`` (the run's spec strings and files,
+    see ``input_paths``; also those of an enclosing ``run_inputs`` block)."""
+    out = Path(out)
+    if directory and out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory (a new or a run's one)")
+    if not directory and out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give the name of a file")
+    _check_name_length(out)
+    held = _held_input(out, input_paths([*inputs, *_extra_inputs]))
+    if held is not None and overwrite:
+        raise UsageError(
+            f"--overwrite would delete {out}, which holds an input of this run ({held}); "
+            "choose another --out"
+        )
+    if held is not None:
+        which = "is" if held in _forms(out) else "holds"
+        raise UsageError(
+            f"--out {out} {which} an input of this run ({held}); writing the run there could "
+            "destroy it; choose another --out"
+        )
+    return out
+
+
+# paths that every run started inside a ``run_inputs`` block counts among its inputs
+_extra_inputs: list[str] = []
+
+
+@contextlib.contextmanager
+def run_inputs(*paths: str | None) -> Iterator[None]:
+    """Count ``paths`` (e.g. a ``--config`` file) among the inputs of the runs in the block."""
+    given = [p for p in paths if p]
+    _extra_inputs.extend(given)
+    try:
+        yield
+    finally:
+        del _extra_inputs[len(_extra_inputs) - len(given) :]
+
+
+@dataclass
+class _Run:
+    """A run directory this process took: its marker, its lock and whether it began here."""
+
+    record: Path
+    lock_path: Path
+    lock: int | None  # the locked file descriptor; None where an earlier entry holds it
+    started: bool
+
+
+# the run directories prepare_out_dir took in this process, oldest first
+_runs: list[_Run] = []
+
+
+def _lock_path(out: Path) -> Path:
+    absolute = Path(os.path.abspath(out))
+    return absolute.with_name(f".{absolute.name}.lock")
+
+
+def _holder() -> dict[str, Any]:
+    """Who takes a lock: this process, its host, its command line and the time."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("kdplug", "__main__.py"):
+        argv[0] = "kdplug"
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": shlex.join(argv),
+    }
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        who = json.loads(os.pread(fd, 1 << 16, 0))
+        return f"pid {who['pid']} on {who['host']} since {who['started']}: {who['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not yet said who it is"
+
+
+def _lock(out: Path) -> tuple[Path, int | None]:
+    """Take ``out``'s exclusive lock (``.NAME.lock`` beside it) for this process, or fail at
+    once naming the run that holds it. The kernel drops the lock when the process ends,
+    however it ends; None in place of the descriptor where this process holds it already."""
+    import fcntl
+
+    path = _lock_path(out)
+    if any(run.lock_path == path and run.lock is not None for run in _runs):
+        return path, None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _describe_holder(fd)
+                os.close(fd)
+                raise UsageError(
+                    f"{out} is in use by another run ({holder}); wait for it to end or "
+                    "choose another --out"
+                ) from None
+            if _is_still(fd, path):
+                break
+            os.close(fd)  # the holder removed the file as it released it: take the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_holder()).encode())
+    except OSError as exc:
+        raise disk_error(out, exc) from exc
+    return path, fd
+
+
+def _is_still(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _unlock(path: Path, fd: int | None) -> None:
+    """Release a lock taken by ``_lock`` (removing its file first, while still holding it)."""
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)
+
+
 def prepare_out_dir(
-    out: str | os.PathLike, *, resume: bool, overwrite: bool, marker: str, config: dict[str, Any]
+    out: str | os.PathLike,
+    *,
+    resume: bool,
+    overwrite: bool,
+    marker: str,
+    config: dict[str, Any],
+    inputs: Iterable[str | None] = (),
 ) -> Path:
     """Make a run directory ready: refuse one holding a different run unless asked.
 
     ``marker`` names the file that a finished or started run of this command writes
-    (``run.json``); with ``--resume`` the stored config must match ``config``.
+    (``run.json``); with ``--resume`` the stored config must match ``config``. ``inputs``
+    are the run's spec strings and files: ``out`` may not be or hold one (``check_out``).
+    The directory stays locked against other processes until the enclosing
+    ``discarding_unstarted_runs`` block ends (the engine's call), else until the process ends.
     """
-    out = Path(out)
+    out = check_out(out, inputs=inputs, overwrite=overwrite)
+    lock_path, lock = _lock(out)
+    try:
+        started = _make_ready(out, resume, overwrite, marker, config)
+    except BaseException:
+        _unlock(lock_path, lock)
+        raise
+    _runs.append(_Run(out / marker, lock_path, lock, started))
+    return out
+
+
+def _make_ready(
+    out: Path, resume: bool, overwrite: bool, marker: str, config: dict[str, Any]
+) -> bool:
+    """The body of ``prepare_out_dir``, under the lock; True if the run begins here."""
     _restore_interrupted(out)
     record = out / marker
     if out.exists() and any(out.iterdir()):
         if overwrite:
-            shutil.rmtree(out)
+            try:
+                shutil.rmtree(out)
+            except OSError as exc:
+                raise disk_error(out, exc) from exc
         elif resume and record.exists():
             stored = json.loads(record.read_text())
             if stored.get("config") != json.loads(json.dumps(config, default=_jsonable)):
@@ -154,7 +380,7 @@ def prepare_out_dir(
                     f"{out} holds a run with a different configuration; use a new --out "
                     "or --overwrite"
                 )
-            return out
+            return False
         elif record.exists():
             raise UsageError(
                 f"{out} already holds a run; use --resume to continue it or "
@@ -168,31 +394,33 @@ def prepare_out_dir(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _disk_error(out, exc) from exc
+        raise disk_error(out, exc) from exc
     write_json(record, {"config": config, "versions": versions()})
-    _started_runs.append(record)
-    return out
-
-
-# the marker files of the run directories prepare_out_dir started afresh in this process
-_started_runs: list[Path] = []
+    return True
 
 
 @contextlib.contextmanager
 def discarding_unstarted_runs() -> Iterator[None]:
-    """Run an engine (a ``with`` block, or as a decorator): if it fails with a kdplug error,
-    remove each run directory it started afresh that holds nothing but its marker (and
-    empty folders), newest first (a run may hold another's directory): a run that failed
-    before finishing any work leaves nothing behind. The engines' entry points use it, so
-    the CLI and Python callers get the same."""
-    start = len(_started_runs)
+    """Run an engine (a ``with`` block, or as a decorator); at its end release the locks of
+    the run directories it took. If it fails in any way (a kdplug error, any other exception,
+    Ctrl-C), first remove each run directory it started afresh that holds nothing but its
+    marker (and empty folders), newest first (a run may hold another's directory): a run that
+    failed before finishing any work leaves nothing behind. The engines' entry points use
+    it, so the CLI and Python callers get the same."""
+    start = len(_runs)
+    failed = True
     try:
         yield
-    except KdplugError:
-        for record in reversed(_started_runs[start:]):
-            out = record.parent
-            if out.is_dir() and [p for p in out.rglob("*") if not p.is_dir()] == [record]:
-                shutil.rmtree(out, ignore_errors=True)
-        raise
+        failed = False
     finally:
-        del _started_runs[start:]
+        for run in reversed(_runs[start:]):
+            if failed and run.started:
+                _discard_if_unstarted(run.record)
+            _unlock(run.lock_path, run.lock)
+        del _runs[start:]
+
+
+def _discard_if_unstarted(record: Path) -> None:
+    out = record.parent
+    if out.is_dir() and [p for p in out.rglob("*") if not p.is_dir()] == [record]:
+        shutil.rmtree(out, ignore_errors=True)

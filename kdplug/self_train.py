@@ -195,7 +195,12 @@ def self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) -> l
         raise UsageError(f"{cfg.train}: every --train row needs a label")
     unlabeled = load_data(cfg.unlabeled)
     out = prepare_out_dir(
-        cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, marker=MARKER, config=cfg.record()
+        cfg.out,
+        resume=cfg.resume,
+        overwrite=cfg.overwrite,
+        marker=MARKER,
+        config=cfg.record(),
+        inputs=[*cfg.teachers, cfg.student, cfg.train, cfg.unlabeled, cfg.val],
     )
     teachers, rows = list(cfg.teachers), []
     for number in range(1, cfg.rounds + 1):

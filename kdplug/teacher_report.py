@@ -20,7 +20,7 @@ from kdplug import metrics, ops
 from kdplug.calibration import apply_temperature, fit_temperature, load_temperatures
 from kdplug.data import DataSource, batches, load_data
 from kdplug.errors import KdplugError, UsageError
-from kdplug.outputs import atomic_path, versions, write_json
+from kdplug.outputs import atomic_path, check_out, versions, write_json
 from kdplug.teachers import TeacherSet, create_teachers
 
 
@@ -88,6 +88,7 @@ def calibrate(
     skip_bad_rows: bool = False,
 ) -> dict[str, Any]:
     """Fit one temperature per teacher on ``data`` and write them to ``out`` (JSON, atomic)."""
+    check_out(out, inputs=[*specs, data], directory=False)
     teachers = create_teachers(specs)  # bad teacher files fail before the data is read
     source = labeled_source(data)
     teacher_set = TeacherSet(teachers, specs, source.classes, skip_bad_rows=skip_bad_rows)
@@ -173,7 +174,7 @@ def report(
 ) -> dict[str, Any]:
     """Judge the teachers on ``data``; with ``out``, write report.json and PNG figures there."""
     if out is not None:
-        _check_out(Path(out), overwrite)
+        _check_out(Path(out), overwrite, [*specs, data, calibration])
     teachers = create_teachers(specs)  # bad teacher files fail before the data is read
     source = labeled_source(data)
     teacher_set = TeacherSet(teachers, specs, source.classes, skip_bad_rows=skip_bad_rows)
@@ -239,9 +240,8 @@ def select_teachers(
     return {"combiner": "auto", **record}
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a directory")
+def _check_out(out: Path, overwrite: bool, inputs: list[str | None]) -> None:
+    check_out(out, inputs=inputs, overwrite=overwrite)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} is not empty; choose another --out or pass --overwrite")
 

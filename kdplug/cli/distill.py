@@ -77,6 +77,7 @@ def distill_command(ctx: click.Context, config_file: str | None, **flags) -> Non
         --val disk:data/val --out runs/r10t --epochs 20
     """
     from kdplug.distill import DistillConfig, distill, read_config_file
+    from kdplug.outputs import run_inputs
 
     nproc = flags.pop("nproc_per_node")
     if nproc is not None:
@@ -89,7 +90,7 @@ def distill_command(ctx: click.Context, config_file: str | None, **flags) -> Non
             values[name] = list(value) if name == "teachers" else value
     source = f"config file {config_file}" if config_file else "distill"
     config = DistillConfig.from_mapping(values, source)
-    with distributed.session(config.device):
+    with distributed.session(config.device), run_inputs(config_file):
         summary = distill(config)
         if not distributed.is_main():
             return

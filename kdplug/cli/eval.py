@@ -33,8 +33,10 @@ def eval_command(
 ) -> None:
     """Evaluate a student directory (DIR/student of a distill run) on labeled DATA."""
     from kdplug.evaluate import evaluate_student, plot_confusion
-    from kdplug.outputs import write_json
+    from kdplug.outputs import check_out, write_json
 
+    if out:
+        check_out(out)
     report = evaluate_student(model_dir, data, batch_size, device, workers)
     if out:
         write_json(Path(out) / "eval.json", report)

@@ -94,7 +94,12 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     rank, world = rank_and_world()
     if rank == 0:
         prepare_out_dir(
-            cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, marker=RUN_FILE, config=record
+            cfg.out,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            marker=RUN_FILE,
+            config=record,
+            inputs=[*cfg.teachers, *cfg.data, cfg.calibration],
         )
     if world > 1:
         torch.distributed.barrier()
