@@ -126,13 +126,6 @@ def invoke(*args):
     return CliRunner().invoke(build_cli(), [str(a) for a in args])
 
 
-def one_error_line(result):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
 def label(tiny, out, *extra):
     return invoke("label", "--data", tiny["data"], "--out", out, *extra)
 

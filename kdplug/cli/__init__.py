@@ -13,7 +13,7 @@ import sys
 import click
 
 from kdplug import __version__
-from kdplug.errors import KdplugError
+from kdplug.errors import KdplugError, describe
 
 DEBUG_HINT = "set KDPLUG_DEBUG=1 for the traceback"
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
@@ -64,8 +64,6 @@ def _how_to_continue(group: click.Group, ctx: click.Context) -> str:
 def _unexpected(exc: Exception) -> str:
     """One line for an exception kdplug did not expect: its type and message, the file
     it names, and the plugin (or kdplug module) and line that raised it."""
-    from kdplug.errors import describe
-
     text = describe(exc)
     filename = getattr(exc, "filename", None)
     if filename and str(filename) not in text:
