@@ -286,7 +286,10 @@ def _describe_holder(fd: int) -> str:
 def _lock(out: Path) -> tuple[Path, int | None]:
     """Take ``out``'s exclusive lock (``.NAME.lock`` beside it) for this process, or fail at
     once naming the run that holds it. The kernel drops the lock when the process ends,
-    however it ends; None in place of the descriptor where this process holds it already."""
+    however it ends; None in place of the descriptor where this process holds it already.
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process alone, so
+    forked data-loader workers that outlive a killed run for a few seconds do not keep it."""
     import fcntl
 
     path = _lock_path(out)
@@ -297,8 +300,11 @@ def _lock(out: Path) -> tuple[Path, int | None]:
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
                 holder = _describe_holder(fd)
                 os.close(fd)
                 raise UsageError(

@@ -3,6 +3,7 @@ one run at a time holds an --out (a lock naming its holder), names too long for 
 temporary siblings and files where a folder goes are refused before any work, and a run
 that fails to start, however it fails, leaves --out as it found it."""
 
+import contextlib
 import errno
 import os
 import shutil
@@ -152,10 +153,14 @@ def test_input_paths_are_the_local_files_a_spec_names(tmp_path, monkeypatch):
 
 
 HOLD_LOCK = """
-import sys
+import os, sys, time
 from kdplug.outputs import prepare_out_dir
 prepare_out_dir(sys.argv[1], resume=True, overwrite=False, marker="run.json", config={"a": 1})
-print("locked", flush=True)
+worker = os.fork()  # like a data-loader worker: it outlives a killed run for a while
+if worker == 0:
+    time.sleep(120)
+    os._exit(0)
+print(worker, flush=True)
 sys.stdin.read()
 """
 
@@ -169,8 +174,8 @@ def test_a_second_run_on_a_locked_out_fails_at_once_naming_the_holder(tmp_path):
         stdout=subprocess.PIPE,
         text=True,
     )
+    worker = int(holder.stdout.readline())
     try:
-        assert holder.stdout.readline() == "locked\n"
         args = ["label", "--teacher", inputs["teacher"], "--data", inputs["data"]]
         second = run_cli(*args, "--out", str(out), "--resume", timeout=120)
         assert second.returncode == 2, second.stderr
@@ -181,10 +186,16 @@ def test_a_second_run_on_a_locked_out_fails_at_once_naming_the_holder(tmp_path):
         )
         assert line.endswith(f"-c {out}); wait for it to end or choose another --out")
         assert not (out / "report.json").exists()
-    finally:
-        holder.send_signal(signal.SIGKILL)  # killed, its lock goes with it
+        holder.send_signal(signal.SIGKILL)  # killed, its lock goes with it ...
         holder.wait()
-    assert prepare_out_dir(out, resume=True, overwrite=False, marker="run.json", config={"a": 1})
+        options = dict(resume=True, overwrite=False, marker="run.json", config={"a": 1})
+        assert prepare_out_dir(out, **options) == out
+        os.kill(worker, 0)  # ... though its worker, which shares its file, still runs
+    finally:
+        holder.kill()
+        holder.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_an_out_name_whose_temporary_sibling_is_too_long_is_refused_before_work(tmp_path):
