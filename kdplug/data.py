@@ -369,9 +369,10 @@ def load_data(spec: str | Spec, classes: list[str] | None = None) -> DataSource:
         spec.text,
     )
     dataset = get_manager().create("datasets", source_spec)
+    name = str(spec) if str(spec).isprintable() else repr(str(spec))  # messages: one line
     if len(dataset) == 0:
-        raise UsageError(f"{spec}: the dataset is empty")
-    source = describe(dataset, str(spec), **data_options)
+        raise UsageError(f"{name}: the dataset is empty")
+    source = describe(dataset, name, **data_options)
     return source.with_classes(classes) if classes is not None else source
 
 

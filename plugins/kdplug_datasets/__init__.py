@@ -10,14 +10,21 @@ from pathlib import Path
 
 import kdplug
 from kdplug import UsageError
+from kdplug.errors import describe
 
 __version__ = kdplug.__version__
+
+
+def _shown(ref: str) -> str:
+    """A reference as messages print it: as written, or quoted when it holds a newline or
+    another unprintable character (so that every message stays one line)."""
+    return ref if ref.isprintable() else repr(ref)
 
 
 def _existing(ref: str, what: str) -> Path:
     path = Path(ref).expanduser()
     if not path.exists():
-        raise UsageError(f"{what}: no such file or directory: {ref}")
+        raise UsageError(f"{what}: no such file or directory: {_shown(ref)}")
     return path
 
 
@@ -35,7 +42,7 @@ def _pick_split(splits: list[str], split: str | None, ref: str) -> str:
     if split is None:
         split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
     if split not in splits:
-        raise UsageError(f"{ref}: choose a split with split=NAME (splits: {splits})")
+        raise UsageError(f"{_shown(ref)}: choose a split with split=NAME (splits: {splits})")
     return split
 
 
@@ -57,9 +64,7 @@ def disk(ref: str, split: str | None = None):
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises many types for a bad or empty directory
-        raise UsageError(
-            f"disk:{ref} is not a readable saved dataset ({type(exc).__name__}: {exc})"
-        ) from exc
+        raise UsageError(f"disk:{ref} is not a readable saved dataset ({describe(exc)})") from exc
     return _one_split(data, split, ref)
 
 
@@ -93,7 +98,7 @@ def _files(builder: str, ref: str, **kwargs):
     try:
         return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as exc:  # datasets raises many types for a bad file
-        raise UsageError(f"{builder}:{ref} could not be read: {exc}") from exc
+        raise UsageError(f"{builder}:{ref} could not be read: {describe(exc)}") from exc
 
 
 def _empty(builder: str, file: str) -> bool:
@@ -127,7 +132,7 @@ def imagefolder(ref: str, split: str = "train"):
     try:
         return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     except Exception as exc:
-        raise UsageError(f"imagefolder:{ref} could not be read: {exc}") from exc
+        raise UsageError(f"imagefolder:{ref} could not be read: {describe(exc)}") from exc
 
 
 def hf(ref: str, split: str = "train", config: str | None = None, revision: str | None = None):
@@ -137,7 +142,7 @@ def hf(ref: str, split: str = "train", config: str | None = None, revision: str 
     try:
         return datasets.load_dataset(ref, config, split=split, revision=revision)
     except Exception as exc:
-        raise UsageError(f"hf:{ref} could not be loaded: {type(exc).__name__}: {exc}") from exc
+        raise UsageError(f"hf:{_shown(ref)} could not be loaded: {describe(exc)}") from exc
 
 
 SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer")
@@ -146,7 +151,9 @@ SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer")
 def sklearn(ref: str):
     """scikit-learn's bundled data: digits (8x8 grayscale images), iris, wine, breast_cancer."""
     if ref not in SKLEARN_SETS:
-        raise UsageError(f"sklearn:{ref} is not bundled; choose one of {', '.join(SKLEARN_SETS)}")
+        raise UsageError(
+            f"sklearn:{_shown(ref)} is not bundled; choose one of {', '.join(SKLEARN_SETS)}"
+        )
     return _sklearn_dataset(ref)
 
 
