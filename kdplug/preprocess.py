@@ -48,6 +48,12 @@ class Preprocess(torch.nn.Module):
         std = [1.0] if std is None else ([std] if isinstance(std, int | float) else std)
         if any(s <= 0 for s in std):
             raise UsageError(f"std must be positive, got {list(std)}")
+        for name, values in (("mean", mean), ("std", std)):
+            if in_chans is not None and len(values) not in (1, in_chans):
+                raise UsageError(
+                    f"{name} has {len(values)} values but in_chans is {in_chans}; give one per "
+                    "channel or one for all"
+                )
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 

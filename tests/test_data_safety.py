@@ -8,6 +8,7 @@ import logging
 import datasets
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -234,3 +235,18 @@ def test_cache_with_classes_on_unlabeled_data(tmp_path):
     assert result.exit_code == 0, result.output + result.stderr
     store = json.loads((out / "store.json").read_text())
     assert store["classes"] == ["x", "y", "z"] and store["splits"][0]["rows"] == 6
+
+
+def test_a_mean_or_std_that_fits_no_channel_count_is_refused_naming_the_teacher():
+    from kdplug.preprocess import Preprocess
+    from kdplug.teacher_io import preprocess
+
+    with pytest.raises(UsageError) as caught:
+        preprocess("torchscript:t.pt", None, [0.5, 0.5], 1.0, 3)
+    assert str(caught.value) == (
+        "torchscript:t.pt: mean has 2 values but in_chans is 3; give one per channel or one for all"
+    )
+    with pytest.raises(UsageError, match="std has 2 values but in_chans is 1"):
+        Preprocess(std=[0.5, 0.5], in_chans=1)
+    x = Preprocess(mean=[0.5, 0.4, 0.3], std=0.2, in_chans=3)(torch.ones(1, 1, 2, 2))
+    assert x.shape == (1, 3, 2, 2)  # gray input repeated to the 3 channels
