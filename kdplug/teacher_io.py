@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from kdplug.ops import IMPOSSIBLE
 from kdplug.preprocess import Preprocess
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
+
+log = logging.getLogger("kdplug")
 
 
 def existing_file(ref: str, source: str) -> Path:
@@ -57,7 +60,16 @@ def _floats(value: Any, option: str, source: str) -> list[float] | None:
         isinstance(v, int | float) and not isinstance(v, bool) for v in values
     ):
         raise UsageError(f"{source}: option {option} must be a number or a;b;c list, got {value!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{source}: option {option} must be finite numbers, got {value!r}")
     return [float(v) for v in values]
+
+
+def _sizes_ok(size: Any) -> bool:
+    sizes = size if isinstance(size, list) else [size]
+    return bool(sizes) and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes
+    )
 
 
 def preprocess(
@@ -79,8 +91,8 @@ def preprocess(
         in_chans = lengths.pop()
     if in_chans is not None and (not isinstance(in_chans, int) or in_chans < 1):
         raise UsageError(f"{source}: option in_chans must be >= 1, got {in_chans}")
-    if size is not None and not isinstance(size, int | list):
-        raise UsageError(f"{source}: option size must be N or H;W, got {size!r}")
+    if size is not None and not _sizes_ok(size):
+        raise UsageError(f"{source}: option size must be N or H;W of sizes >= 1, got {size!r}")
     try:
         return Preprocess(size=size, mean=mean, std=std, in_chans=in_chans)
     except UsageError as exc:
@@ -108,21 +120,78 @@ def looks_like_probs(array: Any, atol: float = 1e-3) -> bool:
     return len(array) > 0
 
 
+def fixed_batch(dim: Any, source: str) -> int | None:
+    """The batch size a model was saved for (its input's static first dimension), or None.
+
+    Logs once, at load, that such a model is run that many rows at a time.
+    """
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        return None
+    log.info(
+        "%s takes exactly %d rows per call: running it %d rows at a time, the last call "
+        "padded with zero rows whose outputs are dropped",
+        source,
+        dim,
+        dim,
+    )
+    return dim
+
+
+def run_in_batches(
+    run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int | None
+) -> torch.Tensor:
+    """``run(x)``; for a model with a fixed ``batch``, ``run`` on chunks of exactly that many
+    rows, the last padded with zeros and its outputs cut back to the real rows."""
+    if batch is None or len(x) == batch:
+        return run(x)
+    outs = []
+    for start in range(0, max(len(x), 1), batch):
+        chunk = x[start : start + batch]
+        real = len(chunk)
+        if real < batch:
+            chunk = torch.cat([chunk, chunk.new_zeros((batch - real, *chunk.shape[1:]))])
+        outs.append(run(chunk)[:real])
+    return torch.cat(outs)
+
+
+def _opted_in(option: Any, env: str) -> bool:
+    return option is True or os.environ.get(env, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def pickle_allowed(option: bool) -> bool:
     """The pickle opt-in: the spec's ``allow_pickle=true``, ``--allow-pickle`` or the env var."""
-    env = os.environ.get("KDPLUG_ALLOW_PICKLE", "").strip().lower()
-    return option or env in ("1", "true", "yes", "on")
+    return _opted_in(option, "KDPLUG_ALLOW_PICKLE")
+
+
+def code_allowed(option: bool) -> bool:
+    """The code opt-in: the spec's ``allow_code=true``, ``--allow-code`` or KDPLUG_ALLOW_CODE=1."""
+    return _opted_in(option, "KDPLUG_ALLOW_CODE")
+
+
+def _refusal(source: str, path: Path, what: str, kind: str, safe: str) -> UsageError:
+    return UsageError(
+        f"{source}: {path} {what}; if you trust this file pass --allow-{kind}, add "
+        f"allow_{kind}=true to the teacher spec or set KDPLUG_ALLOW_{kind.upper()}=1, "
+        f"or {safe} instead"
+    )
 
 
 def refuse_pickle(
     source: str, path: Path, safe_format: str, what: str = "is a pickle file"
 ) -> UsageError:
     """The error for a pickle loaded without the opt-in: why, and the ways out."""
-    return UsageError(
-        f"{source}: {path} {what}, and loading a pickle runs any code stored in it; "
-        "if you trust this file pass --allow-pickle, add allow_pickle=true to the teacher "
-        f"spec or set KDPLUG_ALLOW_PICKLE=1, or save the model as {safe_format} instead"
-    )
+    what = f"{what}, and loading a pickle runs any code stored in it"
+    return _refusal(source, path, what, "pickle", f"save the model as {safe_format}")
+
+
+def refuse_code(
+    source: str,
+    path: Path,
+    what: str,
+    safe: str = "export the model with torch.export or to ONNX",
+) -> UsageError:
+    """The error for a model file that holds code, run without the opt-in."""
+    return _refusal(source, path, what, "code", safe)
 
 
 @contextlib.contextmanager

@@ -102,7 +102,7 @@ def random_cnn_teacher(path: Path, channels: int, size: int) -> str:
         torch.nn.Linear(channels, 10),
     ).eval()
     torch.jit.save(torch.jit.script(net), path)
-    return f"torchscript:{path},size={size}"
+    return f"torchscript:{path},size={size},allow_code=true"
 
 
 @pytest.fixture(scope="session")

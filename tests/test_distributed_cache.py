@@ -24,7 +24,7 @@ def test_two_processes_write_the_single_process_store(digits_splits, tmp_path):
 
     def cache(out: Path, *extra: str) -> str:
         return run_cli(
-            *["cache", "--teacher", f"torchscript:{teacher}", "--out", str(out)],
+            *["cache", "--teacher", f"torchscript:{teacher},allow_code=true", "--out", str(out)],
             *["--data", digits_splits["labeled"], "--data", digits_splits["test"]],
             *["--topk", "3", "--views", "2", "--seed", "7", "--device", "cpu"],
             *["--shard-size", "50", "--batch-size", "25", *extra],

@@ -29,7 +29,7 @@ def teacher(digits_splits, tmp_path_factory) -> str:
         optimizer.step()
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
     torch.jit.save(torch.jit.script(net.eval()), path)
-    return f"torchscript:{path}"
+    return f"torchscript:{path},allow_code=true"
 
 
 def distill_args(teacher: str, digits_splits: dict, out, epochs: int) -> list[str]:

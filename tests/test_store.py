@@ -228,8 +228,12 @@ def test_store_round_trip_views_and_outputs_match_the_live_teachers(probe, digit
         assert (approx[1, :, 5:] == IMPOSSIBLE).all()
 
 
-def test_stale_teacher_or_changed_data_is_refused_unless_forced(digits_splits, tmp_path):
+def test_stale_teacher_or_changed_data_is_refused_unless_forced(
+    digits_splits, tmp_path, monkeypatch
+):
     from tests.teacher_fixtures import TinyCNN
+
+    monkeypatch.setenv("KDPLUG_ALLOW_CODE", "1")  # TorchScript is code: trust this one
 
     torch.manual_seed(0)
     teacher_file = tmp_path / "t.pt"
@@ -284,7 +288,7 @@ def test_corrupt_truncated_or_unfinished_stores_are_refused(digits_splits, tmp_p
 
     torch.jit.save(torch.jit.script(TinyCNN().eval()), tmp_path / "t.pt")
     config = CacheConfig(
-        [f"torchscript:{tmp_path / 't.pt'}"],
+        [f"torchscript:{tmp_path / 't.pt'},allow_code=true"],
         [digits_splits["labeled"]],
         str(tmp_path / "s"),
         topk=3,

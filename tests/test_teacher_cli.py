@@ -64,8 +64,9 @@ def files(digits_splits, tmp_path_factory):
 def test_calibrate_then_report_with_figures(files, tmp_path):
     teachers = [f"logits:{files['hot_npy']}", f"sklearn:{files['lr_joblib']}"]
     teachers.append(f"torchscript:{files['cnn_ts']}")
-    # the joblib (pickle) teacher loads because of --allow-pickle
-    args = [arg for spec in teachers for arg in ("--teacher", spec)] + ["--allow-pickle"]
+    # the joblib (pickle) and TorchScript (code) teachers load because of the opt-ins
+    args = [arg for spec in teachers for arg in ("--teacher", spec)]
+    args += ["--allow-pickle", "--allow-code"]
     calib = tmp_path / "calib.json"
     run_cli(
         "teachers", "calibrate", *args, "--data", files["data"], "--out", str(calib), check=True

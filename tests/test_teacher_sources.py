@@ -50,7 +50,8 @@ def test_torchscript_adapts_gray_small_images_for_an_rgb_model(tmp_path):
     path = tmp_path / "cnn.ts"
     save_torchscript(model, path)
     t = teacher(
-        f"torchscript:{path},size=16,mean=0.5;0.4;0.3,std=0.2;0.25;0.3,classes=0;1;2;3;4;5;6;7;8;9"
+        f"torchscript:{path},size=16,mean=0.5;0.4;0.3,std=0.2;0.25;0.3,classes=0;1;2;3;4;5;6;7;8;9,"
+        "allow_code=true"
     )
     mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
     std = torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
@@ -85,7 +86,7 @@ def test_softmax_model_gives_log_probabilities_with_zeros_impossible(tmp_path):
 
     path = tmp_path / "probs.ts"
     save_torchscript(ZeroLast(), path)
-    out = teacher(f"torchscript:{path},probs=true")(X)
+    out = teacher(f"torchscript:{path},probs=true,allow_code=true")(X)
     expected = torch.log_softmax(X.flatten(1)[:, :2] * 4, -1)
     torch.testing.assert_close(out[:, :2], expected)
     assert (out[:, 2] == IMPOSSIBLE).all()
@@ -124,10 +125,7 @@ def test_exported_program_never_unpickles_without_the_opt_in(tmp_path, monkeypat
     with pytest.raises(UsageError, match="cannot load"):
         teacher(f"export:{tmp_path / 'evil.pt2'},allow_pickle=true")
     assert marker.exists()  # the opt-in is what stood between the file and its code
-    opaque = {"data/constants/opaque_obj_0": pickle.dumps(1)}
-    rewrite_archive(tmp_path / "good.pt2", tmp_path / "opaque.pt2", add=opaque)
-    with pytest.raises(UsageError, match="stores objects only pickle loads.*--allow-pickle"):
-        teacher(f"export:{tmp_path / 'opaque.pt2'}")
+    # constants torch would unpickle: tests/test_model_file_safety.py
 
 
 @pytest.mark.parametrize(
@@ -147,11 +145,11 @@ def test_missing_file_and_bad_options(tmp_path):
     path = tmp_path / "cnn.ts"
     save_torchscript(TinyCNN(), path)
     with pytest.raises(UsageError, match="std must be positive"):
-        teacher(f"torchscript:{path},std=0")
+        teacher(f"torchscript:{path},std=0,allow_code=true")
     with pytest.raises(UsageError, match="mean must be a number"):
-        teacher(f"torchscript:{path},mean=abc")
+        teacher(f"torchscript:{path},mean=abc,allow_code=true")
     with pytest.raises(UsageError, match="repeated names"):
-        teacher(f"torchscript:{path},classes=a;a")
+        teacher(f"torchscript:{path},classes=a;a,allow_code=true")
 
 
 # -- precomputed logits -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ import click
 
 from kdplug import distributed
 from kdplug.cli.options import (
+    allow_code_option,
     allow_pickle_option,
     batch_size_option,
     calibration_option,
@@ -88,6 +89,7 @@ from kdplug.cli.options import (
     help="Mark views where a teacher gives NaN/Inf (distill drops them) instead of failing.",
 )
 @allow_pickle_option
+@allow_code_option
 @nproc_option
 def cache_command(nproc_per_node: int | None, **params: Any) -> None:
     """Cache the teachers' outputs on DATA (V views per row) into the store OUT.

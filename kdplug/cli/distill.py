@@ -9,6 +9,7 @@ from click.core import ParameterSource
 
 from kdplug import distributed
 from kdplug.cli.options import (
+    allow_code_option,
     allow_pickle_option,
     calibration_option,
     nproc_option,
@@ -60,6 +61,7 @@ from kdplug.cli.options import (
 @click.option("--workers", type=int, help="Data loader workers (default: by data size).")
 @calibration_option
 @allow_pickle_option
+@allow_code_option
 @click.option(
     "--config",
     "config_file",

@@ -9,6 +9,7 @@ import click
 
 from kdplug import distributed
 from kdplug.cli.options import (
+    allow_code_option,
     allow_pickle_option,
     batch_size_option,
     calibration_option,
@@ -67,6 +68,7 @@ from kdplug.cli.options import (
 )
 @classes_option("Class names of the run (default: DATA's).")
 @allow_pickle_option
+@allow_code_option
 @click.option(
     "--skip-bad-rows",
     is_flag=True,

@@ -24,18 +24,32 @@ def teachers_option(required: bool = True) -> Callable:
     )
 
 
-def _allow_pickle(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-    if value:
-        os.environ["KDPLUG_ALLOW_PICKLE"] = "1"
-    return value
+def _opt_in(env: str) -> Callable:
+    """A flag's callback that sets ``env`` (seen by the loaders and by child processes)."""
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        if value:
+            os.environ[env] = "1"
+        return value
+
+    return callback
 
 
 allow_pickle_option = click.option(
     "--allow-pickle",
     is_flag=True,
     expose_value=False,
-    callback=_allow_pickle,
+    callback=_opt_in("KDPLUG_ALLOW_PICKLE"),
     help="Trust pickle/joblib model files (they can run arbitrary code when loaded).",
+)
+
+allow_code_option = click.option(
+    "--allow-code",
+    is_flag=True,
+    expose_value=False,
+    callback=_opt_in("KDPLUG_ALLOW_CODE"),
+    help="Trust model files that are programs: TorchScript, and torch.export programs that "
+    "call more than torch's tensor operators (they can read and write files).",
 )
 
 calibration_option = click.option(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from kdplug.cli.options import (
+    allow_code_option,
     allow_pickle_option,
     batch_size_option,
     device_option,
@@ -60,6 +61,7 @@ from kdplug.cli.options import (
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace a different run in OUT.")
 @allow_pickle_option
+@allow_code_option
 def self_train_command(**options) -> None:
     """Noisy Student: teachers label, a noised student learns, the student joins the teachers.
 

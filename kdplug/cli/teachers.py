@@ -7,6 +7,7 @@ import json
 import click
 
 from kdplug.cli.options import (
+    allow_code_option,
     allow_pickle_option,
     batch_size_option,
     calibration_option,
@@ -42,6 +43,7 @@ def teachers_group() -> None:
 @device_option
 @skip_bad_rows_option
 @allow_pickle_option
+@allow_code_option
 def calibrate_command(
     teachers: tuple[str, ...],
     data: str,
@@ -85,6 +87,7 @@ def calibrate_command(
 @device_option
 @skip_bad_rows_option
 @allow_pickle_option
+@allow_code_option
 def report_command(
     teachers: tuple[str, ...],
     data: str,

@@ -2,6 +2,8 @@
 
 Inputs are adapted like the torch model teachers' (``size``/``mean``/``std``/``in_chans``,
 defaulting to the graph's static input shape); ``probs=true`` marks a graph ending in softmax.
+Files are checked first with the ``onnx`` package (see ``kdplug_onnx.check``): external data
+from outside the model's folder and custom operator domains are refused.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ def onnx(
 ):
     """An ONNX model run by onnxruntime (CPU, or CUDA for cuda inputs); needs kdplug[onnx]."""
     try:
+        import onnx  # noqa: F401  (reads the graph for the checks before onnxruntime runs it)
         import onnxruntime  # noqa: F401
-    except ImportError:
+    except ImportError as exc:
         raise kdplug.UsageError(
-            "onnx teachers need onnxruntime: pip install 'kdplug[onnx]'"
+            f"onnx teachers need onnxruntime and onnx (no module {exc.name!r}): "
+            "pip install 'kdplug[onnx]'"
         ) from None
     from kdplug_onnx.session import load_onnx
 

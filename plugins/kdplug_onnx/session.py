@@ -9,7 +9,15 @@ import torch
 from kdplug import UsageError
 from kdplug.outputs import file_hash
 from kdplug.preprocess import Preprocess
-from kdplug.teacher_io import class_names, existing_file, preprocess, probs_to_logits
+from kdplug.teacher_io import (
+    class_names,
+    existing_file,
+    fixed_batch,
+    preprocess,
+    probs_to_logits,
+    run_in_batches,
+)
+from kdplug_onnx.check import check_model
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 
@@ -40,7 +48,7 @@ class OnnxTeacher:
         self.sessions = {"cpu": runner}
         first = runner.get_inputs()[0]
         self.input_name = first.name
-        self.batch = first.shape[0] if first.shape and isinstance(first.shape[0], int) else None
+        self.batch = fixed_batch(first.shape[0], source) if first.shape else None
         self.output_name = _logits_output(runner, source)
 
     def _session(self, device: torch.device) -> ort.InferenceSession:
@@ -51,19 +59,13 @@ class OnnxTeacher:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         runner = self._session(x.device)
-        inputs = self.preprocess.to(x.device)(x).float().cpu().numpy()
-        step = self.batch or max(len(inputs), 1)
-        outs = []
-        for start in range(0, len(inputs), step):
-            chunk = inputs[start : start + step]
-            real = len(chunk)
-            if real < step:
-                chunk = np.concatenate(
-                    [chunk, np.zeros((step - real, *chunk.shape[1:]), chunk.dtype)]
-                )
-            (out,) = runner.run([self.output_name], {self.input_name: chunk})
-            outs.append(np.asarray(out, dtype=np.float32)[:real])
-        z = torch.from_numpy(np.concatenate(outs)).to(x.device)
+        inputs = self.preprocess.to(x.device)(x).float().cpu()
+
+        def run(chunk: torch.Tensor) -> torch.Tensor:
+            (out,) = runner.run([self.output_name], {self.input_name: chunk.numpy()})
+            return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+        z = run_in_batches(run, inputs, self.batch).to(x.device)
         return probs_to_logits(z) if self.probs else z
 
 
@@ -95,6 +97,7 @@ def load_onnx(ref, mean, std, size, in_chans, classes, probs) -> OnnxTeacher:
     path = existing_file(ref, "onnx")
     if not isinstance(probs, bool):
         raise UsageError(f"{source}: option probs must be true or false, got {probs!r}")
+    check_model(path, source)
     runner = session(str(path), [CPU], source)
     shape = list(runner.get_inputs()[0].shape or [])
     if len(shape) == 4:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import pickle
 import warnings
 import zipfile
@@ -16,17 +17,23 @@ from kdplug.outputs import file_hash
 from kdplug.preprocess import Preprocess
 from kdplug.teacher_io import (
     class_names,
+    code_allowed,
     existing_file,
+    fixed_batch,
     pickle_allowed,
     preprocess,
     probs_to_logits,
+    refuse_code,
     refuse_pickle,
+    run_in_batches,
     weights_only_loads,
 )
+from kdplug_torch.program_check import RULE, archive_findings, refused_calls
 
-# file names torch.export.save gives objects that torch.export.load unpickles
-# (torch.export.pt2_archive.constants CUSTOM_OBJ_ / OPAQUE_OBJ_FILENAME_PREFIX)
-PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")
+TORCHSCRIPT_RISK = (
+    "is a TorchScript program: loading it runs its __setstate__ code and running it runs "
+    "its forward, which can read and write any file"
+)
 
 
 class ModelTeacher(torch.nn.Module):
@@ -34,7 +41,8 @@ class ModelTeacher(torch.nn.Module):
 
     ``probs`` marks a model ending in softmax: its outputs become ``log p`` (zeros as
     IMPOSSIBLE). ``fixed_mode`` leaves the model's train/eval mode alone (torch.export
-    programs are frozen in the mode they were exported in).
+    programs are frozen in the mode they were exported in). ``batch`` is the one batch size
+    a program was saved for (None: any); other batches are run in chunks of it.
     """
 
     def __init__(
@@ -46,6 +54,7 @@ class ModelTeacher(torch.nn.Module):
         fingerprint: str,
         source: str,
         fixed_mode: bool,
+        batch: int | None = None,
     ):
         super().__init__()
         self.model = model
@@ -55,6 +64,7 @@ class ModelTeacher(torch.nn.Module):
         self.fingerprint = fingerprint
         self.source = source
         self.fixed_mode = fixed_mode
+        self.batch = batch
 
     def train(self, mode: bool = True) -> ModelTeacher:
         self.training = mode
@@ -64,16 +74,25 @@ class ModelTeacher(torch.nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(self.preprocess(x))
+        out = run_in_batches(self._run, self.preprocess(x), self.batch)
+        return probs_to_logits(out) if self.probs else out
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
         if isinstance(out, tuple | list) and out:
             out = out[0]
         if not isinstance(out, torch.Tensor):
             raise UsageError(f"{self.source} returned {type(out).__name__}, not a logits tensor")
-        return probs_to_logits(out) if self.probs else out
+        return out
 
 
 def _teacher(
-    model: torch.nn.Module, source: str, path: Any, fixed_mode: bool, **options: Any
+    model: torch.nn.Module,
+    source: str,
+    path: Any,
+    fixed_mode: bool,
+    batch: int | None = None,
+    **options: Any,
 ) -> ModelTeacher:
     """Wrap ``model`` with its preprocessing and the options of the spec."""
     mean, std, size, in_chans = (options[k] for k in ("mean", "std", "size", "in_chans"))
@@ -88,22 +107,25 @@ def _teacher(
         file_hash(path),
         source,
         fixed_mode,
+        batch,
     ).eval()
 
 
-def load_torchscript(ref, mean, std, size, in_chans, classes, probs) -> ModelTeacher:
-    """A TorchScript archive loaded on the CPU (move it with ``.to(device)``)."""
+def load_torchscript(ref, mean, std, size, in_chans, classes, probs, allow_code) -> ModelTeacher:
+    """A TorchScript archive loaded on the CPU (move it with ``.to(device)``), only with the
+    code opt-in: TorchScript runs its own code when loaded and when run."""
     source = f"torchscript:{ref}"
     path = existing_file(ref, "torchscript")
+    if not code_allowed(allow_code):
+        if not zipfile.is_zipfile(path):
+            raise _not_torchscript(source, path, "not a zip archive")
+        raise refuse_code(source, path, TORCHSCRIPT_RISK)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
             model = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError/ValueError for a bad archive
-        raise UsageError(
-            f"{source}: cannot load {path} as TorchScript (corrupt, truncated or not a "
-            f"torch.jit.save file): {_first_line(exc)}"
-        ) from None
+        raise _not_torchscript(source, path, _first_line(exc)) from None
     return _teacher(
         model,
         source,
@@ -118,27 +140,39 @@ def load_torchscript(ref, mean, std, size, in_chans, classes, probs) -> ModelTea
     )
 
 
-def load_exported(ref, mean, std, size, in_chans, classes, probs, allow_pickle) -> ModelTeacher:
-    """A torch.export program; channels and size default to its input's static shape.
+def load_exported(
+    ref, mean, std, size, in_chans, classes, probs, allow_pickle, allow_code
+) -> ModelTeacher:
+    """A torch.export program; channels, size and a fixed batch size come from its input.
 
-    ``torch.export.load`` falls back to pickle for objects it cannot load safely; without
-    the pickle opt-in every load inside it is forced to ``weights_only`` and programs that
-    store pickled Python objects are refused.
+    Without the opt-ins nothing in the archive is unpickled or evaluated as code (see
+    ``program_check``), and a program calling anything outside ``RULE`` is refused.
     """
     source = f"export:{ref}"
     path = existing_file(ref, "export")
-    program = _load_program(path, source, pickle_allowed(allow_pickle))
-    shape = _input_shape(program)
-    if shape is not None and len(shape) == 4:
+    trust_code = code_allowed(allow_code)
+    program = _load_program(path, source, pickle_allowed(allow_pickle), trust_code)
+    refused = [] if trust_code else refused_calls(program.graph_module)
+    if refused:
+        raise refuse_code(
+            source,
+            path,
+            f"calls {', '.join(refused)}, which is not among what kdplug runs unasked ({RULE}) "
+            "and can read or write files or run other code",
+            "export the model again using torch's own tensor operators only",
+        )
+    shape = _input_shape(program) or []
+    if len(shape) == 4:
         if in_chans is None and isinstance(shape[1], int):
             in_chans = shape[1]
         if size is None and all(isinstance(s, int) for s in shape[2:]):
             size = list(shape[2:])
     return _teacher(
-        program.module(),
+        _module(program, source, path),
         source,
         path,
         True,
+        fixed_batch(shape[0], source) if shape else None,
         mean=mean,
         std=std,
         size=size,
@@ -148,15 +182,19 @@ def load_exported(ref, mean, std, size, in_chans, classes, probs, allow_pickle) 
     )
 
 
-def _load_program(path: Path, source: str, trusted: bool) -> Any:
-    if trusted:
-        guard = contextlib.nullcontext()
-    else:
-        if _pickled_objects(path):
-            raise refuse_pickle(
-                source, path, "a program without custom objects", "stores objects only pickle loads"
-            )
-        guard = weights_only_loads()
+def _load_program(path: Path, source: str, trust_pickle: bool, trust_code: bool) -> Any:
+    found = archive_findings(path)
+    if found.pickled and not trust_pickle:
+        stored = f"stores objects only pickle loads ({', '.join(found.pickled[:3])})"
+        raise refuse_pickle(source, path, "a program without custom objects", stored)
+    if found.code and not trust_code:
+        raise refuse_code(
+            source,
+            path,
+            f"holds {found.code[0]}, which torch.export.load would run",
+            "save the program again with torch.export.save",
+        )
+    guard = contextlib.nullcontext() if trust_pickle else weights_only_loads()
     try:
         with guard:
             return torch.export.load(str(path))
@@ -165,20 +203,25 @@ def _load_program(path: Path, source: str, trusted: bool) -> Any:
             source, path, "a torch.export.save program", "holds data that only pickle can load"
         ) from None
     except Exception as exc:
-        raise UsageError(
-            f"{source}: cannot load {path} as a torch.export program (corrupt, truncated or "
-            f"not a torch.export.save .pt2 file): {_first_line(exc)}"
-        ) from None
+        raise _not_a_program(source, path, exc) from None
 
 
-def _pickled_objects(path: Path) -> bool:
-    """Whether the .pt2 archive holds custom or opaque Python objects (loaded by pickle)."""
+def _module(program: Any, source: str, path: Path) -> torch.nn.Module:
+    """The program as a module without its stored guard code (Python source that
+    ``module()`` would exec); torch still checks inputs against the program's shapes."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n.rsplit("/", 1)[-1] for n in archive.namelist()]
-    except (zipfile.BadZipFile, OSError):
-        return False  # not an archive at all: torch.export.load says so below
-    return any(name.startswith(PICKLED_PREFIXES) for name in names)
+        if "check_guards" in inspect.signature(program.module).parameters:
+            return program.module(check_guards=False)
+        return program.module()
+    except Exception as exc:  # torch's AssertionError for constants of the wrong kind, ...
+        raise _not_a_program(source, path, exc) from None
+
+
+def _not_a_program(source: str, path: Path, exc: Exception) -> UsageError:
+    return UsageError(
+        f"{source}: cannot load {path} as a torch.export program (corrupt, truncated or "
+        f"not a torch.export.save .pt2 file): {_first_line(exc)}"
+    )
 
 
 def _input_shape(program: Any) -> list[int | None] | None:
@@ -191,6 +234,13 @@ def _input_shape(program: Any) -> list[int | None] | None:
                 return None
             return [s if isinstance(s, int) else None for s in value.shape]
     return None
+
+
+def _not_torchscript(source: str, path: Path, why: str) -> UsageError:
+    return UsageError(
+        f"{source}: cannot load {path} as TorchScript (corrupt, truncated or not a "
+        f"torch.jit.save file): {why}"
+    )
 
 
 def _first_line(exc: Exception) -> str:
