@@ -361,14 +361,9 @@ def _one_line(exc: Exception) -> str:
 def load_data(spec: str | Spec, classes: list[str] | None = None) -> DataSource:
     """Build the dataset named by ``spec`` and detect its columns and classes."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
-    data_options = {k: spec.options[k] for k in DATA_OPTIONS if k in spec.options}
-    source_spec = Spec(
-        spec.name,
-        spec.ref,
-        {k: v for k, v in spec.options.items() if k not in DATA_OPTIONS},
-        spec.text,
-    )
-    dataset = get_manager().create("datasets", source_spec)
+    written = spec.raw if spec.raw is not None else spec.options  # as written: label_column=01
+    data_options = {k: written[k] for k in DATA_OPTIONS if k in written}
+    dataset = get_manager().create("datasets", spec.without(*DATA_OPTIONS))
     name = str(spec) if str(spec).isprintable() else repr(str(spec))  # messages: one line
     if len(dataset) == 0:
         raise UsageError(f"{name}: the dataset is empty")
@@ -393,7 +388,7 @@ def describe(
 
     def pick(wanted: str | None, typed: type, names: tuple[str, ...], role: str) -> str | None:
         if wanted is not None:
-            if wanted not in features:
+            if not isinstance(wanted, str) or wanted not in features:
                 raise UsageError(f"{name}: no {role} column {wanted!r} (columns: {columns})")
             return wanted
         typed_cols = [c for c in columns if isinstance(features[c], typed)]
@@ -416,7 +411,7 @@ def describe(
                 raise UsageError(f"{name}: max_pixels must be a positive integer")
         shape = _image_shape(dataset, image, name, image_size, max_pixels)
         if image_mode is not None:
-            if image_mode not in IMAGE_MODES:
+            if not isinstance(image_mode, str) or image_mode not in IMAGE_MODES:
                 raise UsageError(f"{name}: image_mode must be L or RGB, got {image_mode!r}")
             shape = (IMAGE_MODES[image_mode], *shape[1:])
         return DataSource(

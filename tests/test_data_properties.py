@@ -110,6 +110,8 @@ def test_parse_spec_returns_a_spec_or_a_one_line_usage_error(text):
 @given(spec=data_specs())
 @example(spec="disk:no\nsuch")  # a newline in the reference: the message stays one line
 @example(spec="sklearn:digits,image_size=8;12,image_mode=RGB")
+@example(spec="sklearn:iris,label_column=a;b")  # a list where a column name belongs
+@example(spec="sklearn:digits,image_mode=L;RGB")
 def test_random_data_specs_load_or_fail_in_one_line(spec):
     source, loaded = load_everything(spec)
     if source is None:

@@ -250,3 +250,13 @@ def test_a_mean_or_std_that_fits_no_channel_count_is_refused_naming_the_teacher(
         Preprocess(std=[0.5, 0.5], in_chans=1)
     x = Preprocess(mean=[0.5, 0.4, 0.3], std=0.2, in_chans=3)(torch.ones(1, 1, 2, 2))
     assert x.shape == (1, 3, 2, 2)  # gray input repeated to the 3 channels
+
+
+def test_data_options_and_the_source_s_options_are_taken_as_written(tmp_path):
+    (tmp_path / "rows.csv").write_text("x,01\n0.5,a\n1.5,b\n")
+    source = load_data(f"csv:{tmp_path / 'rows.csv'},label_column=01")
+    assert source.label_column == "01" and source.classes == ["a", "b"]
+    features = datasets.Features({"v": datasets.Value("float32")})
+    part = datasets.Dataset.from_dict({"v": [1.0]}, features=features)
+    datasets.DatasetDict({"2024": part, "2025": part}).save_to_disk(str(tmp_path / "years"))
+    assert len(load_data(f"disk:{tmp_path / 'years'},split=2024")) == 1
