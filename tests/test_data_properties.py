@@ -299,7 +299,7 @@ def write_data(root: Path, kind: str, data) -> tuple[str, int]:
     root.mkdir()
     if kind == "csv":
         (root / "rows.csv").write_text(data, encoding="utf-8")
-        return f"csv:{root / 'rows.csv'}", max(len(data.splitlines()) - 1, 1)
+        return f"csv:{root / 'rows.csv'}", max(sum(1 for _ in csv.reader(io.StringIO(data))) - 1, 1)
     if kind == "parquet":
         pq.write_table(data, root / "rows.parquet")
         return f"parquet:{root / 'rows.parquet'}", data.num_rows
@@ -309,29 +309,36 @@ def write_data(root: Path, kind: str, data) -> tuple[str, int]:
 
 
 @CLI_SETTINGS
-@given(data=cli_data(), seed=st.integers(0, 2**16))
-@example(data=("images", ([("a/0.png", b"\x89PNG")], "")), seed=0)
-@example(data=("csv", "f0,label\n1,5000\n2,90000\n3,5000\n"), seed=0)
-def test_label_on_random_data_succeeds_or_fails_in_one_line_touching_nothing(data, seed):
+@given(data=cli_data(), seed=st.integers(0, 2**16), out_exists=st.booleans())
+@example(data=("images", ([("a/0.png", b"\x89PNG")], "")), seed=0, out_exists=False)
+@example(data=("csv", "f0,label\n1,5000\n2,90000\n3,5000\n"), seed=0, out_exists=False)
+def test_label_on_random_data_succeeds_or_fails_in_one_line_touching_nothing(
+    data, seed, out_exists
+):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec, rows = write_data(tmp / "data", *data)
         logits = tmp / "logits.npy"
         np.save(logits, np.random.default_rng(seed).normal(size=(rows, 2)).astype(np.float32))
-        before = tree_hash(tmp / "data", logits)
         out = tmp / "out"
+        if out_exists:  # an --out holding the user's own file: refused, left as it was
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+        watched = [tmp / "data", logits, *([out] if out_exists else [])]
+        before = tree_hash(*watched)
         result = CliRunner().invoke(
             build_cli(),
             ["label", "--teacher", f"logits:{logits}", "--data", spec, "--classes", "a,b",
              "--out", str(out)],
         )  # fmt: skip
-        assert tree_hash(tmp / "data", logits) == before
+        assert tree_hash(*watched) == before
         assert "Traceback" not in result.stderr
         event(f"{data[0]}: exit {result.exit_code}")
         if result.exit_code == 0:
+            assert not out_exists
             assert (out / "report.json").is_file()
             return
         assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
         error = result.stderr[result.stderr.index("Error: ") :]
         assert error.endswith("\n") and error.count("\n") == 1, repr(error)
-        assert not out.exists()
+        assert out.exists() == out_exists
