@@ -147,7 +147,8 @@ _SIBLING_EXTRA = len(".") + len(".XXXXXXXX.tmp")
 def input_paths(specs: Iterable[str | None]) -> list[Path]:
     """The existing local files and folders that spec strings (or plain paths) name: the
     string itself, a spec's REF and any option value that is a path (``disk:PATH``,
-    ``timm:ARCH,checkpoint=PATH``), relative to the working directory."""
+    ``timm:ARCH,checkpoint=PATH``), as written (``~`` expanded), relative to the working
+    directory."""
     from kdplug.spec import parse_spec
 
     found = []
@@ -158,9 +159,10 @@ def input_paths(specs: Iterable[str | None]) -> list[Path]:
         with contextlib.suppress(KdplugError):
             spec = parse_spec(text)
             candidates.append(spec.ref)
-            for value in spec.options.values():
+            for value in (spec.raw or {}).values():
                 candidates.extend(value if isinstance(value, list) else [value])
-        found += [Path(c) for c in candidates if isinstance(c, str) and c and os.path.lexists(c)]
+        paths = [Path(c).expanduser() for c in candidates if isinstance(c, str) and c]
+        found += [path for path in paths if os.path.lexists(path)]
     return found
 
 

@@ -35,12 +35,12 @@ from kdplug.outputs import (
     atomic_path,
     discarding_unstarted_runs,
     file_hash,
+    input_paths,
     prepare_out_dir,
     versions,
     write_json,
 )
 from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
-from kdplug.spec import parse_spec
 from kdplug.store.layout import (
     DTYPES,
     FORMAT,
@@ -196,14 +196,8 @@ def check_teacher_inputs(
 def teacher_files(spec: str) -> dict[str, str]:
     """``{absolute path: file hash}`` of the files a teacher spec names (its REF and option
     values that are existing paths): what ``Store.check_teachers`` re-hashes later."""
-    parsed = parse_spec(spec)
-    named = [parsed.ref, *parsed.options.values()]
-    files = {}
-    for value in named:
-        if isinstance(value, str) and value and Path(value).expanduser().exists():
-            path = Path(value).expanduser().resolve()
-            files[str(path)] = file_hash(path)
-    return files
+    paths = {path.resolve() for path in input_paths([spec])}
+    return {str(path): file_hash(path) for path in sorted(paths) if path.exists()}
 
 
 def cache_record(
