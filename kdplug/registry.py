@@ -259,7 +259,8 @@ class Registry:
         component = self.get(spec.name)
         if spec.raw is not None:
             skip = 1 if self.takes_ref else 0
-            options = typed_options(component.factory, spec.raw, spec.name, skip)
+            owner = spec.name if spec.ref is None else f"{spec.name}:{spec.ref}"
+            options = typed_options(component.factory, spec.raw, owner, skip)
             options.update(self._checked(component, extra))
         else:
             options = self._checked(component, {**spec.options, **extra})

@@ -78,14 +78,14 @@ def test_builtin_teachers_keep_class_names_verbatim(tmp_path):
 
 def test_wrong_text_is_one_line_in_one_style(teachers):
     cases = {
-        "typed:m,n=1.5": "typed: option n='1.5' must be int",
-        "typed:m,flag=maybe": "typed: option flag='maybe' must be true or false",
-        "typed:m,mean=a;b": "typed: option mean='a;b' must be float or a list of float or none",
+        "typed:m,n=1.5": "typed:m: option n='1.5' must be int",
+        "typed:m,flag=maybe": "typed:m: option flag='maybe' must be true or false",
+        "typed:m,mean=a;b": "typed:m: option mean='a;b' must be float or a list of float or none",
         "typed:m,mean=nan": (
-            "typed: option mean='nan' must be float or a list of float or none (a finite number)"
+            "typed:m: option mean='nan' must be float or a list of float or none (a finite number)"
         ),
-        "typed:m,pool=train": "typed: option pool='train' must be cv or val",
-        "typed:m,name=a;b": "typed: option name='a;b' must be str (quote a value holding \";\": "
+        "typed:m,pool=train": "typed:m: option pool='train' must be cv or val",
+        "typed:m,name=a;b": "typed:m: option name='a;b' must be str (quote a value holding \";\": "
         'name="a;b")',
     }
     for spec, message in cases.items():

@@ -146,7 +146,7 @@ def test_missing_file_and_bad_options(tmp_path):
     save_torchscript(TinyCNN(), path)
     with pytest.raises(UsageError, match="std must be positive"):
         teacher(f"torchscript:{path},std=0,allow_code=true")
-    with pytest.raises(UsageError, match="mean must be a number"):
+    with pytest.raises(UsageError, match=f"torchscript:{path}: option mean='abc' must be float"):
         teacher(f"torchscript:{path},mean=abc,allow_code=true")
     with pytest.raises(UsageError, match="repeated names"):
         teacher(f"torchscript:{path},classes=a;a,allow_code=true")
