@@ -22,6 +22,7 @@ import torch
 
 from kdplug.errors import UsageError
 from kdplug.outputs import atomic_path, check_out, disk_error, write_json
+from kdplug.spec import quote, quote_list
 
 log = logging.getLogger("kdplug")
 MARKER = "demo.json"
@@ -77,11 +78,11 @@ def split_digits(root: Path, config: DemoConfig) -> dict[str, str]:
     for name, rows in parts.items():
         with atomic_path(root / name, directory=True) as tmp:
             digits.select(sorted(rows)).save_to_disk(str(tmp))
-        specs[name] = f"disk:{root / name}"
+        specs[name] = f"disk:{quote(str(root / name))}"
     unlabeled = digits.select(sorted(parts["unlabeled-truth"])).remove_columns("label")
     with atomic_path(root / "unlabeled", directory=True) as tmp:
         unlabeled.save_to_disk(str(tmp))
-    specs["unlabeled"] = f"disk:{root / 'unlabeled'}"
+    specs["unlabeled"] = f"disk:{quote(str(root / 'unlabeled'))}"
     return specs
 
 
@@ -133,7 +134,7 @@ def train_teachers(root: Path, rows: str, seed: int) -> list[str]:
         model.fit(flat, target)
         with atomic_path(root / f"{name}.skops") as tmp:
             skops.io.dump(model, tmp)
-        spec = f"sklearn:{root / f'{name}.skops'}"
+        spec = f"sklearn:{quote(str(root / f'{name}.skops'))}"
         # skops trusts no tree internals by default: name the one type a forest needs
         specs.append(spec + (",trusted=sklearn.tree._tree.Tree" if name == "forest" else ""))
     torch.manual_seed(seed)
@@ -147,8 +148,7 @@ def train_teachers(root: Path, rows: str, seed: int) -> list[str]:
     program = torch.export.export(cnn, (x[:2],), dynamic_shapes=({0: torch.export.Dim("b")},))
     with atomic_path(root / "cnn.pt2") as tmp:
         torch.export.save(program, str(tmp))
-    classes = ";".join(DIGITS)
-    specs.append(f"export:{root / 'cnn.pt2'},classes={classes}")
+    specs.append(f"export:{quote(str(root / 'cnn.pt2'))},classes={quote_list(DIGITS)}")
     return specs
 
 

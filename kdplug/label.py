@@ -36,6 +36,7 @@ from kdplug.label_report import build_report, save_report_figure
 from kdplug.ops import entropy, teacher_probs
 from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
 from kdplug.plugins import create, get_manager
+from kdplug.registry import typed_options
 from kdplug.run import Run
 from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
 from kdplug.spec import parse_spec
@@ -424,7 +425,7 @@ def generator_options(spec: str) -> dict[str, Any]:
     component = get_manager().registries["label-generators"].get(parsed.name)
     accepted = component.options() or {}
     defaults = {name: p.default for name, p in accepted.items() if p.default is not p.empty}
-    return {**defaults, **parsed.options}
+    return {**defaults, **typed_options(component.factory, parsed.raw or {}, parsed.name)}
 
 
 def label_columns(labels: Any, probs_k: torch.Tensor, private: bool) -> dict[str, np.ndarray]:
