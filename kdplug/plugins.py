@@ -14,12 +14,20 @@ entry-point name: the first (kdplug's own first) loads, the other is reported as
 with the names that choose between them. A plugin's command never replaces a command
 that is already there (kdplug's own, or an earlier plugin's): it is kept, with a warning.
 A plugin that calls ``sys.exit`` fails like one that raises.
+
+Every hook call goes through pluggy, so pluggy orders it (wrappers, ``tryfirst``,
+``trylast``) and ``pm.trace`` / ``add_hookcall_monitoring`` see it. A registry hook is
+called on the plugin being added alone (its components are filed under it, and its failure
+skips it alone); an event hook's implementations are guarded as they register, so one
+listener's failure is a warning naming its plugin and the others still run.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -65,11 +73,25 @@ def _flag(variable: str) -> bool:
     return os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+class _Pluggy(pluggy.PluginManager):
+    """pluggy's manager, with each event-hook implementation guarded as it registers."""
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        registered = super().register(plugin, name)
+        for hook in self.get_hookcallers(plugin) or []:
+            if hook.name in hookspecs.EVENT_HOOKS:
+                for impl in hook.get_hookimpls():
+                    if impl.plugin is plugin:
+                        # Final to type checkers only: pluggy calls impl.function each time
+                        impl.function = _guarded(impl, hook.name)  # type: ignore[misc]
+        return registered
+
+
 class PluginManager:
     """A pluggy manager plus one Registry per component kind."""
 
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager(GROUP)
+        self.pm = _Pluggy(GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.registries = {kind: Registry(kind) for kind in KINDS}
         self.plugins: dict[str, PluginInfo] = {}
@@ -132,6 +154,8 @@ class PluginManager:
             hook.name for hook in self.pm.get_hookcallers(plugin) or [] if hook.name
         )
         for kind, (hook_name, _, _) in KINDS.items():
+            if hook_name not in info.hooks:
+                continue
             try:
                 self._collect(kind, hook_name, plugin, name)
             except (Exception, SystemExit) as exc:
@@ -149,10 +173,14 @@ class PluginManager:
         return info
 
     def _collect(self, kind: str, hook_name: str, plugin: Any, name: str) -> None:
+        """Call ``hook_name`` on ``plugin`` alone, filing what it registers under ``name``."""
         registry = self.registries[kind]
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            if impl.plugin is plugin:
-                _call(impl, register=lambda n, f: registry.add(n, f, name))
+        self._only(hook_name, plugin)(register=lambda n, f: registry.add(n, f, name))
+
+    def _only(self, hook_name: str, plugin: Any) -> pluggy.HookCaller:
+        """``hook_name``'s caller for ``plugin`` alone (still pluggy's call: ordered, traced)."""
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        return self.pm.subset_hook_caller(hook_name, others)
 
     def _failed(self, info: PluginInfo, message: str, exc: BaseException | None = None) -> None:
         info.error = message
@@ -166,24 +194,20 @@ class PluginManager:
         return self.registries[kind].create(spec, *args, **options)
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call an event hook on every plugin. A listener cannot change the run: its
-        failure (any exception, kdplug's own or ``sys.exit`` included) is a warning."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            try:
-                _call(impl, **kwargs)
-            except (Exception, SystemExit) as exc:
-                log.warning(
-                    "plugin %r raised in %s: %s", impl.plugin_name, hook_name, describe(exc)
-                )
+        """Call an event hook on every plugin, through pluggy. A listener cannot change the
+        run: its failure (any exception, kdplug's own or ``sys.exit`` included) is a warning
+        naming its plugin, and the other listeners still run."""
+        getattr(self.pm.hook, hook_name)(**kwargs)
 
     def add_commands(self, cli: Any) -> None:
         """Let every plugin add its click commands to ``cli``; a command already there
         (kdplug's own or an earlier plugin's) is kept, with a warning naming both."""
         owners: dict[str, str | None] = dict.fromkeys(cli.commands)  # None: kdplug's own
-        for impl in self.pm.hook.register_commands.get_hookimpls():
-            plugin, before = impl.plugin_name, dict(cli.commands)
+        impls = self.pm.hook.register_commands.get_hookimpls()
+        for plugin, obj in dict((impl.plugin_name, impl.plugin) for impl in impls).items():
+            before = dict(cli.commands)
             try:
-                _call(impl, cli=cli)
+                self._only("register_commands", obj)(cli=cli)
             except (Exception, SystemExit) as exc:
                 message = f"register_commands failed: {describe(exc)}"
                 if self.strict:
@@ -215,9 +239,62 @@ def _replaced(plugin: str, command: str, owner: str | None) -> None:
     )
 
 
-def _call(impl: Any, **kwargs: Any) -> Any:
-    """Call one hook implementation with the arguments it asks for."""
-    return impl.function(**{k: kwargs[k] for k in impl.argnames})
+def _guarded(impl: pluggy.HookImpl, hook_name: str) -> Callable[..., Any]:
+    """``impl``'s function, its failure a warning naming its plugin instead of an exception
+    that would end the hook call for the other plugins."""
+
+    def warn(exc: BaseException) -> None:
+        log.warning("plugin %r raised in %s: %s", impl.plugin_name, hook_name, describe(exc))
+
+    function = impl.function
+    if impl.wrapper or impl.hookwrapper:
+        return _guarded_wrapper(function, hook_name, warn)
+
+    @functools.wraps(function)
+    def listener(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (Exception, SystemExit) as exc:
+            warn(exc)
+            return None
+
+    return listener
+
+
+def _guarded_wrapper(
+    function: Callable[..., Any], hook_name: str, warn: Callable[[BaseException], None]
+) -> Callable[..., Generator[None, Any, Any]]:
+    """A wrapper's generator function that always yields once and passes on what pluggy
+    sends, whatever the wrapper does before or after its ``yield``."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Generator[None, Any, Any]:
+        try:
+            teardown = function(*args, **kwargs)
+            next(teardown)
+        except StopIteration:
+            warn(RuntimeError(f"wrapper {hook_name} did not yield"))
+            return (yield)
+        except (Exception, SystemExit) as exc:
+            warn(exc)
+            return (yield)
+        try:
+            result = yield
+        except BaseException:  # an interrupt from inside: the wrapper's cleanup runs
+            teardown.close()
+            raise
+        try:
+            teardown.send(result)
+        except StopIteration as stop:
+            return stop.value
+        except (Exception, SystemExit) as exc:
+            warn(exc)
+            return result
+        teardown.close()
+        warn(RuntimeError(f"wrapper {hook_name} yielded twice"))
+        return result
+
+    return wrapper
 
 
 def _dist_name(ep: metadata.EntryPoint) -> str | None:

@@ -1,13 +1,16 @@
 """The plugin manager: entry points, failure isolation, env switches, event hooks."""
 
+import inspect
 import json
 import sys
 import textwrap
 
 import click
+import pluggy
 import pytest
 
 import kdplug
+from kdplug import hookspecs
 from kdplug.errors import PluginError
 from kdplug.plugins import PluginManager
 from tests.conftest import run_cli
@@ -377,3 +380,241 @@ def test_a_plugin_command_never_replaces_one_already_there(caplog):
         "KDPLUG_BLOCK_PLUGINS=first gives it to plugin 'greedy'"
     ) in caplog.text
     assert manager.plugins["quitter"].error == "register_commands failed: sys.exit(1)"
+
+
+class Wraps:
+    """A ``wrapper=True`` listener: records before and after the others."""
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    @kdplug.hookimpl(wrapper=True)
+    def on_epoch_end(self, run, epoch, metrics):
+        self.seen.append("before")
+        result = yield
+        self.seen.append("after")
+        return result
+
+
+class First:
+    def __init__(self, seen):
+        self.seen = seen
+
+    @kdplug.hookimpl(tryfirst=True)
+    def on_epoch_end(self, epoch):
+        self.seen.append("tryfirst")
+
+
+class Plain:
+    def __init__(self, seen):
+        self.seen = seen
+
+    @kdplug.hookimpl
+    def on_epoch_end(self, metrics):
+        self.seen.append("plain")
+
+
+def listeners(seen):
+    return [("wraps", Wraps(seen)), ("plain", Plain(seen)), ("first", First(seen))]
+
+
+def test_event_hooks_run_in_pluggys_order_with_wrappers_and_tryfirst():
+    direct = []
+    pm = pluggy.PluginManager("kdplug")
+    pm.add_hookspecs(hookspecs)
+    for name, plugin in listeners(direct):
+        pm.register(plugin, name=name)
+    pm.hook.on_epoch_end(run="r", epoch=1, metrics={})
+
+    seen = []
+    manager = PluginManager()
+    for name, plugin in listeners(seen):
+        manager.add(plugin, name)
+    manager.notify("on_epoch_end", run="r", epoch=1, metrics={})
+    assert seen == direct == ["before", "tryfirst", "plain", "after"]
+
+
+def test_a_failing_listener_is_a_warning_and_the_wrapper_completes(caplog):
+    class Faulty:
+        @kdplug.hookimpl
+        def on_epoch_end(self, epoch):
+            raise RuntimeError(f"listener bug at epoch {epoch}")
+
+    seen = []
+    manager = PluginManager()
+    for name, plugin in [*listeners(seen), ("faulty", Faulty())]:
+        manager.add(plugin, name)
+    manager.notify("on_epoch_end", run="r", epoch=4, metrics={})
+    assert seen == ["before", "tryfirst", "plain", "after"]
+    assert "plugin 'faulty' raised in on_epoch_end: RuntimeError: listener bug at epoch 4" in (
+        caplog.text
+    )
+
+
+def fails_before(seen):
+    raise kdplug.UsageError("no dashboard")
+    yield
+
+
+def fails_after(seen):
+    seen.append("before")
+    yield
+    sys.exit(3)
+
+
+def never_yields(seen):
+    seen.append("before")
+    return
+    yield
+
+
+def yields_twice(seen):
+    yield
+    yield
+
+
+@pytest.mark.parametrize(
+    "body, before, message",
+    [
+        (fails_before, [], "UsageError: no dashboard"),
+        (fails_after, ["before"], "sys.exit(3)"),
+        (never_yields, ["before"], "RuntimeError: wrapper on_epoch_end did not yield"),
+        (yields_twice, [], "RuntimeError: wrapper on_epoch_end yielded twice"),
+    ],
+    ids=["raises-before", "exits-after", "never-yields", "yields-twice"],
+)
+def test_a_failing_wrapper_is_a_warning_and_the_others_run(caplog, body, before, message):
+    seen = []
+
+    class BadWrapper:
+        @kdplug.hookimpl(wrapper=True)
+        def on_epoch_end(self):
+            return (yield from body(seen))
+
+    manager = PluginManager()
+    manager.add(BadWrapper(), "bad")
+    for name, plugin in listeners(seen):
+        manager.add(plugin, name)
+    manager.notify("on_epoch_end", run="r", epoch=1, metrics={})
+    assert seen == [*before, "before", "tryfirst", "plain", "after"]
+    assert f"plugin 'bad' raised in on_epoch_end: {message}" in caplog.text
+
+
+def hook_names():
+    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "kdplug_spec"))
+
+
+EVENTS = {
+    "on_fit_start": {"run": "r"},
+    "on_epoch_end": {"run": "r", "epoch": 1, "metrics": {"loss": 0.5}},
+    "on_fit_end": {"run": "r", "summary": {"best": 1}},
+    "on_labels_written": {"run": "r", "path": "out", "report": {"rows": 7}},
+}
+
+
+class EveryHook:
+    """Implements every hook; records each call with the arguments it got."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def _record(self, hook, **kwargs):
+        self.seen[hook] = kwargs
+
+    @kdplug.hookimpl
+    def register_teachers(self, register):
+        register("every-teacher", lambda ref: ref)
+        self._record("register_teachers")
+
+    @kdplug.hookimpl
+    def register_students(self, register):
+        register("every-student", lambda ref, num_classes, in_chans: ref)
+        self._record("register_students")
+
+    @kdplug.hookimpl
+    def register_losses(self, register):
+        register("every-loss", lambda: None)
+        self._record("register_losses")
+
+    @kdplug.hookimpl
+    def register_combiners(self, register):
+        register("every-combiner", lambda: None)
+        self._record("register_combiners")
+
+    @kdplug.hookimpl
+    def register_label_generators(self, register):
+        register("every-generator", lambda: None)
+        self._record("register_label_generators")
+
+    @kdplug.hookimpl
+    def register_datasets(self, register):
+        register("every-data", lambda ref: ref)
+        self._record("register_datasets")
+
+    @kdplug.hookimpl
+    def register_commands(self, cli):
+        cli.add_command(click.Command("every"))
+        self._record("register_commands")
+
+    @kdplug.hookimpl
+    def on_fit_start(self, run):
+        self._record("on_fit_start", run=run)
+
+    @kdplug.hookimpl
+    def on_epoch_end(self, run, epoch, metrics):
+        self._record("on_epoch_end", run=run, epoch=epoch, metrics=metrics)
+
+    @kdplug.hookimpl
+    def on_fit_end(self, run, summary):
+        self._record("on_fit_end", run=run, summary=summary)
+
+    @kdplug.hookimpl
+    def on_labels_written(self, run, path, report):
+        self._record("on_labels_written", run=run, path=path, report=report)
+
+
+def test_every_hook_is_called_through_pluggy_on_its_plugin_alone():
+    """pluggy's monitoring sees each hook call; a registry hook is called on the plugin
+    being added only, so each component is attributed to its own plugin."""
+    calls = []
+    manager = PluginManager()
+    manager.add(Plain([]), "plain")
+    manager.pm.add_hookcall_monitoring(
+        lambda hook, impls, kwargs: calls.append((hook, [i.plugin_name for i in impls])),
+        lambda outcome, hook, impls, kwargs: None,
+    )
+    every = EveryHook()
+    info = manager.add(every, "every")
+    group = click.Group("kdplug")
+    manager.add_commands(group)
+    for hook, kwargs in EVENTS.items():
+        manager.notify(hook, **kwargs)
+
+    assert sorted(every.seen) == hook_names(), "EveryHook must implement every hook"
+    assert {hook: kwargs for hook, kwargs in every.seen.items() if kwargs} == EVENTS
+    assert sorted(hook for hook, _ in calls) == hook_names()
+    assert all(impls == ["every"] for hook, impls in calls if hook != "on_epoch_end")
+    assert ("on_epoch_end", ["plain", "every"]) in calls
+    assert info.components == {
+        "teachers": ["every-teacher"],
+        "students": ["every-student"],
+        "losses": ["every-loss"],
+        "combiners": ["every-combiner"],
+        "label-generators": ["every-generator"],
+        "datasets": ["every-data"],
+    }
+    assert "every" in group.commands
+
+
+def test_hook_arguments_are_typed():
+    """Every hook argument has a type (no ``Any``); event hooks get a ``kdplug.Run``."""
+    import typing
+
+    for name in hook_names():
+        spec = getattr(hookspecs, name)
+        hints = typing.get_type_hints(spec, localns={"click": click})
+        params = list(inspect.signature(spec).parameters)
+        assert set(params) <= set(hints), name
+        assert all(hints[p] is not typing.Any for p in params), name
+        if name.startswith("on_"):
+            assert hints["run"] is kdplug.Run, name
