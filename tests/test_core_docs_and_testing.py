@@ -25,8 +25,14 @@ def test_every_hook_is_documented_under_its_signature():
 
 
 def test_every_hook_has_a_docstring():
+    """pytest style: when the hook is called, and a ``:param NAME:`` line per argument."""
+    import inspect
+
     for name in hook_names():
-        assert (getattr(hookspecs, name).__doc__ or "").strip(), name
+        doc = getattr(hookspecs, name).__doc__ or ""
+        assert doc.strip(), name
+        for param in inspect.signature(getattr(hookspecs, name)).parameters:
+            assert f":param {param}:" in doc, f"{name}'s docstring does not describe {param}"
 
 
 def test_docs_example_fixtures(register_plugin, create_component, kdplug_manager):

@@ -14,6 +14,7 @@ from kdplug import hookspecs
 from kdplug.errors import PluginError
 from kdplug.plugins import PluginManager
 from tests.conftest import run_cli
+from tests.test_core_docs_and_testing import hook_names
 
 
 def fake_distribution(root, dist, module, source, ep_name=None):
@@ -498,10 +499,6 @@ def test_a_failing_wrapper_is_a_warning_and_the_others_run(caplog, body, before,
     manager.notify("on_epoch_end", run="r", epoch=1, metrics={})
     assert seen == [*before, "before", "tryfirst", "plain", "after"]
     assert f"plugin 'bad' raised in on_epoch_end: {message}" in caplog.text
-
-
-def hook_names():
-    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "kdplug_spec"))
 
 
 EVENTS = {
