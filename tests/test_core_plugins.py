@@ -13,6 +13,7 @@ import kdplug
 from kdplug import hookspecs
 from kdplug.errors import PluginError
 from kdplug.plugins import PluginManager
+from kdplug.registry import KINDS
 from tests.conftest import run_cli
 from tests.test_core_docs_and_testing import hook_names
 
@@ -519,36 +520,6 @@ class EveryHook:
         self.seen[hook] = kwargs
 
     @kdplug.hookimpl
-    def register_teachers(self, register):
-        register("every-teacher", lambda ref: ref)
-        self._record("register_teachers")
-
-    @kdplug.hookimpl
-    def register_students(self, register):
-        register("every-student", lambda ref, num_classes, in_chans: ref)
-        self._record("register_students")
-
-    @kdplug.hookimpl
-    def register_losses(self, register):
-        register("every-loss", lambda: None)
-        self._record("register_losses")
-
-    @kdplug.hookimpl
-    def register_combiners(self, register):
-        register("every-combiner", lambda: None)
-        self._record("register_combiners")
-
-    @kdplug.hookimpl
-    def register_label_generators(self, register):
-        register("every-generator", lambda: None)
-        self._record("register_label_generators")
-
-    @kdplug.hookimpl
-    def register_datasets(self, register):
-        register("every-data", lambda ref: ref)
-        self._record("register_datasets")
-
-    @kdplug.hookimpl
     def register_commands(self, cli):
         cli.add_command(click.Command("every"))
         self._record("register_commands")
@@ -570,12 +541,32 @@ class EveryHook:
         self._record("on_labels_written", run=run, path=path, report=report)
 
 
+def registers(hook, kind):
+    """A ``hook`` implementation registering one component, ``every-KIND``."""
+
+    def implementation(self, register):
+        register(f"every-{kind}", lambda *args, **options: (kind, args, options))
+        self._record(hook)
+
+    return kdplug.hookimpl(implementation)
+
+
+for _kind, (_hook, _, _) in KINDS.items():
+    setattr(EveryHook, _hook, registers(_hook, _kind))
+
+
 def test_every_hook_is_called_through_pluggy_on_its_plugin_alone():
     """pluggy's monitoring sees each hook call; a registry hook is called on the plugin
     being added only, so each component is attributed to its own plugin."""
+
+    class Earlier(Plain):
+        @kdplug.hookimpl
+        def register_teachers(self, register):
+            register("earlier", lambda ref: ref)
+
     calls = []
     manager = PluginManager()
-    manager.add(Plain([]), "plain")
+    manager.add(Earlier([]), "earlier")
     manager.pm.add_hookcall_monitoring(
         lambda hook, impls, kwargs: calls.append((hook, [i.plugin_name for i in impls])),
         lambda outcome, hook, impls, kwargs: None,
@@ -591,15 +582,8 @@ def test_every_hook_is_called_through_pluggy_on_its_plugin_alone():
     assert {hook: kwargs for hook, kwargs in every.seen.items() if kwargs} == EVENTS
     assert sorted(hook for hook, _ in calls) == hook_names()
     assert all(impls == ["every"] for hook, impls in calls if hook != "on_epoch_end")
-    assert ("on_epoch_end", ["plain", "every"]) in calls
-    assert info.components == {
-        "teachers": ["every-teacher"],
-        "students": ["every-student"],
-        "losses": ["every-loss"],
-        "combiners": ["every-combiner"],
-        "label-generators": ["every-generator"],
-        "datasets": ["every-data"],
-    }
+    assert ("on_epoch_end", ["earlier", "every"]) in calls
+    assert info.components == {kind: [f"every-{kind}"] for kind in KINDS}
     assert "every" in group.commands
 
 
