@@ -148,7 +148,8 @@ class PluginManager:
         except (Exception, SystemExit) as exc:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
-            self._failed(info, f"invalid plugin: {exc}", exc)
+            reason = "; ".join(str(exc).splitlines())  # pluggy's reasons span lines
+            self._failed(info, f"invalid plugin: {reason}", exc)
             return info
         info.hooks = sorted(
             hook.name for hook in self.pm.get_hookcallers(plugin) or [] if hook.name

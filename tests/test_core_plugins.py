@@ -599,3 +599,18 @@ def test_hook_arguments_are_typed():
         assert all(hints[p] is not typing.Any for p in params), name
         if name.startswith("on_"):
             assert hints["run"] is kdplug.Run, name
+
+
+def test_a_wrapper_that_is_not_a_generator_is_refused_in_one_line(caplog):
+    class NoYield:
+        @kdplug.hookimpl(wrapper=True)
+        def on_fit_end(self, run, summary):
+            return None
+
+    info = PluginManager().add(NoYield(), "noyield")
+    assert info.error == (
+        "invalid plugin: Plugin 'noyield' for hook 'on_fit_end'; "
+        "hookimpl definition: on_fit_end(run, summary); "
+        "Declared as wrapper=True or hookwrapper=True but function is not a generator function"
+    )
+    assert f"plugin 'noyield' failed to load and is skipped: {info.error}\n" in caplog.text
