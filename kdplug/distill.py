@@ -366,7 +366,7 @@ class Trainer:
             mean=parts.mean, std=parts.std, in_chans=parts.train.in_chans
         ).to(device)
         self.loss, self.combiner, self.producer = parts.loss, parts.combiner, parts.producer
-        for teacher in getattr(parts.producer, "teachers", []):
+        for teacher in getattr(parts.producer, "teachers", ()):
             if isinstance(teacher, torch.nn.Module):
                 teacher.to(memory_format=self.memory_format)
         forward = distributed.wrap_model(self.model, device)

@@ -33,10 +33,10 @@ EVENT_HOOKS = frozenset({"on_fit_start", "on_epoch_end", "on_fit_end", "on_label
 def register_teachers(register: Register) -> None:
     """Register teacher sources: ``factory(ref: str, **options) -> Teacher``.
 
-    A Teacher is any callable ``teacher(x) -> logits`` taking a float32 batch (images
-    ``[B, C, H, W]`` in ``[0, 1]``, tabular ``[B, D]``) and returning float32 logits
-    ``[B, num_classes]``. Optional attributes: ``classes`` (label names in output order),
-    ``fingerprint`` (a hash of the files it was loaded from).
+    A ``kdplug.components.Teacher``: any callable ``teacher(x) -> logits [B, C_t]`` taking
+    a float32 batch (images ``[B, C, H, W]`` in ``[0, 1]``, tabular ``[B, D]``); optional
+    ``classes``, ``fingerprint``, ``uses_row_index``, ``num_rows``, ``data_fingerprint``
+    (docs/plugins.md, "Teacher"). The engines call it once per batch.
 
     :param register: Call ``register(name, factory)`` once per teacher source.
     """
@@ -44,9 +44,11 @@ def register_teachers(register: Register) -> None:
 
 @hookspec
 def register_students(register: Register) -> None:
-    """Register student builders: ``factory(ref, num_classes, in_chans, **options)``.
+    """Register student builders: ``factory(ref, num_classes, in_chans, **options) -> Student``.
 
-    The factory returns a ``torch.nn.Module`` mapping ``[B, in_chans, H, W]`` to logits.
+    A ``kdplug.components.Student``: a ``torch.nn.Module`` mapping ``[B, in_chans, H, W]``
+    to logits ``[B, num_classes]``; optional ``input_normalization`` and timm's
+    ``pretrained_cfg`` (docs/plugins.md, "Student"). ``distill`` builds one per run.
 
     :param register: Call ``register(name, factory)`` once per student builder.
     """
@@ -56,9 +58,11 @@ def register_students(register: Register) -> None:
 def register_losses(register: Register) -> None:
     """Register loss strategies: ``factory(**options) -> LossStrategy``.
 
-    A LossStrategy is called as ``loss(student_logits [B, C], target [B, C], labels [B])``
-    with ``target`` the combined teacher probabilities at ``loss.temperature`` and labels
-    ``-1`` where unknown; it returns a scalar tensor. See docs/plugins.md for its attributes.
+    A ``kdplug.components.LossStrategy``: ``loss(student_logits [B, C], target [B, C],
+    labels [B]) -> scalar`` with ``target`` the combined teacher probabilities at
+    ``loss.temperature``, labels ``-1`` where unknown; required ``temperature``,
+    ``standardize``, ``uses_teachers``, ``ce_weight``, ``kd_weight``; optional ``fit`` (once,
+    on the labeled rows, before training) and ``set_epoch`` (docs/plugins.md, "LossStrategy").
 
     :param register: Call ``register(name, factory)`` once per loss strategy.
     """
@@ -68,10 +72,10 @@ def register_losses(register: Register) -> None:
 def register_combiners(register: Register) -> None:
     """Register multi-teacher combiners: ``factory(**options) -> Combiner``.
 
-    A Combiner is called as ``combiner(logits [K, B, C], known [K, C], labels [B],
-    temperature)`` and returns ``(weights [K, B], target [B, C])``: per-sample teacher
-    weights summing to 1 and the combined soft target. Optional methods ``fit`` and
-    ``predict``: see docs/plugins.md.
+    A ``kdplug.components.Combiner``: ``combiner(logits [K, B, C], known [K, C], labels [B],
+    temperature) -> (weights [K, B], target [B, C])``, per-row teacher weights summing to 1
+    and the combined soft target, called on every batch; optional ``fit`` (once, on the
+    labeled rows, before any row is combined) and ``predict`` (docs/plugins.md, "Combiner").
 
     :param register: Call ``register(name, factory)`` once per combiner.
     """
@@ -81,8 +85,9 @@ def register_combiners(register: Register) -> None:
 def register_label_generators(register: Register) -> None:
     """Register pseudo-label generators: ``factory(**options) -> LabelGenerator``.
 
-    A LabelGenerator is called as ``generator(target [N, C], teacher_probs [K, N, C],
-    known [K, C])`` on all rows at once and returns a ``kdplug.Labels``.
+    A ``kdplug.components.LabelGenerator``: ``generator(target [N, C], teacher_probs
+    [K, N, C], known [K, C]) -> kdplug.Labels``, called once by ``label`` on all rows;
+    optional ``topk`` and ``private`` (docs/plugins.md, "LabelGenerator").
 
     :param register: Call ``register(name, factory)`` once per label generator.
     """

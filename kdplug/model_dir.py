@@ -4,6 +4,9 @@
 ``input_size`` ``[C, H, W]``, ``mean`` and ``std``; ``DIR/model.safetensors`` holds the state
 dict of ``timm.create_model(architecture, num_classes=..., in_chans=...)``. Inference: resize
 ``[0, 1]`` images to ``input_size``, then ``(x - mean) / std``, then the model.
+
+Students are timm models and this is kdplug's format for them: ``distill`` writes it,
+``eval`` reads it, and so does the timm plugin's ``kdplug:`` teacher (through kdplug.api).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 
 from kdplug.errors import UsageError
-from kdplug.outputs import atomic_path, file_hash
+from kdplug.outputs import atomic_path
 from kdplug.preprocess import Preprocess
 
 CONFIG = "config.json"
@@ -131,37 +134,24 @@ def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, An
     return model.eval(), config
 
 
-class Classifier(torch.nn.Module):
-    """A model on ``[0, 1]`` images: ``preprocess`` then ``model`` -> logits ``[B, C]``.
-
-    Attributes ``classes`` (names in output order, or None) and ``fingerprint`` (a hash of
-    the files it came from); this is what a model teacher is.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        preprocess: Preprocess,
-        classes: list[str] | None,
-        fingerprint: str,
-    ):
-        super().__init__()
-        self.model = model.eval()
-        self.preprocess = preprocess
-        self.classes = classes
-        self.fingerprint = fingerprint
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess(x))
-
-
-def load_classifier(path: str | os.PathLike) -> Classifier:
-    """The student directory at ``path`` as a Classifier (its own resize and normalization)."""
-    model, config = load_student(path)
-    preprocess = Preprocess(
+def student_preprocess(config: dict[str, Any]) -> Preprocess:
+    """The student's input recipe from its ``config``: resize to ``input_size``, then
+    ``(x - mean) / std``."""
+    return Preprocess(
         size=config["input_size"],
         mean=config["mean"],
         std=config["std"],
         in_chans=config["in_chans"],
     )
-    return Classifier(model, preprocess, list(config["classes"]), file_hash(student_path(path)))
+
+
+def load_classifier(path: str | os.PathLike) -> torch.nn.Sequential:
+    """The student directory at ``path`` as one model on ``[0, 1]`` images, as ``kdplug eval``
+    runs it: its own resize and normalization, then the network; ``classes`` are its names.
+
+    (The ``kdplug:`` teacher, the same directory as a teacher, is the timm plugin's.)
+    """
+    model, config = load_student(path)
+    classifier = torch.nn.Sequential(student_preprocess(config), model).eval()
+    classifier.classes = list(config["classes"])
+    return classifier

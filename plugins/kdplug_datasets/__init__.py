@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 
 import kdplug
-from kdplug import UsageError
-from kdplug.errors import describe
+from kdplug.api import UsageError, describe
 
 __version__ = kdplug.__version__
 

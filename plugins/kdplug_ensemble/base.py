@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from kdplug import ops
+from kdplug.api import masked_log_softmax, normalize_weights, teacher_probs
 
 
 def class_weights(weights: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def mixture(weights: torch.Tensor, probs: torch.Tensor, known: torch.Tensor) -> 
     """Target ``[B, C]``: the per-class weighted mixture of ``probs`` ``[K, B, C]``, each row
     renormalized to sum to 1."""
     target = (class_weights(weights, known) * probs).sum(0)
-    return ops.normalize_weights(target, dim=-1)
+    return normalize_weights(target, dim=-1)
 
 
 class Combiner(ABC):
@@ -38,7 +38,7 @@ class Combiner(ABC):
         self, weights: torch.Tensor, logits: torch.Tensor, known: torch.Tensor, temperature: float
     ) -> torch.Tensor:
         """Mixture of each teacher's probabilities at ``temperature``."""
-        return mixture(weights, ops.teacher_probs(logits, known, temperature), known)
+        return mixture(weights, teacher_probs(logits, known, temperature), known)
 
     def __call__(
         self,
@@ -49,8 +49,8 @@ class Combiner(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[K, B, C]``, known ``[K, C]``, labels ``[B]`` -> weights ``[K, B]``,
         target ``[B, C]``."""
-        log_probs = ops.masked_log_softmax(logits, known)
-        weights = ops.normalize_weights(self.weights(log_probs, labels), dim=0)
+        log_probs = masked_log_softmax(logits, known)
+        weights = normalize_weights(self.weights(log_probs, labels), dim=0)
         return weights, self.target(weights, logits, known, temperature)
 
     def __repr__(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdplug import ops
+from kdplug.api import entropy
 from kdplug_ensemble.base import Combiner
 
 
@@ -21,7 +21,7 @@ def complement_weights(scores: torch.Tensor) -> torch.Tensor:
 
 def entropy_weights(log_probs: torch.Tensor) -> torch.Tensor:
     """EBKD weights ``[K, B]`` from each teacher's entropy (over the classes it knows)."""
-    return complement_weights(ops.entropy(log_probs.exp()))
+    return complement_weights(entropy(log_probs.exp()))
 
 
 class Entropy(Combiner):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdplug import ops
+from kdplug.api import masked_log_softmax
 from kdplug_ensemble.base import Combiner, class_weights
 
 
@@ -30,7 +30,7 @@ class MeanLogits(Mean):
         self, weights: torch.Tensor, logits: torch.Tensor, known: torch.Tensor, temperature: float
     ) -> torch.Tensor:
         per_class = class_weights(weights, known)
-        log_probs = ops.masked_log_softmax(logits, known)
+        log_probs = masked_log_softmax(logits, known)
         mean = (per_class * log_probs).sum(0)
         # -inf, not IMPOSSIBLE: a mean log-probability can itself be far below IMPOSSIBLE
         mean = mean.masked_fill(per_class.sum(0) == 0, float("-inf"))

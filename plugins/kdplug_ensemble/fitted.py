@@ -1,7 +1,7 @@
 """``auto``: a combiner fitted on labeled rows: calibrate each teacher, weigh, pool.
 
 ``fit(logits [K, N, C], known [K, C], labels [N])`` (1) fits one temperature per teacher
-(``kdplug.calibration.fit_temperature``), (2) fits teacher weights on the simplex
+(``kdplug.api.fit_temperature``), (2) fits teacher weights on the simplex
 (``softmax`` of free parameters, optionally per class) minimizing the NLL of the pooled
 prediction plus a pull toward equal weights, for the linear pool (mixture of
 probabilities) and the log pool (weighted geometric
@@ -20,7 +20,7 @@ accurate on the labeled rows than the best single teacher (when their confidence
 differ so much that a sharp weak teacher outvotes a flat good one), the target pools the
 calibrated teachers instead.
 
-Exact zeros (a probability teacher's ``log p`` at ``ops.IMPOSSIBLE``, classes a teacher
+Exact zeros (a probability teacher's ``log p`` at ``IMPOSSIBLE``, classes a teacher
 does not know) are carried as ``-inf``: no temperature or weight gives them mass. In the
 log pool a class that a weighted teacher gives probability 0 gets 0.
 """
@@ -34,9 +34,18 @@ from typing import Any
 
 import torch
 
-from kdplug import UsageError, metrics, ops
-from kdplug.calibration import apply_temperature, fit_temperature
-from kdplug.fitting import one_thread, split_folds
+from kdplug.api import (
+    IMPOSSIBLE,
+    UsageError,
+    accuracy,
+    apply_temperature,
+    fit_temperature,
+    masked_log_softmax,
+    nll,
+    normalize_weights,
+    one_thread,
+    split_folds,
+)
 from kdplug_ensemble.confidence import Best
 
 log = logging.getLogger("kdplug")
@@ -50,8 +59,8 @@ def tempered_log_probs(
     """Each teacher's log-probabilities ``[K, N, C]`` at its temperature ``[K]``, ``-inf``
     where it cannot predict a class or gives it probability exactly 0."""
     z = apply_temperature(logits, temperatures.to(logits).view(-1, 1, 1))
-    log_p = ops.masked_log_softmax(z, known)
-    zero = (z <= ops.IMPOSSIBLE) | ~known.unsqueeze(1)
+    log_p = masked_log_softmax(z, known)
+    zero = (z <= IMPOSSIBLE) | ~known.unsqueeze(1)
     # a row where a teacher gives all its known classes probability 0 stays uniform over them
     has_mass = (~zero).any(-1, keepdim=True)
     return log_p.masked_fill(zero & has_mass | ~known.unsqueeze(1), -math.inf)
@@ -90,12 +99,12 @@ def training_log_probs(
     log_p: torch.Tensor, weights: torch.Tensor, known: torch.Tensor, pool: str
 ) -> torch.Tensor:
     """``pool_log_probs`` with finite values at the zeros, so gradients exist everywhere."""
-    finite = log_p.clamp_min(ops.IMPOSSIBLE)
+    finite = log_p.clamp_min(IMPOSSIBLE)
     w = class_weights(weights, known).unsqueeze(1)
     if pool == "linear":
         mixed = (w * finite.exp()).sum(0).clamp_min(1e-300).log()
     else:
-        mixed = (w * finite).sum(0).masked_fill(~known.any(0), ops.IMPOSSIBLE)
+        mixed = (w * finite).sum(0).masked_fill(~known.any(0), IMPOSSIBLE)
     return torch.log_softmax(mixed, -1)
 
 
@@ -120,8 +129,8 @@ def fit_weights(
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         pooled = training_log_probs(log_p, torch.softmax(theta + phi, 0), known, pool)
-        nll = -pooled[torch.arange(N), labels].mean()
-        loss = nll + reg / N * (theta.square().sum() + phi.square().sum())
+        mean_nll = -pooled[torch.arange(N), labels].mean()
+        loss = mean_nll + reg / N * (theta.square().sum() + phi.square().sum())
         loss.backward()
         return loss
 
@@ -229,18 +238,18 @@ class Auto:
         weights = fit_weights(log_p, known, labels, pool, self.per_class, self.reg)
         fitted = Fitted(temperatures, weights, pool)
         pooled = fitted.log_prediction(logits, known)
-        accuracy = {"ensemble": metrics.accuracy(pooled, labels)}
-        singles = [metrics.accuracy(log_p[k], labels) for k in range(K)]
+        scores = {"ensemble": accuracy(pooled, labels)}
+        singles = [accuracy(log_p[k], labels) for k in range(K)]
         best = max(range(K), key=lambda k: singles[k])
-        accuracy.update(best_teacher=singles[best], best_teacher_index=best, teachers=singles)
-        guarded = accuracy["ensemble"] < singles[best]
+        scores.update(best_teacher=singles[best], best_teacher_index=best, teachers=singles)
+        guarded = scores["ensemble"] < singles[best]
         if guarded:
             weights = torch.zeros_like(weights)
             weights[best] = 1.0
             fitted = Fitted(temperatures, weights, "single")
             pooled = fitted.log_prediction(logits, known)
-        accuracy["target"] = metrics.accuracy(fitted.log_target(logits, known, 1.0), labels)
-        calibrated_target = accuracy["target"] < singles[best]
+        scores["target"] = accuracy(fitted.log_target(logits, known, 1.0), labels)
+        calibrated_target = scores["target"] < singles[best]
         self.fitted = Fitted(temperatures.float(), weights.float(), fitted.pool, calibrated_target)
         return {
             "fitted": True,
@@ -253,8 +262,8 @@ class Auto:
             "per_class": self.per_class,
             "temperatures": [round(float(t), 4) for t in temperatures],
             "weights": self._weights_record(weights, known),
-            "nll": _json_number(metrics.nll(pooled.exp(), labels)),
-            "accuracy": accuracy,
+            "nll": _json_number(nll(pooled.exp(), labels)),
+            "accuracy": scores,
             "guard": (
                 f"the pooled prediction was less accurate than teacher {best} on the labeled "
                 "rows; all weight on that teacher"
@@ -351,7 +360,7 @@ class Auto:
             raise UsageError(f"auto: fitted on {fitted.weights.shape[0]} teachers, called with {K}")
         prediction = fitted.log_prediction(logits.float(), known).exp()
         weights = class_weights(fitted.weights.to(logits.device), known)
-        row_weights = ops.normalize_weights(torch.einsum("kc,bc->kb", weights, prediction), dim=0)
+        row_weights = normalize_weights(torch.einsum("kc,bc->kb", weights, prediction), dim=0)
         if temperature is None:
             return row_weights, prediction
         return row_weights, fitted.log_target(logits.float(), known, temperature).exp()

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kdplug import UsageError
+from kdplug.api import UsageError
 from kdplug_ensemble.base import Combiner
 
 

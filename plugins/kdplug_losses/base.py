@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from kdplug import UsageError, ops
+from kdplug.api import UsageError
+from kdplug.api import standardize as z_score
 from kdplug_losses.checks import loss_weights, temperature_or_auto
 
 
@@ -15,7 +16,8 @@ class Distillation:
 
     ``temperature`` is the T at which the engine builds the target; with ``standardize``
     the engine z-scores the teacher logits and the loss z-scores the student's. Given as
-    ``auto``, T is chosen by ``fit`` on the labeled rows before training (``kdplug.fitting``).
+    ``auto``, T is chosen by ``fit`` on the labeled rows before training
+    (``kdplug.api.choose_temperature``).
     """
 
     uses_teachers = True
@@ -51,9 +53,9 @@ class Distillation:
         self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, combiner: Any
     ) -> dict[str, Any]:
         """``fit`` of a loss with ``T=auto``: the candidate T whose tempered combined target
-        has the lowest held-out NLL on the labeled rows (``kdplug.fitting``).
+        has the lowest held-out NLL on the labeled rows (``kdplug.api.choose_temperature``).
         ``logits [K, N, C]``, ``labels [N]``. Returns the choice and every candidate's NLL."""
-        from kdplug.fitting import choose_temperature
+        from kdplug.api import choose_temperature
 
         if not (labels >= 0).any():
             return {self.temperature_option: None, "rows": 0}
@@ -65,7 +67,7 @@ class Distillation:
         """``log_softmax(z / T)`` of the student ``[B, C]``, z standardized when asked."""
         z = student_logits.float()
         if self.standardize:  # every student logit counts, however low (no IMPOSSIBLE mask)
-            z = ops.standardize(z, skip_impossible=False)
+            z = z_score(z, skip_impossible=False)
         return torch.log_softmax(z / self.temperature, dim=-1)
 
     def __repr__(self) -> str:

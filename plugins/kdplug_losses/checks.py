@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from kdplug import UsageError
+from kdplug.api import UsageError
 
 
 def positive(loss: str, option: str, value: float) -> float:

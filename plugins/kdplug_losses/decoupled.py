@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdplug import UsageError
+from kdplug.api import UsageError
 from kdplug_losses.base import Distillation, kl_rows
 from kdplug_losses.checks import non_negative
 

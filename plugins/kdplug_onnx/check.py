@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kdplug import UsageError
+from kdplug.api import UsageError
 
 # the operator domains onnxruntime's own kernels implement ('' and ai.onnx are the standard ops)
 DOMAINS = frozenset(

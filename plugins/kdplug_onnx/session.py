@@ -6,12 +6,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from kdplug import UsageError
-from kdplug.outputs import file_hash
-from kdplug.preprocess import Preprocess
-from kdplug.teacher_io import (
+from kdplug.api import (
+    Preprocess,
+    UsageError,
     class_names,
     existing_file,
+    file_hash,
     fixed_batch,
     preprocess,
     probs_to_logits,

@@ -8,7 +8,7 @@ the factories below; the implementations are in the submodules (which import tor
 from __future__ import annotations
 
 import kdplug
-from kdplug import UsageError
+from kdplug.api import UsageError
 
 __version__ = kdplug.__version__
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from kdplug import Labels, UsageError
+from kdplug.api import Labels, UsageError
 
 
 def hard_labels(

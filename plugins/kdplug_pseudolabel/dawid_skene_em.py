@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kdplug import Labels
+from kdplug.api import Labels
 from kdplug_pseudolabel.confidence import hard_labels, votes
 
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from kdplug import Labels
+from kdplug.api import Labels
 from kdplug_pseudolabel.confidence import votes
 
 

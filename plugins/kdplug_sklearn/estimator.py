@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdplug import UsageError
-from kdplug.errors import BadRowsError
-from kdplug.outputs import file_hash
-from kdplug.teacher_io import (
+from kdplug.api import (
     PICKLE_SUFFIXES,
+    BadRowsError,
+    UsageError,
     class_names,
     existing_file,
+    file_hash,
     pickle_allowed,
     probs_to_logits,
     refuse_pickle,

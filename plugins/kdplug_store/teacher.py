@@ -15,9 +15,7 @@ import hashlib
 import numpy as np
 import torch
 
-from kdplug import UsageError
-from kdplug.store.layout import STORE_FILE
-from kdplug.store.reader import Split, Store, open_store
+from kdplug.api import STORE_FILE, Split, Store, UsageError, open_store
 
 
 class StoreTeacher:

@@ -70,9 +70,9 @@ def timm_teacher(
 
 def kdplug_teacher(ref: str):
     """A student directory written by `kdplug distill` (DIR or DIR/student)."""
-    from kdplug.model_dir import load_classifier
+    from kdplug_timm.models import load_student_teacher
 
-    return load_classifier(ref)
+    return load_student_teacher(ref)
 
 
 @kdplug.hookimpl

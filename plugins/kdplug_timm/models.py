@@ -2,6 +2,8 @@
 
 Weights come from safetensors or from a torch state dict loaded with ``weights_only=True``
 (timm's own ``load_state_dict``), or from a kdplug student directory's model.safetensors.
+The ``kdplug:`` teacher is a student directory (kdplug's format, read through kdplug.api)
+run as ``ModelTeacher``, as ``timm:`` teachers are.
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ from typing import Any
 
 import torch
 
-from kdplug import UsageError
-from kdplug.model_dir import CONFIG, WEIGHTS, Classifier, read_config
-from kdplug.outputs import file_hash
-from kdplug.preprocess import Preprocess
+from kdplug.api import (
+    STUDENT_CONFIG,
+    STUDENT_WEIGHTS,
+    Preprocess,
+    UsageError,
+    file_hash,
+    load_student,
+    read_student_config,
+    student_path,
+    student_preprocess,
+)
 
 
 def check_architecture(arch: str) -> None:
@@ -49,10 +58,10 @@ def create(arch: str, **kwargs: Any) -> torch.nn.Module:
 def weights_file(path: str) -> Path:
     """The weights file at ``path`` (a student directory means its model.safetensors)."""
     file = Path(path).expanduser()
-    if file.is_dir() and (file / "student" / WEIGHTS).exists():
+    if file.is_dir() and (file / "student" / STUDENT_WEIGHTS).exists():
         file = file / "student"
     if file.is_dir():
-        file = file / WEIGHTS
+        file = file / STUDENT_WEIGHTS
     if not file.is_file():
         raise UsageError(f"checkpoint not found: {path}")
     return file
@@ -157,8 +166,8 @@ def build_student(
     if checkpoint is not None:
         file = weights_file(str(checkpoint))
         apply_weights(model, load_weights(str(file)), str(file), new_head=True)
-        if (file.parent / CONFIG).exists():
-            config = read_config(file.parent)
+        if (file.parent / STUDENT_CONFIG).exists():
+            config = read_student_config(file.parent)
             normalization = (config["mean"], config["std"])
     elif pretrained:
         normalization = (model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
@@ -172,6 +181,30 @@ def build_student(
             raise UsageError(f"timm: std must be positive, got {normalization[1]}")
     model.input_normalization = normalization
     return model
+
+
+class ModelTeacher(torch.nn.Module):
+    """A model on ``[0, 1]`` images: ``preprocess`` then ``model`` -> logits ``[B, C]``.
+
+    Attributes ``classes`` (names in output order, or None) and ``fingerprint`` (a hash of
+    the files it came from): the ``timm:`` and ``kdplug:`` teachers.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        preprocess: Preprocess,
+        classes: list[str] | None,
+        fingerprint: str,
+    ):
+        super().__init__()
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.classes = classes
+        self.fingerprint = fingerprint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.preprocess(x))
 
 
 def _inferred(arch: str, state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -202,7 +235,7 @@ def build_teacher(
     mean: Any,
     std: Any,
     size: Any,
-) -> Classifier:
+) -> ModelTeacher:
     """A timm teacher; class count and channels default to the checkpoint's, preprocessing
     to the model's pretrained_cfg (input size, mean, std) unless given."""
     check_architecture(arch)
@@ -231,4 +264,12 @@ def build_teacher(
         fingerprint = file_hash(weights_file(str(checkpoint)))
     else:
         fingerprint = f"timm:{arch}:{cfg.get('tag') or 'default'}"
-    return Classifier(model, preprocess, classes, fingerprint)
+    return ModelTeacher(model, preprocess, classes, fingerprint)
+
+
+def load_student_teacher(path: str) -> ModelTeacher:
+    """The ``kdplug:`` teacher: the student directory at ``path`` (or ``path/student``) with
+    its own resize and normalization, fingerprinted by its files."""
+    model, config = load_student(path)
+    fingerprint = file_hash(student_path(path))
+    return ModelTeacher(model, student_preprocess(config), list(config["classes"]), fingerprint)

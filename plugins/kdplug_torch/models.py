@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from kdplug import UsageError
-from kdplug.outputs import file_hash
-from kdplug.preprocess import Preprocess
-from kdplug.teacher_io import (
+from kdplug.api import (
+    Preprocess,
+    UsageError,
     class_names,
     code_allowed,
     existing_file,
+    file_hash,
     fixed_batch,
     pickle_allowed,
     preprocess,

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdplug import UsageError
-from kdplug.outputs import file_hash
-from kdplug.teacher_io import (
+from kdplug.api import (
+    UsageError,
     class_names,
     existing_file,
+    file_hash,
     looks_like_probs,
     probability_flag,
     probs_to_logits,
