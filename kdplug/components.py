@@ -1,36 +1,145 @@
-"""The component protocols plugins implement (typing only: nothing here imports torch).
+"""The component contract: every member kdplug's engines read from a plugin's components.
 
-Shapes: ``K`` teachers, ``B`` rows in a batch, ``N`` rows in a dataset, ``C`` classes.
-Labels are int64 with -1 for unknown.
+One Protocol per kind: ``Teacher``, ``Student``, ``LossStrategy``, ``Combiner``,
+``LabelGenerator``, and ``Producer`` (where ``distill`` gets its teacher outputs). A member
+declared with a value is optional, and the value is what the engines assume when a
+component lacks it (as simonw/llm's ``Model`` declares ``can_stream = False``); an optional
+method is marked ``@optional`` and its body is that default. A member without a value is
+required: ``missing(obj, Protocol)`` names those an object lacks. A component is any object
+with the required members; it may also subclass its Protocol to inherit the defaults.
+docs/plugins.md ("The component contract") documents each member; tests/test_contract.py
+checks that every attribute the engines read is declared here, documented there, and read
+with the default declared here.
+
+Typing only: nothing here imports torch at runtime. Shapes: ``K`` teachers, ``B`` rows in
+a batch, ``N`` rows in a dataset, ``C`` classes; labels are int64 with -1 for unknown.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     import torch
 
+    from kdplug.teachers import TeacherOutputs
 
-@runtime_checkable
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def optional(method: F) -> F:
+    """Mark a Protocol method as optional: its body is what the engines assume without it."""
+    method.__kdplug_optional__ = True  # type: ignore[attr-defined]
+    return method
+
+
 class Teacher(Protocol):
-    """``teacher(x) -> logits [B, C]``; x float32, images ``[B, C, H, W]`` in [0, 1] or rows
-    ``[B, D]``. Optional attributes: ``classes`` (list of names), ``fingerprint`` (str)."""
+    """``teacher(x) -> logits [B, C_t]`` float32, ``C_t`` the teacher's own classes.
+
+    ``x`` is a float32 batch, images ``[B, C, H, W]`` in [0, 1] at the data's own size or
+    rows ``[B, D]``; the teacher adapts it (resize, normalize, flatten). Probabilities are
+    returned as ``log p`` with exact zeros as ``kdplug.ops.IMPOSSIBLE``. The engines call it
+    once per batch in ``torch.inference_mode`` (``kdplug.teachers.TeacherSet``); a teacher
+    that is a ``torch.nn.Module`` is moved to the run's device and put in eval mode first.
+    """
+
+    classes: Sequence[str] | None = None
+    """Label names in output order: outputs are aligned to the run's classes by name, and a
+    run class it lacks is one it abstains on. None: its outputs are in the run's order."""
+
+    fingerprint: str | None = None
+    """A hash of the files it came from: recorded in every run's outputs; a calibration
+    file's temperature and a store's outputs count only for the same fingerprint."""
+
+    uses_row_index: bool = False
+    """True: called as ``teacher(x, index)``, ``index [B]`` int64 the rows' positions in
+    their dataset (precomputed outputs); refused by ``cache --views`` > 1 and by
+    ``label --calibration-data``."""
+
+    num_rows: int | None = None
+    """With ``uses_row_index``: the row count it holds; data with another count is refused."""
+
+    data_fingerprint: str | None = None
+    """With ``uses_row_index``: the fingerprint of the data its rows belong to; ``label``,
+    ``teachers report`` and ``cache`` refuse data with another one."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
-class Combiner(Protocol):
-    """Turns K teachers' logits into per-sample weights ``[K, B]`` and a soft target.
-
-    Optional ``fit(logits [K, N, C], known [K, C], labels [N]) -> dict``: the engines call
-    it once with the teachers' outputs on the labeled rows (label -1 rows to be ignored)
-    before combining any row, and record the JSON-ready dict it returns (kdplug.fitting).
-    Optional ``predict(logits, known, labels) -> (weights, probs)``: the combined
-    prediction, where it is not the target at temperature 1 (``auto``: calibrated
-    teachers); ``kdplug.fitting.combined_prediction`` uses it.
+class Student(Protocol):
+    """A ``torch.nn.Module`` mapping ``[B, in_chans, H, W]`` (normalized) to logits
+    ``[B, num_classes]``; ``distill`` trains it with its optimizer, scheduler, EMA and
+    ``state_dict``, and saves it as a student directory (``kdplug.model_dir``).
     """
+
+    input_normalization: tuple[Sequence[float], Sequence[float]] | None = None
+    """``(mean, std)`` per input channel the student's inputs are normalized with (given,
+    or its weights'); None: ``distill`` measures them on the train data."""
+
+    pretrained_cfg: Mapping[str, Any] = MappingProxyType({})
+    """timm's model config; its ``architecture`` is recorded in the student directory (else
+    the spec's REF), and ``timm.create_model`` rebuilds the student from it."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class LossStrategy(Protocol):
+    """``loss(student_logits [B, C], target [B, C], labels [B]) -> scalar tensor``.
+
+    ``target`` is the combined teacher distribution at ``temperature`` (None when
+    ``uses_teachers`` is False). Each training step minimizes
+    ``ce_weight * CE(labeled rows) + kd_weight * loss(...)``.
+    """
+
+    temperature: float
+    """The T at which the engine combines the teachers into ``target`` (read per step)."""
+
+    standardize: bool
+    """True: the engine z-scores the teachers' logits before combining them."""
+
+    uses_teachers: bool
+    """False: a labels-only loss; no teacher, combiner or producer is built or run."""
+
+    ce_weight: float
+    """Weight of the cross-entropy on the labeled rows in each step's total."""
+
+    kd_weight: float
+    """Weight of the loss's own term in each step's total."""
+
+    fit: Callable[..., dict[str, Any]] | None = None
+    """``fit(logits [K, N, C], known [K, C], labels [N], combiner) -> dict``, called once
+    on the labeled rows after the combiner's ``fit`` and before training (``kd,T=auto``
+    chooses T); the JSON-ready dict goes into summary.json. None: nothing to fit, and no
+    teacher pass is made for it."""
+
+    @optional
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before each epoch (``epoch`` from 0), e.g. for a warm-up."""
+
+    def __call__(
+        self, student_logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class Combiner(Protocol):
+    """``combiner(logits [K, B, C], known [K, C], labels [B], temperature) ->
+    (weights [K, B], target [B, C])``: per-row teacher weights (non-negative, summing to 1
+    over K) and the combined soft target at ``temperature``. ``known[k, c]`` is False where
+    teacher k cannot predict class c; labels are -1 on unlabeled rows.
+    """
+
+    fit: Callable[..., dict[str, Any]] | None = None
+    """``fit(logits [K, N, C], known [K, C], labels [N]) -> dict``, called once on the
+    labeled rows (label -1 rows to be ignored) before any row is combined; the JSON-ready
+    dict is recorded (``kdplug.fitting``). None: nothing to fit, no teacher pass for it."""
+
+    predict: Callable[..., tuple[Any, Any]] | None = None
+    """``predict(logits, known, labels) -> (weights [K, B], probs [B, C])``: the combined
+    prediction ``label`` writes and reports score, where it is not the target at
+    temperature 1 (``auto``: calibrated teachers). None: the target at temperature 1."""
 
     def __call__(
         self,
@@ -39,22 +148,6 @@ class Combiner(Protocol):
         labels: torch.Tensor,
         temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-class LossStrategy(Protocol):
-    """Distillation loss on a batch. Attributes: ``temperature`` (float, used to build the
-    target), ``standardize`` (bool: z-score logits first), ``uses_teachers`` (False for a
-    labels-only loss). Optional ``set_epoch(epoch, epochs)`` for warm-ups, and
-    ``fit(logits, known, labels, combiner) -> dict`` called once on the labeled rows after
-    the combiner's ``fit`` (e.g. to choose ``T=auto``)."""
-
-    temperature: float
-    standardize: bool
-    uses_teachers: bool
-
-    def __call__(
-        self, student_logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -68,8 +161,106 @@ class Labels:
 
 
 class LabelGenerator(Protocol):
-    """Decides the pseudo-label of every row from the combined target and each teacher."""
+    """``generator(target [N, C], teacher_probs [K, N, C], known [K, C]) -> Labels``, called
+    once by ``label`` on all rows (those where no teacher gave NaN/Inf)."""
+
+    topk: int | None = None
+    """k: the labeled dataset holds each row's k most probable classes (``topk_indices``,
+    ``topk_values``) instead of ``probs``. None: all of ``probs``."""
+
+    private: bool = False
+    """True: only labels and probs are released; per-row teacher statistics (the
+    ``agreement`` column) are left out of the dataset."""
 
     def __call__(
         self, target: torch.Tensor, teacher_probs: torch.Tensor, known: torch.Tensor
     ) -> Labels: ...
+
+
+class Producer(Protocol):
+    """Where ``distill`` gets teacher outputs: the live teachers
+    (``kdplug.teachers.TeacherSet``), a teacher store (``kdplug.store.producer.StoreProducer``)
+    or any object given as ``distill(config, producer=...)``.
+
+    ``producer(x, idx) -> TeacherOutputs`` (``logits [K, B, C]``, ``known [K, C]``,
+    ``bad_rows [B]`` or None) for ``x`` on the run's device and ``idx [B]`` the rows'
+    positions (train rows, then unlabeled rows). Before training the engine calls ``to``,
+    ``check_rows`` and, to fit the combiner and loss, ``producer`` on the labeled rows; per
+    training step ``rebuild_views`` (when set), then ``producer`` on its result.
+    """
+
+    names: Sequence[str]
+    """One per teacher (``[K]``): summary.json's teachers and metrics' teacher_weights."""
+
+    known: torch.Tensor
+    """``[K, C]`` bool: teacher k can predict class c (used when no row is labeled)."""
+
+    teachers: Sequence[Any] = ()
+    """The live teachers; ``distill`` puts those that are ``torch.nn.Module`` in its
+    memory format (channels_last on CUDA). A store has none."""
+
+    rebuild_views: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """``rebuild_views(x [B, ...], idx [B]) -> x``: picks one stored view per row and
+    returns those inputs; the engine calls it on every training batch before ``producer``,
+    which then serves the outputs of the views picked last. None: one input per row."""
+
+    def fingerprints(self) -> list[str | None]:
+        """One per teacher: recorded in summary.json."""
+        ...
+
+    @optional
+    def to(self, device: Any) -> Producer:
+        """Move to the run's device before any call; returns the producer."""
+        return self
+
+    @optional
+    def check_rows(self, rows: int) -> None:
+        """Refuse (``UsageError``) a run of ``rows`` rows that is not what it serves."""
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> TeacherOutputs: ...
+
+
+PROTOCOLS = (Teacher, Student, LossStrategy, Combiner, LabelGenerator, Producer)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of a Protocol: required, or optional with the ``default`` assumed."""
+
+    name: str
+    required: bool
+    default: Any = None
+
+
+def members(protocol: type) -> dict[str, Member]:
+    """The members ``protocol`` declares, in order: attributes (annotated; optional when
+    given a value), methods (optional when marked ``@optional``) and ``__call__``."""
+    own = vars(protocol)
+    annotated = own.get("__annotations__", {})
+    found: dict[str, Member] = {}
+    for name in [*annotated, *own]:
+        if name in found or (name.startswith("_") and name != "__call__"):
+            continue
+        if name in annotated:
+            optional = name in own
+        else:
+            optional = hasattr(own[name], "__kdplug_optional__")
+        found[name] = Member(name, not optional, own[name] if optional else None)
+    return found
+
+
+def missing(obj: Any, protocol: type) -> list[str]:
+    """The required members of ``protocol`` that ``obj`` lacks (a plugin's own check)."""
+    return [m.name for m in members(protocol).values() if m.required and not _has(obj, m.name)]
+
+
+def _has(obj: Any, name: str) -> bool:
+    """Whether ``obj`` has ``name``; a property that raises (a loss's ``T=auto`` before
+    fitting) exists."""
+    try:
+        getattr(obj, name)
+    except AttributeError:
+        return False
+    except Exception:
+        return True
+    return True

@@ -183,7 +183,7 @@ def fit_components(
     the fits). ``loss`` may be None (labeling). Returns ``{"combiner": ..., "loss": ...}``
     with the entries of the components that fitted, and logs one line for each.
     """
-    if loss is not None and getattr(loss, "standardize", False):
+    if loss is not None and loss.standardize:
         logits = ops.standardize(logits, known)
     record: dict[str, Any] = {}
     with one_thread():

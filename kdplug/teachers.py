@@ -1,11 +1,10 @@
 """The teacher set: K teachers on one batch, aligned to the run's label space.
 
-Teacher contract (see docs/plugins.md): a callable ``teacher(x) -> logits [B, C_t]`` with
-optional ``classes`` (names in output order), ``fingerprint`` (hash of its files) and
-``uses_row_index`` (called as ``teacher(x, index)`` with the rows' dataset positions; then
-optionally ``num_rows`` and ``data_fingerprint``, the data those rows belong to).
-Probability outputs are passed as log-probabilities (``log p``, exact zeros as
-``ops.IMPOSSIBLE``), so a temperature never moves mass onto a class with probability 0.
+Each teacher is a ``kdplug.components.Teacher`` (``teacher(x) -> logits [B, C_t]``, optional
+``classes``, ``fingerprint``, ``uses_row_index``, ``num_rows``, ``data_fingerprint``); the
+``TeacherSet`` is the live teachers' ``kdplug.components.Producer``. Probability outputs
+are passed as log-probabilities (``log p``, exact zeros as ``ops.IMPOSSIBLE``), so a
+temperature never moves mass onto a class with probability 0.
 """
 
 from __future__ import annotations
@@ -96,8 +95,8 @@ class TeacherSet:
         self.temperatures = list(temperatures) if temperatures else [1.0] * len(self.teachers)
         self.skip_bad_rows = skip_bad_rows
         self.index = [
-            alignment(getattr(t, "classes", None), self.classes, n)
-            for t, n in zip(self.teachers, self.names)
+            alignment(getattr(teacher, "classes", None), self.classes, name)
+            for teacher, name in zip(self.teachers, self.names)
         ]
         C = len(self.classes)
         self.known = torch.stack(
@@ -116,7 +115,7 @@ class TeacherSet:
         return self
 
     def fingerprints(self) -> list[str | None]:
-        return [getattr(t, "fingerprint", None) for t in self.teachers]
+        return [getattr(teacher, "fingerprint", None) for teacher in self.teachers]
 
     def check_rows(self, rows: int) -> None:
         """Refuse precomputed-logit teachers whose row count differs from the data's."""
@@ -133,7 +132,7 @@ class TeacherSet:
         data fingerprint it was made from (``data_fingerprint``, e.g. a ``store:`` teacher)
         when ``source`` has another one."""
         self.check_rows(len(source))
-        fingerprint = getattr(source, "fingerprint", "")
+        fingerprint = source.fingerprint
         for teacher, name in zip(self.teachers, self.names):
             made_from = getattr(teacher, "data_fingerprint", None)
             if made_from and fingerprint and made_from != fingerprint:
@@ -159,7 +158,7 @@ class TeacherSet:
             zip(self.teachers, self.names, self.index, self.temperatures)
         ):
             z = self._run(teacher, name, x, index)
-            wanted = C if columns is None else len(getattr(teacher, "classes", ()))
+            wanted = C if columns is None else len(teacher.classes)  # columns: it has classes
             if z.dim() != 2 or z.shape[0] != B or z.shape[1] != wanted:
                 raise UsageError(self._shape_error(name, tuple(z.shape), B, wanted, columns))
             finite = torch.isfinite(z).all(dim=1)
@@ -233,6 +232,6 @@ def build_teacher_set(
     temperatures = None
     if calibration:
         temperatures = load_temperatures(
-            calibration, specs, [getattr(t, "fingerprint", None) for t in teachers]
+            calibration, specs, [getattr(teacher, "fingerprint", None) for teacher in teachers]
         )
     return TeacherSet(teachers, specs, classes, temperatures, skip_bad_rows)

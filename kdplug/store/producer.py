@@ -1,4 +1,5 @@
-"""The store as distill's teacher-output producer (``kdplug distill --store STORE``).
+"""The store as distill's teacher-output producer (``kdplug distill --store STORE``): a
+``kdplug.components.Producer`` with ``rebuild_views``.
 
 distill's rows are the train rows ``0..N-1`` then the unlabeled rows ``N..`` (see
 ``kdplug.distill.TrainRows``); each maps to its split of the store by data fingerprint.
