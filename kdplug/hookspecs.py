@@ -1,4 +1,5 @@
-"""The whole plugin contract: every hook a kdplug plugin can implement.
+"""Every hook a kdplug plugin can implement (with ``kdplug/components.py``, the shapes of the
+components its register hooks register, the whole plugin contract).
 
 Registry hooks are called once per plugin, on that plugin alone, when the plugin manager
 adds it, each with a ``register(name, factory)`` callback that files the components under
