@@ -1,8 +1,16 @@
-"""Choosing the device and seeding, the same way for every engine."""
+"""Choosing the device, its precision and seeding, the same way for every engine.
+
+Precision: on a CUDA device every engine (label, cache, distill, eval) runs its models under
+``autocast`` in bfloat16 where the GPU has it natively (``torch.cuda.is_bf16_supported(
+including_emulation=False)``: Ampere and later, ROCm), else in float16, and distill scales
+its loss for float16 (``grad_scaler``); on the CPU and MPS everything stays float32.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import random
+from typing import Any
 
 from kdplug.errors import UsageError
 
@@ -27,6 +35,38 @@ def pick_device(name: str = "auto"):
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps was asked for but MPS is not available")
     return torch.device(name)
+
+
+def autocast_dtype(device: Any) -> Any:
+    """The dtype models run in under ``autocast`` on ``device`` (a ``torch.device``):
+    bfloat16 on a CUDA device with native bfloat16, float16 on an older one, None (float32,
+    no autocast) elsewhere. CUDA means the current CUDA device (torchrun sets each rank's)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16
+
+
+def autocast(device: Any) -> Any:
+    """The mixed-precision context for forward passes on ``device`` (``autocast_dtype``)."""
+    import torch
+
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: Any) -> Any:
+    """A ``torch.amp.GradScaler`` for training on ``device``: enabled only when ``autocast``
+    runs in float16 (whose small gradients underflow), else a pass-through."""
+    import torch
+
+    enabled = autocast_dtype(device) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def seed_everything(seed: int) -> None:

@@ -9,7 +9,7 @@ The producer is any callable ``producer(x, idx) -> TeacherOutputs`` with ``names
 ``fingerprints()``: the live teachers (``kdplug.teachers.TeacherSet``) or a teacher store,
 whose ``rebuild_views(x, idx) -> x`` also picks the input view of each row of a step.
 ``Trainer`` holds the per-step code; ``distill`` the epochs, files and resume. Only the main
-process writes files (``is_main_process``). Under torch.distributed (``kdplug.distributed``)
+process writes files (``distributed.is_main``). Under torch.distributed (``kdplug.distributed``)
 the student runs in DistributedDataParallel, each rank trains on its own share of each
 epoch's rows (``--batch-size`` rows per rank and step) and the epoch's sums are reduced
 over the ranks; the checkpoint holds the unwrapped student, so it resumes on any number
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from kdplug import distributed
 from kdplug.data import DataSource, batch_count, batches, load_data
+from kdplug.device import autocast, grad_scaler
 from kdplug.errors import PluginError, UsageError, component_name, running
 from kdplug.fitting import invalid_rows
 from kdplug.ops import standardize
@@ -177,12 +178,6 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a mapping of keys to values")
     return values
-
-
-def is_main_process() -> bool:
-    """True unless this is a non-zero rank of a torch.distributed run."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class TrainRows:
@@ -382,6 +377,7 @@ class Trainer:
             updates_per_epoch=updates_per_epoch,
         )
         self.ema = ModelEmaV3(self.model, decay=EMA_DECAY, use_warmup=True) if config.ema else None
+        self.scaler = grad_scaler(device)  # a pass-through unless autocast runs in float16
         self.augment, self.mixup = None, None
         if parts.augment is not None:
             from kdplug.augment import Augment, MixupLabels
@@ -447,7 +443,7 @@ class Trainer:
             if soft is not None:  # mixed rows have no single label
                 labels = torch.full_like(labels, -1)
         stats: dict[str, torch.Tensor] = {}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+        with autocast(self.device):
             if self.loss.uses_teachers:
                 weights, target, bad = self.teacher_target(x, idx, labels)
             logits = self.forward(self.normalize(x)).float()
@@ -480,8 +476,9 @@ class Trainer:
                     kd = self.loss(logits, target, labels)
             total = self.loss.ce_weight * ce + self.loss.kd_weight * kd
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)  # skipped when float16 gradients overflowed
+        self.scaler.update()
         self.updates += 1
         self.scheduler.step_update(num_updates=self.updates)
         if self.ema is not None:
@@ -500,6 +497,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict(),  # {} when disabled
             "updates": self.updates,
         }
 
@@ -509,6 +507,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if state.get("scaler"):  # none from a run without float16 (or before the scaler)
+            self.scaler.load_state_dict(state["scaler"])
         self.updates = state["updates"]
 
 
@@ -600,7 +600,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     device = pick_device(config.device)
     seed_everything(config.seed)
     parts = build_parts(config, producer)
-    main = is_main_process()
+    main = distributed.is_main()
     out = Path(config.out)
     if main:
         record = config.record()
@@ -621,6 +621,9 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
             ],
         )
     distributed.barrier()
+    finished = finished_summary(out, config)
+    if finished is not None:
+        return finished
     rows = TrainRows(parts.train, parts.unlabeled)
     if parts.producer is not None and hasattr(parts.producer, "to"):
         parts.producer.to(device)
@@ -631,10 +634,6 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     val = val_batches(parts.val, config, trainer.cuda)
     names = teacher_names(parts)
     progress = start_progress(out, trainer, config, main)
-    if progress["epoch"] >= config.epochs and (out / SUMMARY).exists():
-        log.info("%s is already finished", out)
-        return json.loads((out / SUMMARY).read_text())
-
     run = Run(config=config.record(), out=out, state={**progress, "fitted": fitted})
     if main:
         get_manager().notify("on_fit_start", run=run)
@@ -666,6 +665,18 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
         write_json(out / SUMMARY, summary)
         get_manager().notify("on_fit_end", run=run, summary=summary)
     return summary
+
+
+def finished_summary(out: Path, config: DistillConfig) -> dict[str, Any] | None:
+    """The summary of the finished run that ``--resume`` found in ``out``, else None.
+
+    summary.json is written last, after the last epoch, and ``--resume`` only reaches here
+    with the same configuration: checked before any teacher runs or any part is fitted."""
+    summary = out / SUMMARY
+    if not (config.resume and summary.exists()):
+        return None
+    log.info("%s is already finished", out)
+    return json.loads(summary.read_text())
 
 
 def fit_on_labeled_rows(parts: Parts, config: DistillConfig, device: torch.device) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 from kdplug import metrics
 from kdplug.data import batches
+from kdplug.device import autocast
 from kdplug.errors import UsageError
 
 
@@ -24,10 +25,9 @@ def predict(
     """Probabilities ``[N, C]`` (float32) and labels ``[N]`` (-1 unknown) of every batch
     ``(x, y, idx)`` of ``loader``."""
     probs, labels = [], []
-    cuda = device.type == "cuda"
     for x, y, _ in loader:
         x = x.to(device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with autocast(device):
             logits = model(x)
         probs.append(torch.softmax(logits.float(), dim=-1).cpu())
         labels.append(y)

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ import torch
 
 from kdplug import distributed
 from kdplug.data import DataSource, batches, default_workers, load_data
-from kdplug.device import pick_device
+from kdplug.device import autocast, pick_device
 from kdplug.errors import PluginError, UsageError, component_name, running
 from kdplug.fitting import can_fit, combined_prediction, fit_on_rows, invalid_rows
 from kdplug.label_report import build_report, save_report_figure
@@ -276,14 +275,6 @@ def finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
             "so label again with --overwrite"
         )
     return report
-
-
-def autocast(device: torch.device):
-    """AMP on CUDA (bfloat16 where supported), nothing elsewhere."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def label_shards(

@@ -5,8 +5,9 @@
    ``(seed, split, first row)``, rebuilds the views (kdplug.augment_views), runs the
    teachers on each and keeps their log-probabilities (top-k, or all classes); it is
    written atomically to ``STORE/.shards/split-I/``. ``--resume`` skips every finished
-   shard, whichever process wrote it; under torch.distributed rank ``r`` takes shards
-   ``r, r + world, ...`` (of all splits' shards in order) that are not finished yet.
+   shard, whichever process wrote it; under torch.distributed (``kdplug.distributed``)
+   rank ``r`` takes shards ``r, r + world, ...`` (of all splits' shards in order) that are
+   not finished yet.
 2. The main process joins each split's shards into memory-mappable ``.npy`` arrays
    (``STORE/split-I/``, each directory renamed into place whole), then writes
    ``store.json`` last: a store without it is unfinished.
@@ -25,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdplug import __version__
+from kdplug import __version__, distributed
 from kdplug.augment_views import ViewAugment, parse_view_augment, rebuild_views, sample_views
 from kdplug.data import DataSource, batches, load_data
-from kdplug.device import pick_device
+from kdplug.device import autocast, pick_device
 from kdplug.errors import UsageError
 from kdplug.ops import IMPOSSIBLE, masked_log_softmax
 from kdplug.outputs import (
@@ -91,8 +92,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     check_teacher_inputs(cfg, teacher_set, sources)
     record = cache_record(cfg, sources, teacher_set, augment)
     record, forced = resumed_record(cfg, record)
-    rank, world = rank_and_world()
-    if rank == 0:
+    if distributed.is_main():
         prepare_out_dir(
             cfg.out,
             resume=cfg.resume,
@@ -101,8 +101,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
             config=record,
             inputs=[*cfg.teachers, *cfg.data, cfg.calibration],
         )
-    if world > 1:
-        torch.distributed.barrier()
+    distributed.barrier()
     out = Path(cfg.out)
     if (out / STORE_FILE).exists():  # a finished store, resumed: nothing left to do
         return json.loads((out / STORE_FILE).read_text())
@@ -114,11 +113,11 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         for i, source in enumerate(sources)
     ]
     every = [(i, shard) for i, shards in enumerate(plans) for shard in shards]
-    mine = [pair for pair in every[rank::world] if not is_finished(pair[1])]
+    mine = every[distributed.rank() :: distributed.world_size()]
+    mine = [pair for pair in mine if not is_finished(pair[1])]
     cache_shards(sources, mine, teacher_set, record, augment, cfg, device)
-    if world > 1:
-        torch.distributed.barrier()
-    if rank != 0:
+    distributed.barrier()
+    if not distributed.is_main():
         return record
     info = store_info(record, forced)
     for i, shards in enumerate(plans):
@@ -292,14 +291,6 @@ def changed_inputs(stored: dict[str, Any], record: dict[str, Any]) -> list[str]:
     return changes
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (0, 1 outside torch.distributed)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def cache_shards(
     sources: list[DataSource],
     shards: list[tuple[int, Shard]],
@@ -313,7 +304,7 @@ def cache_shards(
     from tqdm.auto import tqdm
 
     total = sum(math.ceil((s.stop - s.start) / cfg.batch_size) for _, s in shards)
-    show = cfg.progress and rank_and_world()[0] == 0  # one progress bar: rank 0's
+    show = cfg.progress and distributed.is_main()  # one progress bar: rank 0's
     with tqdm(total=total, unit="batch", desc="cache", disable=not show) as bar:
         for i, shard in shards:
             tensors = cache_rows(sources[i], i, shard, teacher_set, record, augment, cfg, device)
@@ -366,8 +357,6 @@ def view_entries(
 ) -> dict[str, torch.Tensor]:
     """What the store keeps of the teachers' outputs on one view ``x`` of a batch, on the CPU:
     ``values [b, T, k]`` (``indices [b, T, k]`` and ``tail [b, T]`` for top-k), ``bad [b]``."""
-    from kdplug.label import autocast
-
     with autocast(device):
         out = teacher_set(x.to(device), idx.to(device))
     log_probs = masked_log_softmax(out.logits.float(), out.known).clamp_min(2 * IMPOSSIBLE)
