@@ -3,7 +3,9 @@
 ``torchrun`` (or ``--nproc-per-node N``, which starts it through ``launch``) sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in each process; ``session`` joins the
 process group (``nccl`` on CUDA, ``gloo`` on CPU) and leaves it at the end. Outside such a
-run every function here is a no-op: rank 0 of a world of 1.
+run every function here is a no-op: rank 0 of a world of 1. Every rank, barrier and
+collective call of the engines goes through this module; their precision (autocast,
+GradScaler) is device policy, in ``kdplug.device``.
 
 Torch is imported inside the functions: the command-line modules import this one at the top.
 """
