@@ -73,7 +73,7 @@ class HandKD:
         import torch
 
         from kdplug.data import load_data
-        from kdplug.distill import data_normalization
+        from kdplug.engines.distill import data_normalization
         from kdplug.model_dir import load_classifier
 
         self.device = torch.device(device)
@@ -128,7 +128,7 @@ def step_ratio(data: str, teacher: str, arch: str, args: argparse.Namespace) -> 
     import torch
 
     from kdplug.data import batches
-    from kdplug.distill import DistillConfig, Trainer, TrainRows, build_parts
+    from kdplug.engines.distill import DistillConfig, Trainer, TrainRows, build_parts
 
     config = DistillConfig(
         student=f"timm:{arch}",
@@ -176,8 +176,8 @@ class EpochClock:
 def engine(
     data: str, teachers: list[str], arch: str, loss: str, out: Path, args: argparse.Namespace
 ) -> dict:
-    """One ``kdplug.distill`` run (what ``kdplug distill`` calls); its summary."""
-    from kdplug.distill import DistillConfig, distill
+    """One ``kdplug.engines.distill`` run (what ``kdplug distill`` calls); its summary."""
+    from kdplug.engines.distill import DistillConfig, distill
 
     config = DistillConfig(
         student=f"timm:{arch}",

@@ -1,6 +1,6 @@
 """Rows/s of the label engine against a bare PyTorch loop running the same teachers.
 
-The engine is timed end to end (``kdplug.label.run_label``: decoding the images, the
+The engine is timed end to end (``kdplug.engines.label.run_label``: decoding the images, the
 teachers, the mean combiner, shard writes, the generator and the output dataset). The
 bare loop runs the same teacher modules over the same images, already decoded into one
 tensor, batch by batch under ``torch.inference_mode()`` (and the same AMP on CUDA) and
@@ -61,7 +61,7 @@ def make_teachers(root: Path, model: str, count: int, classes: int, size: int) -
 
 
 def engine_rate(specs: list[str], data: str, out: Path, batch_size: int, device: str) -> float:
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.label import LabelConfig, run_label
 
     config = LabelConfig(
         teachers=specs,
@@ -83,7 +83,7 @@ def bare_rate(specs: list[str], data: str, batch_size: int, device: str) -> floa
 
     from kdplug.data import load_data
     from kdplug.device import pick_device
-    from kdplug.label import autocast
+    from kdplug.engines.label import autocast
     from kdplug.plugins import create
 
     source = load_data(data)

@@ -10,7 +10,7 @@ the next class (the three scikit-learn ones as .skops files). A timm student is 
 distilled from (a) the teacher with the best accuracy on the labeled rows alone, (b)
 ``mean`` of all four, (c) ``auto`` of all four, with KD and with DKD at their default T
 and at the other temperatures of ``--losses`` (what the default T is chosen from), for
-several seeds; every run goes through ``kdplug.distill`` exactly as ``kdplug distill``
+several seeds; every run goes through ``kdplug.engines.distill`` exactly as ``kdplug distill``
 does. The T that ``T=auto`` would choose for each setup is reported too. ``--teachers
 equal`` trains every teacher on 200 rows instead (the three good ones then end up about
 as accurate). Run:
@@ -131,7 +131,7 @@ def make_teachers(root: Path, splits: dict[str, str]) -> dict[str, str]:
 
 def teacher_accuracy(specs: dict[str, str], splits: dict[str, str]) -> dict[str, dict]:
     """Each teacher's accuracy and NLL on the labeled and the test split."""
-    from kdplug.teacher_report import report
+    from kdplug.engines.teachers import report
 
     table: dict[str, dict] = {name: {} for name in specs}
     for split in ("labeled", "test"):
@@ -145,8 +145,8 @@ def run_student(
     out: Path, splits: dict[str, str], teachers: list[str], combiner: str, loss: str, seed: int
 ) -> dict:
     """One distillation through the engine; the student's test accuracy and the fit."""
-    from kdplug.distill import DistillConfig, distill
-    from kdplug.evaluate import evaluate_student
+    from kdplug.engines.distill import DistillConfig, distill
+    from kdplug.engines.eval import evaluate_student
 
     started = time.perf_counter()
     summary = distill(
@@ -241,7 +241,7 @@ def markdown(results: dict) -> str:
 
 def figure(results: dict, path: Path) -> None:
     """Bars: the student's mean test accuracy (± std) per setup and loss."""
-    from kdplug.figures import new_figure, save_figure
+    from kdplug.reports.figures import new_figure, save_figure
 
     fig, ax = new_figure(figsize=(7, 4))
     losses, setups = list(results["students"]), results["setups"]

@@ -51,7 +51,7 @@ def make_splits(root: Path, size: int, train_rows: int, test_rows: int, seed: in
 
 def train(out: Path, args: argparse.Namespace, **config) -> dict:
     """One ``distill`` run in this process; returns its summary."""
-    from kdplug.distill import DistillConfig, distill
+    from kdplug.engines.distill import DistillConfig, distill
 
     values = dict(
         out=str(out), batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed
@@ -79,8 +79,8 @@ def store_bytes(store: Path, rows: int, teachers: int, views: int) -> dict:
 
 
 def run(root: Path, args: argparse.Namespace) -> dict:
-    from kdplug.evaluate import evaluate_student
-    from kdplug.store.cache import CacheConfig, run_cache
+    from kdplug.engines.cache import CacheConfig, run_cache
+    from kdplug.engines.eval import evaluate_student
 
     data = make_splits(root, args.size, args.train_rows, args.test_rows, args.seed)
     common = dict(train=data["train"], epochs=args.epochs)

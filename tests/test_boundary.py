@@ -273,7 +273,7 @@ def test_distill_names_a_plugin_combiner_that_fails_or_returns_nan(faulty, digit
 
 def test_a_corrupt_store_is_refused_naming_the_file_and_the_rows(tiny, tmp_path):
     from kdplug.data import load_data
-    from kdplug.store.cache import CacheConfig, run_cache
+    from kdplug.engines.cache import CacheConfig, run_cache
     from kdplug.store.producer import store_producer
     from kdplug.store.reader import open_store
 

@@ -61,12 +61,16 @@ NOT_COMPONENTS = {
     ("kdplug/data.py", "image", "filename"): "a PIL image's file, for messages",
     ("kdplug/data.py", "image", "tag_v2"): "a PIL TIFF image's tags",
     ("kdplug/data.py", "first", "mode"): "telling PIL images from arrays",
-    ("kdplug/demo.py", "model", "fit"): "the scikit-learn estimator the demo trains",
+    ("kdplug/engines/demo.py", "model", "fit"): "the scikit-learn estimator the demo trains",
     ("kdplug/device.py", "torch.backends", "mps"): "older torch builds have no mps backend",
-    ("kdplug/distill.py", "self", "*"): "DistillConfig's own fields",
-    ("kdplug/distill.py", "config", "*"): "DistillConfig's own fields",
-    ("kdplug/distill.py", "teacher", "to"): "a teacher that is a torch.nn.Module (checked)",
-    ("kdplug/label.py", "decided", "*"): "a generator's result checked against Labels' fields",
+    ("kdplug/engines/distill.py", "self", "*"): "DistillConfig's own fields",
+    ("kdplug/engines/distill.py", "config", "*"): "DistillConfig's own fields",
+    ("kdplug/engines/distill.py", "teacher", "to"): "a teacher that is a torch.nn.Module (checked)",
+    (
+        "kdplug/engines/label.py",
+        "decided",
+        "*",
+    ): "a generator's result checked against Labels' fields",
     ("kdplug/metrics.py", "probs", "detach"): "telling tensors from arrays",
     ("kdplug/metrics.py", "labels", "cpu"): "telling tensors from arrays",
     ("kdplug/outputs.py", "value", "tolist"): "tensors and arrays in JSON",
@@ -74,10 +78,10 @@ NOT_COMPONENTS = {
     ("kdplug/plugins.py", "self.pm.hook", "*"): "pluggy's hook callers",
     ("kdplug/plugins.py", "ep", "dist"): "an entry point's distribution",
     ("kdplug/registry.py", "member", "__name__"): "typing members, for messages",
-    ("kdplug/store/cache.py", "cfg", "*"): "CacheConfig's own fields",
-    ("kdplug/store/cache.py", "torch", "*"): "torch dtypes by name",
-    ("kdplug/store/cache.py", "os", "posix_fallocate"): "a POSIX call some systems lack",
-    ("kdplug/store/cache.py", "teacher", "pop"): "a teacher's record (a dict) in store.json",
+    ("kdplug/engines/cache.py", "cfg", "*"): "CacheConfig's own fields",
+    ("kdplug/engines/cache.py", "torch", "*"): "torch dtypes by name",
+    ("kdplug/engines/cache.py", "os", "posix_fallocate"): "a POSIX call some systems lack",
+    ("kdplug/engines/cache.py", "teacher", "pop"): "a teacher's record (a dict) in store.json",
     ("kdplug/teachers.py", "teacher", "to"): "a teacher that is a torch.nn.Module (checked)",
     ("kdplug/teachers.py", "teacher", "eval"): "a teacher that is a torch.nn.Module (checked)",
     ("kdplug/testing.py", "plugin", "__name__"): "a plugin module's name",
@@ -402,7 +406,7 @@ def store_teacher(root: Path) -> str:
 
 def tiny_store(root: Path) -> Path:
     """A store of one precomputed teacher over the six rows of ``tiny_csv``."""
-    from kdplug.store.cache import CacheConfig, run_cache
+    from kdplug.engines.cache import CacheConfig, run_cache
 
     if not (root / "store").exists():
         teachers, data = [logits_teacher(root)], [tiny_csv(root)]

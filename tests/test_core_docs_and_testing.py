@@ -1,6 +1,7 @@
 """Every hook is documented; the plugin-author fixtures work as documented."""
 
 import re
+from pathlib import Path
 
 import kdplug
 from kdplug import hookspecs
@@ -54,8 +55,22 @@ def test_register_plugin_reports_a_broken_plugin(register_plugin):
     class Broken:
         @kdplug.hookimpl
         def register_combiners(self, register):
-            register("mean", lambda: None)  # taken by kdplug's own ensemble plugin
+            register("mean", lambda: None)  # taken by kdplug's own combiners plugin
 
     info = register_plugin(Broken(), "broken")
-    assert re.search(r"'ensemble' and plugin 'broken'", info.error)
+    assert re.search(r"'combiners' and plugin 'broken'", info.error)
     assert info.components == {}
+
+
+def test_the_readme_maps_every_command_to_its_engine_file():
+    from kdplug.cli import build_cli
+
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `kdplug ")]
+    for name in build_cli().commands:
+        row = next((r for r in rows if f"`kdplug {name}" in r.split("|")[1]), None)
+        assert row is not None, f"README's layout table has no row for `kdplug {name}`"
+        files = re.findall(r"`(kdplug/[\w/]+\.py)`", row)
+        assert files and all((ROOT / f).is_file() for f in files), row
+    engines = {p.name for p in (ROOT / "kdplug" / "engines").glob("[!_]*.py")}
+    assert engines == {Path(f).name for f in re.findall(r"kdplug/engines/\w+\.py", readme)}

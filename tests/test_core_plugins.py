@@ -82,9 +82,15 @@ def test_first_party_plugins_are_listed():
     result = run_cli("plugins", "--json")
     assert result.returncode == 0, result.stderr
     plugins = {p["name"]: p for p in json.loads(result.stdout)}
-    assert {"datasets", "timm", "torch", "sklearn", "losses", "ensemble", "pseudolabel"} <= set(
-        plugins
-    )
+    assert {
+        "datasets",
+        "timm",
+        "torch",
+        "sklearn",
+        "losses",
+        "combiners",
+        "label-generators",
+    } <= set(plugins)
     assert plugins["datasets"]["distribution"] == "kdplug"
     assert "sklearn" in plugins["datasets"]["components"]["datasets"]
     assert "register_datasets" in plugins["datasets"]["hooks"]
@@ -129,8 +135,8 @@ def test_environment_switches(site, extra, expect_good):
 
 
 def test_blocking_a_first_party_plugin():
-    plugins, _ = plugins_json({}, KDPLUG_BLOCK_PLUGINS="pseudolabel")
-    assert "pseudolabel" not in plugins and "datasets" in plugins
+    plugins, _ = plugins_json({}, KDPLUG_BLOCK_PLUGINS="label-generators")
+    assert "label-generators" not in plugins and "datasets" in plugins
 
 
 def test_event_hooks_reach_plugins_and_failures_are_isolated(caplog):
@@ -199,9 +205,9 @@ def test_first_party_plugins_register_again_after_their_submodules_are_imported(
     names = [n for n, info in first_party.plugins.items() if info.distribution == "kdplug"]
     assert len(names) >= 8
     for name in names:
-        package = importlib.import_module(f"kdplug_{name}")
+        package = importlib.import_module(first_party.pm.get_plugin(name).__name__)
         for module in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"kdplug_{name}.{module.name}")
+            importlib.import_module(f"{package.__name__}.{module.name}")
     again = PluginManager()
     again.load_entry_points()
     assert {n: again.plugins[n].error for n in names} == dict.fromkeys(names)

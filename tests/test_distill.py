@@ -9,8 +9,8 @@ import torch
 
 import kdplug
 from kdplug import UsageError
-from kdplug.distill import DistillConfig, distill
-from kdplug.evaluate import evaluate_student
+from kdplug.engines.distill import DistillConfig, distill
+from kdplug.engines.eval import evaluate_student
 from kdplug.teachers import TeacherOutputs
 
 STUDENT = "timm:test_resnet"

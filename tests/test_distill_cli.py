@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from kdplug.distill import DistillConfig, distill
+from kdplug.engines.distill import DistillConfig, distill
 from tests.conftest import run_cli
 
 STUDENT = "timm:test_resnet"

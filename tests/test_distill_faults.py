@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdplug import UsageError
-from kdplug.distill import DistillConfig, distill
+from kdplug.engines.distill import DistillConfig, distill
 
 
 def test_full_disk_is_a_clear_error_and_the_last_checkpoint_survives(

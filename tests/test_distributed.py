@@ -62,7 +62,7 @@ def test_the_planned_updates_per_epoch_are_the_batches_each_rank_runs(
     # the LR schedule is planned for this many updates; 447 rows on 2 ranks in batches of 16
     # once planned 13 while 14 ran, so the last updates happened at LR 0
     from kdplug.data import batches
-    from kdplug.distill import updates_per_epoch
+    from kdplug.engines.distill import updates_per_epoch
 
     monkeypatch.setattr(distributed, "world_size", lambda: world)
     planned = updates_per_epoch(rows, batch)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from kdplug.device import autocast, autocast_dtype, grad_scaler
-from kdplug.distill import DistillConfig, distill
-from kdplug.label import LabelConfig, run_label
-from kdplug.store.cache import CacheConfig, run_cache
+from kdplug.engines.cache import CacheConfig, run_cache
+from kdplug.engines.distill import DistillConfig, distill
+from kdplug.engines.label import LabelConfig, run_label
 from kdplug.teachers import TeacherSet
 from tests.conftest import ROOT, random_cnn_teacher
 
@@ -111,7 +111,7 @@ def test_float16_training_scales_the_loss_and_resumes_with_the_scale(
 ):
     """The float16 path's GradScaler, enabled on the CPU (float32: scaling by a power of two
     is exact): 3 steps per epoch, the scale doubling every 2 steps without overflow."""
-    import kdplug.distill
+    import kdplug.engines.distill
 
     def float16_scaler(device):
         return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
@@ -121,21 +121,21 @@ def test_float16_training_scales_the_loss_and_resumes_with_the_scale(
     )
     plain = distill(DistillConfig(**config, out=str(tmp_path / "plain")))
 
-    monkeypatch.setattr(kdplug.distill, "grad_scaler", float16_scaler)
-    write_files = kdplug.distill.end_epoch_files
+    monkeypatch.setattr(kdplug.engines.distill, "grad_scaler", float16_scaler)
+    write_files = kdplug.engines.distill.end_epoch_files
 
     def stop_after_epoch_1(out, trainer, parts, progress, line, improved):
         write_files(out, trainer, parts, progress, line, improved)
         raise KeyboardInterrupt  # killed after epoch 1's checkpoint
 
     out = tmp_path / "scaled"
-    monkeypatch.setattr(kdplug.distill, "end_epoch_files", stop_after_epoch_1)
+    monkeypatch.setattr(kdplug.engines.distill, "end_epoch_files", stop_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         distill(DistillConfig(**config, out=str(out)))
     stored = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["scaler"]
     assert (stored["scale"], stored["_growth_tracker"]) == (2.0**11, 1)
 
-    monkeypatch.setattr(kdplug.distill, "end_epoch_files", write_files)
+    monkeypatch.setattr(kdplug.engines.distill, "end_epoch_files", write_files)
     scaled = distill(DistillConfig(**config, out=str(out), resume=True))
     stored = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["scaler"]
     assert stored["scale"] == 2.0**13  # a fresh scaler would be at 2**11 after 3 steps

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from kdplug.evaluate import report
+from kdplug.engines.eval import report
 from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def student(digits_splits, tmp_path_factory):
     """A student directory: test_resnet trained for 2 epochs on the labeled rows."""
-    from kdplug.distill import DistillConfig, distill
+    from kdplug.engines.distill import DistillConfig, distill
 
     out = tmp_path_factory.mktemp("eval") / "run"
     distill(

@@ -12,7 +12,7 @@ import torch
 import kdplug
 from kdplug import UsageError
 from kdplug.data import load_data
-from kdplug.label import LabelConfig, run_label
+from kdplug.engines.label import LabelConfig, run_label
 from kdplug.outputs import file_hash
 from kdplug.plugins import create
 from tests.conftest import run_cli

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdplug.label import LabelConfig, run_label
+from kdplug.engines.label import LabelConfig, run_label
 from tests.conftest import kill_when, run_cli
 
 SHARD_SIZE = 50

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from kdplug_ensemble.fitted import Fitted
+from kdplug_combiners.fitted import Fitted
 
 from kdplug import UsageError, metrics
 from kdplug.fitting import (
@@ -392,8 +392,8 @@ def test_label_writes_the_calibrated_prediction(digits_splits, digit_teachers):
     from types import SimpleNamespace
 
     from kdplug.data import batches, load_data
+    from kdplug.engines.label import label_rows
     from kdplug.fitting import fit_on_rows
-    from kdplug.label import label_rows
     from kdplug.teachers import build_teacher_set
 
     cpu = torch.device("cpu")
@@ -419,7 +419,7 @@ def test_label_writes_the_calibrated_prediction(digits_splits, digit_teachers):
 
 
 def test_label_without_calibration_data_keeps_mean(digits_splits, digit_teachers, tmp_path):
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.label import LabelConfig, run_label
 
     config = LabelConfig(
         teachers=digit_teachers, data=digits_splits["test"], out=str(tmp_path / "l"), progress=False
@@ -429,7 +429,7 @@ def test_label_without_calibration_data_keeps_mean(digits_splits, digit_teachers
 
 
 def test_the_log_pool_must_beat_the_linear_pool_by_one_standard_error():
-    from kdplug_ensemble.fitted import choose_pool
+    from kdplug_combiners.fitted import choose_pool
 
     linear = torch.tensor([0.2, 0.4, 0.3, 0.5], dtype=torch.float64)
     difference = torch.tensor([0.09, -0.07, 0.06, -0.02], dtype=torch.float64)  # linear - log
@@ -465,7 +465,7 @@ def test_backward_elimination_flags_the_teacher_whose_removal_lowers_the_nll():
 def test_teachers_report_recommends_a_subset_and_scores_auto_held_out(
     digits_splits, digit_teachers
 ):
-    from kdplug.teacher_report import format_report, report
+    from kdplug.engines.teachers import format_report, report
 
     result = report(digit_teachers, digits_splits["unlabeled"])
     selection = result["selection"]

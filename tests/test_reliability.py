@@ -76,7 +76,7 @@ def logits_teacher(digits_splits, tmp_path_factory):
 def test_distill_on_a_full_then_read_only_disk_keeps_the_last_checkpoint(
     digits_splits, tmp_path, monkeypatch
 ):
-    from kdplug.distill import DistillConfig, distill
+    from kdplug.engines.distill import DistillConfig, distill
 
     out = tmp_path / "run"
     config = dict(
@@ -110,7 +110,7 @@ def test_label_on_a_full_disk_keeps_finished_shards_and_resumes(
 ):
     import datasets
 
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.label import LabelConfig, run_label
     from kdplug.shards import is_finished, plan_shards
 
     def config(out, **extra):
@@ -179,7 +179,7 @@ def test_distill_when_the_disk_fills_mid_write_is_one_line(digits_splits, tmp_pa
 def test_cache_on_a_full_disk_keeps_its_shards_and_resumes(
     logits_teacher, digits_splits, tmp_path, monkeypatch
 ):
-    from kdplug.store.cache import CacheConfig, run_cache
+    from kdplug.engines.cache import CacheConfig, run_cache
 
     def config(out, **extra):
         return CacheConfig(
@@ -210,7 +210,7 @@ def test_cache_on_a_full_disk_keeps_its_shards_and_resumes(
 
 
 def test_a_run_failing_before_any_work_leaves_no_directory(tmp_path, digits_splits, logits_teacher):
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.label import LabelConfig, run_label
 
     bad = tmp_path / "nan.npy"
     logits = np.load(logits_teacher)
@@ -256,7 +256,7 @@ def test_only_run_directories_without_finished_work_are_discarded(tmp_path):
 
 
 def test_a_python_caller_gets_the_same_cleanup_as_the_cli(digits_splits, tmp_path):
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.label import LabelConfig, run_label
 
     bad = tmp_path / "nan.npy"
     logits = np.zeros((150, 10), dtype=np.float32)
@@ -272,7 +272,7 @@ def test_a_python_caller_gets_the_same_cleanup_as_the_cli(digits_splits, tmp_pat
 def test_self_train_round_data_is_written_whole_or_not_at_all(digits_splits, tmp_path, monkeypatch):
     import datasets
 
-    from kdplug.self_train import write_round_data
+    from kdplug.engines.self_train import write_round_data
 
     source = load_data(digits_splits["labeled"])
     out = tmp_path / "pseudo"
@@ -311,12 +311,12 @@ def test_data_without_a_label_column_names_the_columns_it_has(tmp_path, logits_t
     import datasets
     import timm
 
-    from kdplug.distill import DistillConfig, distill
-    from kdplug.evaluate import evaluate_student
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.cache import CacheConfig, run_cache
+    from kdplug.engines.distill import DistillConfig, distill
+    from kdplug.engines.eval import evaluate_student
+    from kdplug.engines.label import LabelConfig, run_label
+    from kdplug.engines.teachers import report
     from kdplug.model_dir import save_student
-    from kdplug.store.cache import CacheConfig, run_cache
-    from kdplug.teacher_report import report
 
     data = tmp_path / "images"
     datasets.Dataset.from_dict({"image": [np.zeros((8, 8), np.uint8)] * 4}).save_to_disk(str(data))
@@ -436,10 +436,10 @@ def test_run_records_hold_the_teacher_file_hashes_and_data_fingerprints(
 ):
     import json
 
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.cache import CacheConfig, run_cache
+    from kdplug.engines.label import LabelConfig, run_label
+    from kdplug.engines.teachers import calibrate, report
     from kdplug.outputs import file_hash
-    from kdplug.store.cache import CacheConfig, run_cache
-    from kdplug.teacher_report import calibrate, report
 
     data, teacher = digits_splits["labeled"], f"logits:{logits_teacher}"
     digest, fingerprint = file_hash(logits_teacher), load_data(data).fingerprint
@@ -529,7 +529,7 @@ def test_a_teacher_file_that_cannot_be_read_is_a_usage_error(spec, tmp_path):
 
 
 def test_a_file_without_read_permission_is_a_usage_error(logits_teacher, digits_splits, tmp_path):
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.label import LabelConfig, run_label
 
     locked = tmp_path / "locked.npy"
     shutil.copy(logits_teacher, locked)
@@ -548,8 +548,8 @@ def test_a_file_without_read_permission_is_a_usage_error(logits_teacher, digits_
 def test_cache_and_self_train_leave_an_out_holding_something_else_alone(
     logits_teacher, digits_splits, tmp_path
 ):
-    from kdplug.self_train import SelfTrainConfig, self_train
-    from kdplug.store.cache import CacheConfig, run_cache
+    from kdplug.engines.cache import CacheConfig, run_cache
+    from kdplug.engines.self_train import SelfTrainConfig, self_train
 
     out = tmp_path / "mine"
     out.mkdir()

@@ -214,8 +214,8 @@ def test_an_out_name_whose_temporary_sibling_is_too_long_is_refused_before_work(
 
 @pytest.mark.parametrize("failure", [RuntimeError("an internal bug"), KeyboardInterrupt()])
 def test_a_start_failing_in_any_way_leaves_out_as_it_found_it(failure, tmp_path, monkeypatch):
-    import kdplug.label
-    from kdplug.label import LabelConfig, run_label
+    import kdplug.engines.label
+    from kdplug.engines.label import LabelConfig, run_label
 
     inputs = tiny_run_inputs(tmp_path / "in")
     out = tmp_path / "out"
@@ -223,7 +223,7 @@ def test_a_start_failing_in_any_way_leaves_out_as_it_found_it(failure, tmp_path,
     def fail(device):
         raise failure
 
-    monkeypatch.setattr(kdplug.label, "pick_device", fail)  # just after --out is prepared
+    monkeypatch.setattr(kdplug.engines.label, "pick_device", fail)  # just after --out is prepared
     config = LabelConfig([inputs["teacher"]], inputs["data"], str(out), progress=False)
     with pytest.raises(type(failure)):
         run_label(config)

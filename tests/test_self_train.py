@@ -8,7 +8,7 @@ import skops.io
 from sklearn.linear_model import LogisticRegression
 
 from kdplug.data import load_data
-from kdplug.self_train import write_targets
+from kdplug.engines.self_train import write_targets
 from tests.conftest import run_cli
 
 

@@ -144,7 +144,7 @@ def test_quoted_text_parses_back_verbatim(value, items):
 
 
 def test_self_train_specs_carry_class_names_and_paths(tmp_path):
-    from kdplug.self_train import disk_spec, targets_teacher, write_targets
+    from kdplug.engines.self_train import disk_spec, targets_teacher, write_targets
 
     folder = tmp_path / 'odd,dir=x;y "q"'
     folder.mkdir()

@@ -12,13 +12,13 @@ import kdplug
 from kdplug import UsageError
 from kdplug.augment_views import ViewAugment, rebuild_views, sample_views
 from kdplug.data import load_data
-from kdplug.label import LabelConfig, run_label
+from kdplug.engines.cache import CacheConfig, run_cache
+from kdplug.engines.label import LabelConfig, run_label
+from kdplug.engines.teachers import report
 from kdplug.ops import IMPOSSIBLE
-from kdplug.store.cache import CacheConfig, run_cache
 from kdplug.store.producer import store_producer
 from kdplug.store.reader import open_store
 from kdplug.store.topk import full_log_probs, top_k_entries
-from kdplug.teacher_report import report
 from tests.conftest import run_cli
 
 AUGMENT = "scale=0.3;1,brightness=0.3,contrast=0.3"

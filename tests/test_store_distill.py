@@ -9,12 +9,12 @@ import torch
 
 from kdplug import UsageError
 from kdplug.data import load_data
-from kdplug.label import LabelConfig, run_label
+from kdplug.engines.cache import CacheConfig, run_cache
+from kdplug.engines.label import LabelConfig, run_label
+from kdplug.engines.teachers import report
 from kdplug.plugins import create
-from kdplug.store.cache import CacheConfig, run_cache
 from kdplug.store.producer import store_producer
 from kdplug.store.reader import open_store
-from kdplug.teacher_report import report
 from tests.conftest import run_cli
 from tests.teacher_fixtures import TinyCNN
 
@@ -95,7 +95,7 @@ def test_the_producer_serves_the_stored_outputs_of_the_views_it_rebuilt(store, d
 
 
 def test_store_options_are_checked(store, digits_splits, tmp_path):
-    from kdplug.distill import DistillConfig, distill
+    from kdplug.engines.distill import DistillConfig, distill
 
     common = dict(student="timm:test_resnet", train=digits_splits["labeled"], out=str(tmp_path))
     for change, message in [

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kdplug.store.cache import CacheConfig, run_cache
+from kdplug.engines.cache import CacheConfig, run_cache
 from kdplug.store.reader import open_store
 from tests.conftest import kill_when, run_cli
 

@@ -168,7 +168,7 @@ def test_malicious_pickle_is_not_loaded_without_the_opt_in(files, tmp_path):
 
 
 def test_combiner_scores_with_and_without_the_combiner_plugin(kdplug_manager):
-    from kdplug.teacher_report import combiner_scores, format_report
+    from kdplug.engines.teachers import combiner_scores, format_report
 
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[0.0, 0.0, 3.0], [0.0, 4.0, 0.0]]])
     known = torch.ones(2, 3, dtype=torch.bool)
@@ -179,7 +179,7 @@ def test_combiner_scores_with_and_without_the_combiner_plugin(kdplug_manager):
     probs = torch.softmax(logits, -1).mean(0)  # row 0: class 2 wins narrowly, row 1: class 1
     nll = -(probs[0, 0].log() + probs[1, 1].log()) / 2
     assert mean["accuracy"] == pytest.approx(0.5) and mean["nll"] == pytest.approx(float(nll))
-    kdplug_manager.registries["combiners"].remove_plugin("ensemble")
+    kdplug_manager.registries["combiners"].remove_plugin("combiners")
     assert combiner_scores(logits, known, labels, chunk=1) == ([], [])
     report = {
         "data": "d", "rows": 2, "skipped_rows": 0, "calibration": None, "combiners": [],
@@ -191,7 +191,7 @@ def test_combiner_scores_with_and_without_the_combiner_plugin(kdplug_manager):
 
 def test_report_refuses_a_non_empty_out_directory(tmp_path):
     from kdplug import UsageError
-    from kdplug.teacher_report import report
+    from kdplug.engines.teachers import report
 
     (tmp_path / "notes.txt").write_text("someone else's file")
     with pytest.raises(UsageError, match="is not empty; choose another --out or pass --overwrite"):

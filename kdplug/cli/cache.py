@@ -100,7 +100,7 @@ def cache_command(nproc_per_node: int | None, **params: Any) -> None:
     kdplug distill --store store --student timm:resnet10t --train disk:data/train \\
         --unlabeled disk:data/raw --out runs/r10t
     """
-    from kdplug.store.cache import CacheConfig, run_cache
+    from kdplug.engines.cache import CacheConfig, run_cache
 
     if nproc_per_node is not None:
         sys.exit(distributed.launch(nproc_per_node, sys.argv[1:]))

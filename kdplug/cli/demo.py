@@ -30,7 +30,7 @@ from kdplug.cli.options import device_option
 @device_option
 def demo_command(out: str, student: str, epochs: int, labeled: int, seed: int, device: str) -> None:
     """Teachers -> pseudo-labels -> distilled student on digits, with a result table."""
-    from kdplug.demo import DemoConfig, run_demo
+    from kdplug.engines.demo import DemoConfig, run_demo
 
     started = time.perf_counter()
     rows, labels = run_demo(

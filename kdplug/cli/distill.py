@@ -78,7 +78,7 @@ def distill_command(ctx: click.Context, config_file: str | None, **flags) -> Non
         --student timm:resnet10t --train disk:data/train --unlabeled disk:data/raw \\
         --val disk:data/val --out runs/r10t --epochs 20
     """
-    from kdplug.distill import DistillConfig, distill, read_config_file
+    from kdplug.engines.distill import DistillConfig, distill, read_config_file
     from kdplug.outputs import run_inputs
 
     nproc = flags.pop("nproc_per_node")

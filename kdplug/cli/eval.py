@@ -32,7 +32,7 @@ def eval_command(
     workers: int | None,
 ) -> None:
     """Evaluate a student directory (DIR/student of a distill run) on labeled DATA."""
-    from kdplug.evaluate import evaluate_student, plot_confusion
+    from kdplug.engines.eval import evaluate_student, plot_confusion
     from kdplug.outputs import check_out, write_json
 
     if out:

@@ -77,7 +77,7 @@ from kdplug.cli.options import (
 @nproc_option
 def label_command(nproc_per_node: int | None, **params: Any) -> None:
     """Label DATA with the teachers; write OUT as a dataset with report.json and report.png."""
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.label import LabelConfig, run_label
 
     if nproc_per_node is not None:
         sys.exit(distributed.launch(nproc_per_node, sys.argv[1:]))

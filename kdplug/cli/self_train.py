@@ -70,7 +70,7 @@ def self_train_command(**options) -> None:
         --train disk:data/labeled --unlabeled disk:data/raw --val disk:data/val \\
         --rounds 3 --out runs/self
     """
-    from kdplug.self_train import SelfTrainConfig, self_train
+    from kdplug.engines.self_train import SelfTrainConfig, self_train
 
     options["teachers"] = list(options["teachers"])
     rows = self_train(SelfTrainConfig(**options), echo=click.echo)

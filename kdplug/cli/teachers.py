@@ -59,7 +59,7 @@ def calibrate_command(
     spec and file hash, for --calibration.
     """
     from kdplug.device import pick_device
-    from kdplug.teacher_report import calibrate
+    from kdplug.engines.teachers import calibrate
 
     record = calibrate(teachers, data, out, batch_size, pick_device(device), skip_bad_rows)
     for entry in record["teachers"]:
@@ -106,7 +106,7 @@ def report_command(
     numbers before and after temperature scaling.
     """
     from kdplug.device import pick_device
-    from kdplug.teacher_report import format_report, report
+    from kdplug.engines.teachers import format_report, report
 
     result = report(
         teachers,

@@ -4,7 +4,7 @@ Per row of each cached DATA the store keeps V views (view 0 the plain input, the
 random crops/flips whose parameters rebuild them exactly) and, per view and teacher, the
 log-probabilities of the top-k classes (or of all classes). See docs/store.md.
 
-- ``kdplug.store.cache``: the cache engine (``CacheConfig``, ``run_cache``);
+- ``kdplug.engines.cache``: the cache engine (``CacheConfig``, ``run_cache``);
 - ``kdplug.store.reader``: ``open_store`` and the checks of a store against its inputs;
 - ``kdplug.store.producer``: the store as distill's teacher-output producer;
 - ``kdplug.store.topk``: full distributions rebuilt from top-k entries;

@@ -2,7 +2,7 @@
 ``kdplug.components.Producer`` with ``rebuild_views``.
 
 distill's rows are the train rows ``0..N-1`` then the unlabeled rows ``N..`` (see
-``kdplug.distill.TrainRows``); each maps to its split of the store by data fingerprint.
+``kdplug.engines.distill.TrainRows``); each maps to its split of the store by data fingerprint.
 Per training step the engine calls ``rebuild_views(x, idx)``: one stored view per row is
 picked at random (torch's global generator, so ``--seed`` fixes it and a resumed run
 continues it) and its input rebuilt; then ``producer(x, idx)`` returns the stored teacher

@@ -31,11 +31,11 @@ from kdplug.data import DataSource, batches, default_workers, load_data
 from kdplug.device import autocast, pick_device
 from kdplug.errors import PluginError, UsageError, component_name, running
 from kdplug.fitting import can_fit, combined_prediction, fit_on_rows, invalid_rows
-from kdplug.label_report import build_report, save_report_figure
 from kdplug.ops import entropy, teacher_probs
 from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
 from kdplug.plugins import create, get_manager
 from kdplug.registry import typed_options
+from kdplug.reports.label import build_report, save_report_figure
 from kdplug.run import Run
 from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
 from kdplug.spec import parse_spec

@@ -1,6 +1,6 @@
 """The label run's report: counts, per-teacher figures, evaluation against true labels.
 
-Inputs are the dataset columns of kdplug.label (numpy arrays over the N rows) and the
+Inputs are the dataset columns of kdplug.engines.label (numpy arrays over the N rows) and the
 merged shard tensors (``teacher_probs [K, N, C]``, ``weights [K, N]``, ``bad [N]``).
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from kdplug.figures import new_figure, save_figure
 from kdplug.outputs import versions
+from kdplug.reports.figures import new_figure, save_figure
 from kdplug.spec import parse_spec
 
 COVERAGE_POINTS = [round(0.05 * i, 2) for i in range(1, 21)]

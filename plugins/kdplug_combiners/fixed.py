@@ -7,7 +7,7 @@ import math
 import torch
 
 from kdplug.api import UsageError
-from kdplug_ensemble.base import Combiner
+from kdplug_combiners.base import Combiner
 
 
 def _fixed_weights(weights: object) -> list[float]:

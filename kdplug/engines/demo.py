@@ -199,9 +199,9 @@ def run_demo(config: DemoConfig, echo=print) -> tuple[list[dict[str, Any]], dict
 
 def _run_steps(config: DemoConfig, out: Path, echo) -> tuple[list[dict], dict]:
     from kdplug.device import seed_everything
-    from kdplug.distill import DistillConfig, distill
-    from kdplug.evaluate import evaluate_student
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.distill import DistillConfig, distill
+    from kdplug.engines.eval import evaluate_student
+    from kdplug.engines.label import LabelConfig, run_label
 
     seed_everything(config.seed)
     echo(f"[1/5] splitting scikit-learn digits into {out / 'data'}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdplug.api import masked_log_softmax
-from kdplug_ensemble.base import Combiner, class_weights
+from kdplug_combiners.base import Combiner, class_weights
 
 
 class Mean(Combiner):

@@ -566,7 +566,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Train losses and val accuracy per epoch."""
     from matplotlib.ticker import MaxNLocator
 
-    from kdplug.figures import new_figure, save_figure
+    from kdplug.reports.figures import new_figure, save_figure
 
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = new_figure(1, 2, figsize=(10, 4))
@@ -821,7 +821,7 @@ def validate(trainer: Trainer, loader: Any) -> tuple[float | None, float | None]
     if loader is None:
         return None, None
     from kdplug import metrics
-    from kdplug.evaluate import predict
+    from kdplug.engines.eval import predict
 
     model = trainer.eval_model.eval()
     probs, labels = predict(lambda x: model(trainer.normalize(x)), loader, trainer.device)

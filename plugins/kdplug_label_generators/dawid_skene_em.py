@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kdplug.api import Labels
-from kdplug_pseudolabel.confidence import hard_labels, votes
+from kdplug_label_generators.confidence import hard_labels, votes
 
 
 class DawidSkene:

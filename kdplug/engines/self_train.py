@@ -111,8 +111,8 @@ def run_round(
     cfg: SelfTrainConfig, number: int, teachers: list[str], train: Any, unlabeled: Any, root: Path
 ) -> dict[str, Any]:
     """One round: label, select, distill; return the round's row of the result table."""
-    from kdplug.distill import DistillConfig, distill
-    from kdplug.label import LabelConfig, run_label
+    from kdplug.engines.distill import DistillConfig, distill
+    from kdplug.engines.label import LabelConfig, run_label
 
     root.mkdir(parents=True, exist_ok=True)
     report = run_label(
@@ -170,7 +170,7 @@ def run_round(
 
 
 def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
-    from kdplug.figures import new_figure, save_figure
+    from kdplug.reports.figures import new_figure, save_figure
 
     fig, ax = new_figure(figsize=(5, 3.5))
     ax.plot([r["round"] for r in rows], [r["val_accuracy"] for r in rows], marker="o")

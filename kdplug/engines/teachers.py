@@ -248,7 +248,7 @@ def _check_out(out: Path, overwrite: bool, inputs: list[str | None]) -> None:
 
 def _write(out: Path, result: dict[str, Any]) -> None:
     """report.json and the figures, put in place together (the whole directory is atomic)."""
-    from kdplug.figures import save_figure
+    from kdplug.reports.figures import save_figure
 
     with atomic_path(out, directory=True) as tmp:
         for k, teacher in enumerate(result["teachers"]):
@@ -265,7 +265,7 @@ def short(spec: str, width: int = 32) -> str:
 
 def reliability_figure(teacher: dict[str, Any]):
     """Accuracy against confidence per bin; the calibrated curve too when there is one."""
-    from kdplug.figures import new_figure
+    from kdplug.reports.figures import new_figure
 
     fig, ax = new_figure(figsize=(4.2, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
@@ -289,7 +289,7 @@ def reliability_figure(teacher: dict[str, Any]):
 
 def agreement_figure(matrix: list[list[float]], names: list[str]):
     """Heatmap of the fraction of rows on which two teachers predict the same class."""
-    from kdplug.figures import new_figure
+    from kdplug.reports.figures import new_figure
 
     size = 2.5 + 0.6 * len(names)
     fig, ax = new_figure(figsize=(size, size))

@@ -17,49 +17,49 @@ __version__ = kdplug.__version__
 
 def mean():
     """Average of the teachers' probabilities (equal weights)."""
-    from kdplug_ensemble.equal import Mean
+    from kdplug_combiners.equal import Mean
 
     return Mean()
 
 
 def mean_logits():
     """Softmax of the teachers' average log-probabilities (equal weights)."""
-    from kdplug_ensemble.equal import MeanLogits
+    from kdplug_combiners.equal import MeanLogits
 
     return MeanLogits()
 
 
 def weighted(weights: list[float] | None = None):
     """Fixed teacher weights, e.g. weighted:weights=0.5;0.3;0.2 (normalized to sum 1)."""
-    from kdplug_ensemble.fixed import Weighted
+    from kdplug_combiners.fixed import Weighted
 
     return Weighted(weights=weights)
 
 
 def entropy():
     """EBKD: lower-entropy (more confident) teachers weigh more, per row."""
-    from kdplug_ensemble.confidence import Entropy
+    from kdplug_combiners.confidence import Entropy
 
     return Entropy()
 
 
 def ca_mkd():
     """CA-MKD: weights from each teacher's cross-entropy on the label (entropy if unlabeled)."""
-    from kdplug_ensemble.confidence import ConfidenceAware
+    from kdplug_combiners.confidence import ConfidenceAware
 
     return ConfidenceAware()
 
 
 def best():
     """Per row, all weight on the teacher with the highest max-probability."""
-    from kdplug_ensemble.confidence import Best
+    from kdplug_combiners.confidence import Best
 
     return Best()
 
 
 def auto(per_class: bool = False, pool: str = "cv", folds: int = 5, reg: float = 1.0):
     """Fitted on labeled rows: calibrated teachers, NLL-fitted weights, cross-validated pool."""
-    from kdplug_ensemble.fitted import Auto
+    from kdplug_combiners.fitted import Auto
 
     return Auto(per_class=per_class, pool=pool, folds=folds, reg=reg)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdplug.api import entropy
-from kdplug_ensemble.base import Combiner
+from kdplug_combiners.base import Combiner
 
 
 def complement_weights(scores: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import math
 import torch
 
 from kdplug.api import Labels
-from kdplug_pseudolabel.confidence import votes
+from kdplug_label_generators.confidence import votes
 
 
 def gaussian_rdp_slope(answered: int, queries: int, sigma: float, sigma1: float | None) -> float:

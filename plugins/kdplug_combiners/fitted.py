@@ -46,7 +46,7 @@ from kdplug.api import (
     one_thread,
     split_folds,
 )
-from kdplug_ensemble.confidence import Best
+from kdplug_combiners.confidence import Best
 
 log = logging.getLogger("kdplug")
 

@@ -61,7 +61,7 @@ def report(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[st
 
 def plot_confusion(matrix: list[list[int]], classes: list[str], path: str | os.PathLike) -> None:
     """The confusion matrix (rows: true class, columns: predicted) as a PNG."""
-    from kdplug.figures import new_figure, save_figure
+    from kdplug.reports.figures import new_figure, save_figure
 
     matrix = np.asarray(matrix)
     n = len(classes)

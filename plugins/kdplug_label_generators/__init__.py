@@ -25,7 +25,7 @@ def _positive(name: str, option: str, value: float) -> None:
 
 def threshold(tau: float = 0.95):
     """Hard label where the combined confidence max p >= tau (FixMatch's tau = 0.95)."""
-    from kdplug_pseudolabel.confidence import Threshold
+    from kdplug_label_generators.confidence import Threshold
 
     _unit("threshold", "tau", tau)
     return Threshold(tau)
@@ -33,7 +33,7 @@ def threshold(tau: float = 0.95):
 
 def soft(T: float = 0.5):
     """Keep every row with its soft label sharpened as p^(1/T) (MixMatch's T = 0.5)."""
-    from kdplug_pseudolabel.confidence import Soft
+    from kdplug_label_generators.confidence import Soft
 
     _positive("soft", "T", T)
     return Soft(T)
@@ -41,7 +41,7 @@ def soft(T: float = 0.5):
 
 def topk(k: int = 5):
     """Keep every row with only its k most likely classes, renormalized (FKD's k = 5)."""
-    from kdplug_pseudolabel.confidence import TopK
+    from kdplug_label_generators.confidence import TopK
 
     if k < 1:
         raise UsageError(f"topk: k must be >= 1, got {k}")
@@ -52,7 +52,7 @@ def class_balanced(
     per_class: int | None = None, quantile: float | None = None, min_confidence: float = 0.3
 ):
     """At most per_class rows (or the top quantile) per class, most confident first."""
-    from kdplug_pseudolabel.confidence import ClassBalanced
+    from kdplug_label_generators.confidence import ClassBalanced
 
     if per_class is not None and quantile is not None:
         raise UsageError("class-balanced: give per_class or quantile, not both")
@@ -71,7 +71,7 @@ def class_balanced(
 
 def adaptive(tau: float = 0.95, min_tau: float = 0.5, warmup: bool = False):
     """FlexMatch class thresholds: tau scaled down for classes the teachers find hard."""
-    from kdplug_pseudolabel.confidence import Adaptive
+    from kdplug_label_generators.confidence import Adaptive
 
     _unit("adaptive", "tau", tau)
     _unit("adaptive", "min_tau", min_tau)
@@ -82,7 +82,7 @@ def adaptive(tau: float = 0.95, min_tau: float = 0.5, warmup: bool = False):
 
 def agreement(min_agree: int = 2):
     """Hard label where at least min_agree teachers' argmax equals the combined label."""
-    from kdplug_pseudolabel.confidence import Agreement
+    from kdplug_label_generators.confidence import Agreement
 
     if min_agree < 1:
         raise UsageError(f"agreement: min_agree must be >= 1, got {min_agree}")
@@ -97,7 +97,7 @@ def dawid_skene(
     tau: float = 0.0,
 ):
     """Dawid-Skene EM over per-teacher confusion matrices; needs no ground truth."""
-    from kdplug_pseudolabel.dawid_skene_em import DawidSkene
+    from kdplug_label_generators.dawid_skene_em import DawidSkene
 
     if max_iter < 1:
         raise UsageError(f"dawid-skene: max_iter must be >= 1, got {max_iter}")
@@ -115,7 +115,7 @@ def pate(
     delta: float = 1e-5,
 ):
     """PATE GNMax: noisy argmax of teacher votes, with the privacy spent (epsilon, delta)."""
-    from kdplug_pseudolabel.gnmax import Pate
+    from kdplug_label_generators.gnmax import Pate
 
     _positive("pate", "sigma", sigma)
     if threshold is not None and (
