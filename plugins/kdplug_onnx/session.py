@@ -10,6 +10,7 @@ from kdplug.api import (
     Preprocess,
     UsageError,
     class_names,
+    describe,
     existing_file,
     file_hash,
     fixed_batch,
@@ -76,10 +77,9 @@ def session(path: str, providers: list[str], source: str) -> ort.InferenceSessio
     try:
         return ort.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as exc:  # InvalidProtobuf, Fail, ... for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UsageError(
             f"{source}: cannot load {path} as an ONNX model (corrupt, truncated or not "
-            f"ONNX): {type(exc).__name__}: {first}"
+            f"ONNX): {describe(exc)}"
         ) from None
 
 

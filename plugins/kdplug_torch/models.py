@@ -17,6 +17,7 @@ from kdplug.api import (
     UsageError,
     class_names,
     code_allowed,
+    describe,
     existing_file,
     file_hash,
     fixed_batch,
@@ -125,7 +126,7 @@ def load_torchscript(ref, mean, std, size, in_chans, classes, probs, allow_code)
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
             model = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError/ValueError for a bad archive
-        raise _not_torchscript(source, path, _first_line(exc)) from None
+        raise _not_torchscript(source, path, describe(exc)) from None
     return _teacher(
         model,
         source,
@@ -220,7 +221,7 @@ def _module(program: Any, source: str, path: Path) -> torch.nn.Module:
 def _not_a_program(source: str, path: Path, exc: Exception) -> UsageError:
     return UsageError(
         f"{source}: cannot load {path} as a torch.export program (corrupt, truncated or "
-        f"not a torch.export.save .pt2 file): {_first_line(exc)}"
+        f"not a torch.export.save .pt2 file): {describe(exc)}"
     )
 
 
@@ -241,8 +242,3 @@ def _not_torchscript(source: str, path: Path, why: str) -> UsageError:
         f"{source}: cannot load {path} as TorchScript (corrupt, truncated or not a "
         f"torch.jit.save file): {why}"
     )
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
