@@ -69,7 +69,8 @@ def _names(variable: str) -> set[str]:
     return {n.strip() for n in os.environ.get(variable, "").split(",") if n.strip()}
 
 
-def _flag(variable: str) -> bool:
+def env_flag(variable: str) -> bool:
+    """Whether the environment variable is set to 1, true, yes or on (any case)."""
     return os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -95,13 +96,13 @@ class PluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.registries = {kind: Registry(kind) for kind in KINDS}
         self.plugins: dict[str, PluginInfo] = {}
-        self.strict = _flag("KDPLUG_STRICT_PLUGINS")
+        self.strict = env_flag("KDPLUG_STRICT_PLUGINS")
 
     # -- loading -----------------------------------------------------------------------
     def load_entry_points(self) -> None:
         """Load every allowed plugin of the ``kdplug`` entry-point group, first-party first."""
         blocked, only = _names("KDPLUG_BLOCK_PLUGINS"), _names("KDPLUG_LOAD_PLUGINS")
-        autoload = not _flag("KDPLUG_DISABLE_PLUGIN_AUTOLOAD")
+        autoload = not env_flag("KDPLUG_DISABLE_PLUGIN_AUTOLOAD")
         points = sorted(
             metadata.entry_points(group=GROUP),
             key=lambda ep: (_dist_name(ep) != FIRST_PARTY, ep.name, _dist_name(ep) or ""),

@@ -18,6 +18,7 @@ import torch
 
 from kdplug.errors import UsageError
 from kdplug.ops import IMPOSSIBLE
+from kdplug.plugins import env_flag
 from kdplug.preprocess import Preprocess
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
@@ -155,7 +156,7 @@ def run_in_batches(
 
 
 def _opted_in(option: Any, env: str) -> bool:
-    return option is True or os.environ.get(env, "").strip().lower() in ("1", "true", "yes", "on")
+    return option is True or env_flag(env)
 
 
 def pickle_allowed(option: bool) -> bool:
