@@ -55,6 +55,24 @@ class Spec:
     def __str__(self) -> str:
         return self.text or self.name
 
+    def plus(self, **values: Any) -> Spec:
+        """This spec with options added from Python values (an engine's additions to a
+        user's spec): written as text where the spec is text, so its factory types them."""
+        added = ",".join(f"{key}={_written(v)}" for key, v in values.items())
+        raw = None
+        if self.raw is not None:
+            raw = {**self.raw, **{key: _raw(v) for key, v in values.items()}}
+        return Spec(self.name, self.ref, {**self.options, **values}, f"{self},{added}", raw)
+
+    @classmethod
+    def of(cls, name: str, ref: str | None = None, **options: Any) -> Spec:
+        """A spec an engine builds from Python values: they reach the factory as they are
+        (class names stay strings, paths stay paths), and ``text`` is how a user would write
+        it, for run records and messages."""
+        head = name if ref is None else f"{name}:{quote(ref)}"
+        text = ",".join([head, *(f"{key}={_written(v)}" for key, v in options.items())])
+        return cls(name, ref, dict(options), text)
+
     def without(self, *keys: str) -> Spec:
         """This spec less the options ``keys`` (e.g. the ones the data path handles)."""
         raw = None if self.raw is None else {k: v for k, v in self.raw.items() if k not in keys}
@@ -98,6 +116,22 @@ def quote_list(values: list[str]) -> str:
     """``values`` as one option value that parses back as this list (of any length)."""
     joined = ";".join(quote(v) for v in values)
     return joined if len(values) > 1 else f"{joined};"
+
+
+def _written(value: Any) -> str:
+    """An option value as spec text that types back to ``value``."""
+    if isinstance(value, list | tuple):
+        return quote_list([str(v) for v in value])
+    if isinstance(value, bool):
+        return str(value).lower()
+    return quote(str(value))
+
+
+def _raw(value: Any) -> Raw:
+    """A Python value as ``Spec.raw`` holds what a user wrote (quoted, so never guessed)."""
+    if isinstance(value, list | tuple):
+        return [Quoted(v) for v in map(str, value)]
+    return Quoted(str(value).lower() if isinstance(value, bool) else str(value))
 
 
 def _split(text: str, sep: str, spec: str, maxsplit: int = -1) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 from kdplug.calibration import apply_temperature, load_temperatures
 from kdplug.errors import BadRowsError, UsageError, running
 from kdplug.ops import IMPOSSIBLE
+from kdplug.spec import Spec
 
 __all__ = [
     "TeacherOutputs",
@@ -214,7 +215,7 @@ class TeacherSet:
         return f"teacher {name} returned {shape[1]} logits but names {wanted} classes"
 
 
-def create_teachers(specs: Sequence[str]) -> list[Any]:
+def create_teachers(specs: Sequence[str | Spec]) -> list[Any]:
     """Build each teacher from its spec through the plugins (fails on the first bad one)."""
     from kdplug.plugins import create
 
@@ -222,16 +223,18 @@ def create_teachers(specs: Sequence[str]) -> list[Any]:
 
 
 def build_teacher_set(
-    specs: Sequence[str],
+    specs: Sequence[str | Spec],
     classes: Sequence[str],
     calibration: str | None = None,
     skip_bad_rows: bool = False,
 ) -> TeacherSet:
-    """Build every teacher from its spec (through the plugins) into one TeacherSet."""
+    """Build every teacher from its spec (a user's text or an engine's ``Spec.of``) through
+    the plugins into one TeacherSet; each teacher is named by its spec's text."""
     teachers = create_teachers(specs)
+    names = [str(spec) for spec in specs]
     temperatures = None
     if calibration:
         temperatures = load_temperatures(
-            calibration, specs, [getattr(teacher, "fingerprint", None) for teacher in teachers]
+            calibration, names, [getattr(teacher, "fingerprint", None) for teacher in teachers]
         )
-    return TeacherSet(teachers, specs, classes, temperatures, skip_bad_rows)
+    return TeacherSet(teachers, names, classes, temperatures, skip_bad_rows)

@@ -26,8 +26,9 @@ def logreg(digits_splits, tmp_path_factory):
 
 def test_targets_are_one_hot_then_soft(tmp_path):
     probs = np.array([[0.2, 0.8, 0.0], [0.5, 0.25, 0.25]], dtype=np.float32)
-    spec = write_targets(np.array([2, 0]), probs, 3, tmp_path / "t.npy")
-    assert spec == f"logits:{tmp_path / 't.npy'},probs=true"
+    spec = write_targets(np.array([2, 0]), probs, ["a", "b", "c"], tmp_path / "t.npy")
+    assert (spec.name, spec.ref) == ("logits", str(tmp_path / "t.npy"))
+    assert spec.options == {"probs": True, "classes": ["a", "b", "c"]}
     saved = np.load(tmp_path / "t.npy")
     assert saved.tolist() == [[0, 0, 1], [1, 0, 0], *probs.tolist()]
 
@@ -71,3 +72,45 @@ def test_no_accepted_row_is_a_clear_error(digits_splits, logreg, tmp_path):
     assert result.stderr.strip().splitlines() == [
         "Error: round 1: the generator threshold,tau=1.0 accepted no row; lower its threshold"
     ]
+
+
+def test_rounds_hand_the_engines_specs_built_from_values(
+    digits_splits, logreg, tmp_path, monkeypatch
+):
+    """Every spec text that reaches a registry is one the user wrote; what the engine adds
+    (targets, the round's student, its loss, its data) arrives as a Spec of Python values."""
+    from kdplug.engines.self_train import SelfTrainConfig, self_train
+    from kdplug.registry import Registry
+    from kdplug.spec import Spec
+
+    seen: list = []
+    real_create = Registry.create
+
+    def spying(self, spec, *args, **extra):
+        seen.append(spec)
+        return real_create(self, spec, *args, **extra)
+
+    monkeypatch.setattr(Registry, "create", spying)
+    cfg = SelfTrainConfig(
+        teachers=[logreg],
+        student="timm:test_resnet",
+        train=digits_splits["labeled"],
+        unlabeled=digits_splits["unlabeled"],
+        val=digits_splits["test"],
+        out=str(tmp_path / "self"),
+        rounds=2,
+        epochs=1,
+        generator="threshold,tau=0.5",
+        device="cpu",
+    )
+    rows = self_train(cfg, echo=lambda line: None)
+    assert len(rows) == 2
+    written = {logreg, cfg.student, cfg.generator, cfg.combiner}
+    texts = {spec for spec in seen if isinstance(spec, str)}
+    assert texts <= written, texts - written
+    built = {(s.name, s.ref) for s in seen if isinstance(s, Spec) and s.raw is None}
+    student = str(tmp_path / "self" / "round-1" / "distill" / "student")
+    assert ("kdplug", student) in built and ("kd", None) in built
+    assert ("logits", str(tmp_path / "self" / "round-2" / "targets.npy")) in built
+    students = [s for s in seen if isinstance(s, Spec) and s.name == "timm"]
+    assert students and all(s.raw["drop_path_rate"] == "0.1" for s in students)

@@ -144,12 +144,30 @@ def test_quoted_text_parses_back_verbatim(value, items):
 
 
 def test_self_train_specs_carry_class_names_and_paths(tmp_path):
-    from kdplug.engines.self_train import disk_spec, targets_teacher, write_targets
+    from kdplug.engines.self_train import write_targets
+    from kdplug.spec import Spec
 
     folder = tmp_path / 'odd,dir=x;y "q"'
     folder.mkdir()
     classes = ["no", "yes", "01", "a;b"]
-    target = write_targets(np.array([3, 0]), np.eye(4, dtype=np.float32)[[1]], 4, folder / "t.npy")
-    teacher = get_manager().create("teachers", targets_teacher(target, classes))
+    target = write_targets(
+        np.array([3, 0]), np.eye(4, dtype=np.float32)[[1]], classes, folder / "t.npy"
+    )
+    teacher = get_manager().create("teachers", target)
     assert teacher.classes == classes and teacher.array.shape == (3, 4)
-    assert parse_spec(disk_spec(folder)).ref == str(folder)
+    # what run.json records reads back as the same spec
+    again = parse_spec(str(target))
+    assert (again.ref, again.raw["classes"]) == (str(folder / "t.npy"), classes)
+    assert parse_spec(str(Spec.of("disk", str(folder)))).ref == str(folder)
+
+
+def test_spec_of_keeps_values_and_writes_text_that_parses_back():
+    from kdplug.spec import Spec
+
+    spec = Spec.of("kd", T=1.0, ce_weight=0.0, flag=False, classes=["01", "x,y"])
+    assert spec.options == {"T": 1.0, "ce_weight": 0.0, "flag": False, "classes": ["01", "x,y"]}
+    assert str(spec) == 'kd,T=1.0,ce_weight=0.0,flag=false,classes=01;"x,y"'
+    assert parse_spec(str(spec)).raw["classes"] == ["01", "x,y"]
+    assert (
+        str(Spec.of("logits", "/a=b/t.npy", classes=["one"])) == 'logits:"/a=b/t.npy",classes=one;'
+    )

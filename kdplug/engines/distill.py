@@ -45,7 +45,7 @@ from kdplug.fitting import invalid_rows
 from kdplug.ops import standardize
 from kdplug.outputs import discarding_unstarted_runs
 from kdplug.preprocess import Preprocess
-from kdplug.spec import parse_spec
+from kdplug.spec import Spec, parse_spec
 
 log = logging.getLogger("kdplug")
 
@@ -68,15 +68,16 @@ NUMBERS = {"epochs": int, "batch_size": int, "seed": int, "workers": int, "lr": 
 class DistillConfig:
     """Everything a distill run is made of; the keys of ``--config FILE.yaml``."""
 
-    student: str = ""
+    student: str | Spec = ""
     train: str = ""
     out: str = ""
-    teachers: list[str] = field(default_factory=list)
+    # components: spec text as a user writes it, or a Spec an engine built (Spec.of)
+    teachers: list[str | Spec] = field(default_factory=list)
     store: str | None = None  # a teacher store (kdplug cache) instead of live teachers
-    unlabeled: str | None = None
+    unlabeled: str | Spec | None = None
     val: str | None = None
-    loss: str = "kd"
-    combiner: str = "auto"
+    loss: str | Spec = "kd"
+    combiner: str | Spec = "auto"
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -125,10 +126,10 @@ class DistillConfig:
     def validate(self, source: str = "config") -> None:
         """Refuse missing or out-of-range values with one sentence naming the key."""
         for key in ("student", "train", "out"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+            if not isinstance(getattr(self, key), str | Spec) or not getattr(self, key):
                 raise UsageError(f"{source}: --{key} is required")
         if not isinstance(self.teachers, list | tuple) or not all(
-            isinstance(t, str) and t for t in self.teachers
+            isinstance(t, Spec) or (isinstance(t, str) and t) for t in self.teachers
         ):
             raise UsageError(f"{source}: teachers must be a list of spec strings")
         self.teachers = list(self.teachers)
@@ -149,12 +150,20 @@ class DistillConfig:
         keys = ("unlabeled", "val", "calibration", "augment", "loss", "combiner", "device", "store")
         for key in keys:
             value = getattr(self, key)
-            if value is not None and not isinstance(value, str):
+            if value is not None and not isinstance(value, str | Spec):
                 raise UsageError(f"{source}: {key} must be a string, got {value!r}")
 
     def record(self) -> dict[str, Any]:
-        """What identifies the run (stored in run.json; ``--resume`` must match it)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME}
+        """What identifies the run (stored in run.json; ``--resume`` must match it); a
+        component is recorded as its spec text."""
+        values = {f.name: written(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        values["teachers"] = [str(spec) for spec in self.teachers]
+        return {k: v for k, v in values.items() if k not in self.RUNTIME}
+
+
+def written(value: Any) -> Any:
+    """A config value as run.json keeps it: a Spec as its text."""
+    return str(value) if isinstance(value, Spec) else value
 
 
 def _check_int(source: str, key: str, value: Any, low: int) -> None:
@@ -282,7 +291,7 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
             raise UsageError(f"--val {config.val}: no rows labeled with the train classes")
 
     # the student before the teachers, so its initial weights depend on the seed alone
-    spec = parse_spec(config.student)
+    spec = parse_spec(config.student) if isinstance(config.student, str) else config.student
     if {"num_classes", "in_chans"} & set(spec.options):
         raise UsageError(f"--student {config.student}: num_classes and in_chans come from the data")
     model = create("students", spec, len(classes), train.in_chans)
@@ -328,11 +337,11 @@ def check_store_options(config: DistillConfig) -> None:
         )
 
 
-def _describe(source: DataSource | None, spec: str | None) -> dict[str, Any] | None:
+def _describe(source: DataSource | None, spec: str | Spec | None) -> dict[str, Any] | None:
     if source is None:
         return None
     return {
-        "spec": spec,
+        "spec": written(spec),
         "fingerprint": source.fingerprint,
         "rows": len(source),
         "labeled_rows": int((source.labels() >= 0).sum()),
@@ -611,11 +620,11 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
             marker=MARKER,
             config=record,
             inputs=[
-                *config.teachers,
+                *map(str, config.teachers),
                 config.store,
-                config.student,
+                written(config.student),
                 config.train,
-                config.unlabeled,
+                written(config.unlabeled),
                 config.val,
                 config.calibration,
             ],

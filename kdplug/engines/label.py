@@ -38,7 +38,7 @@ from kdplug.registry import typed_options
 from kdplug.reports.label import build_report, save_report_figure
 from kdplug.run import Run
 from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
-from kdplug.spec import parse_spec
+from kdplug.spec import Spec, parse_spec
 from kdplug.teachers import TeacherSet, build_teacher_set
 
 log = logging.getLogger("kdplug")
@@ -52,10 +52,10 @@ class LabelConfig:
     """Everything ``kdplug label`` takes. A resumed run must match what the shards depend
     on (see ``run_record``); the generator, batch size, device and outputs may change."""
 
-    teachers: list[str]
+    teachers: list[str | Spec]  # spec text as a user writes it, or an engine's Spec.of
     data: str
     out: str
-    combiner: str | None = None  # auto with calibration_data, else mean
+    combiner: str | Spec | None = None  # auto with calibration_data, else mean
     generator: str = "threshold"
     calibration: str | None = None
     batch_size: int = 256
@@ -103,7 +103,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
             marker=MARKER,
             config=record,
             inputs=[
-                *cfg.teachers,
+                *map(str, cfg.teachers),
                 cfg.data,
                 cfg.calibration,
                 cfg.eval_labels,
@@ -238,12 +238,12 @@ def run_record(
     (written to run.json). The generator and the output options may change on resume."""
     return {
         "teachers": [
-            {"spec": spec, "fingerprint": fp}
-            for spec, fp in zip(cfg.teachers, teacher_set.fingerprints())
+            {"spec": name, "fingerprint": fp}
+            for name, fp in zip(teacher_set.names, teacher_set.fingerprints())
         ],
         "data": {"spec": cfg.data, "fingerprint": source.fingerprint, "rows": len(source)},
         "classes": classes,
-        "combiner": cfg.combiner,
+        "combiner": str(cfg.combiner),
         "calibration": cfg.calibration,
         "temperatures": teacher_set.temperatures,
         "shard_size": cfg.shard_size,

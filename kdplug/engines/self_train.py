@@ -5,8 +5,10 @@ rows, with their soft labels, join the labeled rows; a fresh student trains on b
 noise (augmentation, drop-path) from those targets; the student then joins the teachers
 (or replaces them with ``replace=True``) for the next round.
 
-The targets reach the student as a precomputed-probabilities teacher (``logits:``): one
+The targets reach the student as a precomputed-probabilities teacher (``logits``): one
 row per training row in distill's order (labeled rows one-hot, then pseudo-labeled rows).
+The engine hands label and distill ``Spec`` objects built from values (``Spec.of``), never
+spec text it formatted, so class names and paths arrive as they are.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import numpy as np
 
 from kdplug.errors import UsageError
 from kdplug.outputs import discarding_unstarted_runs, write_json
-from kdplug.spec import quote, quote_list
+from kdplug.spec import Spec, parse_spec
 
 log = logging.getLogger("kdplug")
 MARKER = "run.json"
 SUMMARY = "self_train.json"
+# the round's student learns the targets alone: its labeled rows are one-hot targets
+TARGET_LOSS = Spec.of("kd", T=1.0, ce_weight=0.0, kd_weight=1.0)
+ONE_TEACHER = Spec.of("mean")
 
 
 @dataclass
@@ -56,11 +61,12 @@ class SelfTrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
-def student_spec(spec: str, drop_path: float) -> str:
+def student_spec(text: str, drop_path: float) -> Spec:
     """The student spec with stochastic depth added (noise), unless it sets its own."""
-    if drop_path <= 0 or "drop_path_rate=" in spec:
+    spec = parse_spec(text)
+    if drop_path <= 0 or "drop_path_rate" in spec.options:
         return spec
-    return f"{spec},drop_path_rate={drop_path}"
+    return spec.plus(drop_path_rate=drop_path)
 
 
 def pseudo_rows(labels_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -76,39 +82,41 @@ def pseudo_rows(labels_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return index[accepted], probs[accepted]
 
 
-def write_round_data(unlabeled: Any, rows: np.ndarray, out: Path) -> str:
-    """Save the accepted unlabeled rows as a dataset (atomically); return its DATA spec."""
+def write_round_data(unlabeled: Any, rows: np.ndarray, out: Path) -> Spec:
+    """Save the accepted unlabeled rows as a dataset (atomically); return its data spec."""
     from kdplug.outputs import atomic_path
 
     with atomic_path(out, directory=True) as tmp:
         unlabeled.dataset.select(rows.tolist()).save_to_disk(str(tmp))
-    return disk_spec(out)
+    return Spec.of("disk", str(out))
 
 
-def disk_spec(path: Path) -> str:
-    """The DATA spec of a dataset saved at ``path`` (quoted where the path needs it)."""
-    return f"disk:{quote(str(path))}"
-
-
-def targets_teacher(target: str, classes: list[str]) -> str:
-    """The spec of the round's targets (``write_targets``' spec) named by the data's classes,
-    which survive verbatim (``no;yes``, ``01``, names holding ``;``)."""
-    return f"{target},classes={quote_list([str(c) for c in classes])}"
-
-
-def write_targets(train_labels: np.ndarray, probs: np.ndarray, classes: int, path: Path) -> str:
-    """Probabilities for distill's rows: labeled rows one-hot, then the pseudo-labeled rows."""
+def write_targets(
+    train_labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Path
+) -> Spec:
+    """Probabilities for distill's rows (labeled rows one-hot, then the pseudo-labeled rows),
+    saved atomically; return the teacher that serves them, named by ``classes``."""
     from kdplug.outputs import atomic_path
 
-    onehot = np.eye(classes, dtype=np.float32)[train_labels]
+    onehot = np.eye(len(classes), dtype=np.float32)[train_labels]
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, np.concatenate([onehot, probs]).astype(np.float32))
-    return f"logits:{quote(str(path))},probs=true"
+    return Spec.of("logits", str(path), probs=True, classes=[str(c) for c in classes])
+
+
+def student_teacher(round_dir: Path) -> Spec:
+    """The round's student as a teacher of the next round."""
+    return Spec.of("kdplug", str(round_dir / "distill" / "student"))
 
 
 def run_round(
-    cfg: SelfTrainConfig, number: int, teachers: list[str], train: Any, unlabeled: Any, root: Path
+    cfg: SelfTrainConfig,
+    number: int,
+    teachers: list[str | Spec],
+    train: Any,
+    unlabeled: Any,
+    root: Path,
 ) -> dict[str, Any]:
     """One round: label, select, distill; return the round's row of the result table."""
     from kdplug.engines.distill import DistillConfig, distill
@@ -137,18 +145,18 @@ def run_round(
     if not cfg.resume or not (root / "pseudo").exists():
         pseudo = write_round_data(unlabeled, rows, root / "pseudo")
     else:
-        pseudo = disk_spec(root / "pseudo")
-    target = write_targets(train.labels(), probs, len(train.classes), root / "targets.npy")
+        pseudo = Spec.of("disk", str(root / "pseudo"))
+    target = write_targets(train.labels(), probs, train.classes, root / "targets.npy")
     summary = distill(
         DistillConfig(
-            teachers=[targets_teacher(target, train.classes)],
+            teachers=[target],
             student=student_spec(cfg.student, cfg.drop_path),
             train=cfg.train,
             unlabeled=pseudo,
             val=cfg.val,
             out=str(root / "distill"),
-            loss="kd,T=1,ce_weight=0,kd_weight=1",
-            combiner="mean",
+            loss=TARGET_LOSS,
+            combiner=ONE_TEACHER,
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             lr=cfg.lr,
@@ -211,7 +219,7 @@ def self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) -> l
             f"round {number}: {row['accepted']} pseudo-labels, student val accuracy "
             f"{row['val_accuracy']:.4f}"
         )
-        student = f"kdplug:{quote(row['student'])}"
+        student = student_teacher(out / f"round-{number}")
         teachers = [student] if cfg.replace else [*teachers, student]
     plot_rounds(rows, out / "rounds.png")
     write_json(out / SUMMARY, {"config": cfg.record(), "rounds": rows})
