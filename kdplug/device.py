@@ -18,12 +18,16 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def pick_device(name: str = "auto"):
-    """``auto`` -> cuda if available, else mps, else cpu; an unavailable choice is an error."""
+    """``auto`` -> cuda if available, else mps, else cpu; an unavailable choice is an error.
+
+    Under torchrun ``cuda`` is this process's own GPU (``distributed.gpu_index``)."""
     import torch
+
+    from kdplug import distributed
 
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return distributed.cuda_device()
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -32,6 +36,14 @@ def pick_device(name: str = "auto"):
         raise UsageError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
+    if kind == "cuda" and distributed.launched():
+        if name != "cuda":
+            raise UsageError(
+                f"--device {name} under torchrun would put every rank on one GPU: give "
+                "--device cuda (each rank takes its own, LOCAL_RANK) and choose the GPUs "
+                "with CUDA_VISIBLE_DEVICES"
+            )
+        return distributed.cuda_device()
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps was asked for but MPS is not available")
     return torch.device(name)
@@ -67,6 +79,16 @@ def grad_scaler(device: Any) -> Any:
 
     enabled = autocast_dtype(device) == torch.float16
     return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed every RNG for one epoch of one rank from ``(seed, epoch, rank)``: augmentation,
+    mixup, store views and dropout masks differ between ranks, and a run resumed at an epoch
+    draws what the uninterrupted run drew there, on any number of GPUs, with no RNG state
+    saved (a saved per-GPU state cannot be restored where fewer GPUs are visible)."""
+    import numpy as np
+
+    seed_everything(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
 
 
 def seed_everything(seed: int) -> None:

@@ -15,11 +15,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from kdplug.errors import UsageError
 
 NPROC_FLAG = "--nproc-per-node"
+# how long a rank waits in a collective (nccl's default is 10 minutes): ranks that finish
+# their label or cache shards wait at a barrier for the slowest rank's last shards
+TIMEOUT = timedelta(hours=2)
 
 
 def launched() -> bool:
@@ -57,23 +61,47 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def gpu_index() -> int:
+    """The GPU this process uses: GPU ``LOCAL_RANK`` of those it sees, or GPU 0 where each
+    process sees only its own (SLURM ``--gpus-per-task``, one GPU per Kubernetes pod)."""
+    import torch
+
+    count, index = torch.cuda.device_count(), local_rank()
+    if count == 1:
+        return 0
+    if index >= count:
+        raise UsageError(
+            f"rank {os.environ.get('RANK', '?')} (LOCAL_RANK {index}) has no GPU of its own: "
+            f"this process sees {count} GPUs; start at most {count} processes per machine"
+        )
+    return index
+
+
+def cuda_device() -> Any:
+    """``cuda``: this process's own GPU under torchrun, else the current CUDA device."""
+    import torch
+
+    return torch.device("cuda", gpu_index()) if launched() else torch.device("cuda")
+
+
 def init(device: str = "auto") -> bool:
     """Join the process group torchrun describes; True if this call started it.
 
-    ``device`` is the run's ``--device``: CUDA uses ``nccl`` and GPU ``LOCAL_RANK`` (so
-    ``cuda`` means this process's own GPU), anything else ``gloo``."""
+    ``device`` is the run's ``--device``: CUDA uses ``nccl`` on this process's own GPU
+    (``gpu_index``), anything else ``gloo``; collectives wait up to ``TIMEOUT``."""
     import torch
 
     from kdplug.device import pick_device
 
     if not launched() or _group() is not None:
         return False
-    if pick_device(device).type == "cuda":
-        torch.cuda.set_device(local_rank())
+    chosen = pick_device(device)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
         backend = "nccl"
     else:
         backend = "gloo"
-    torch.distributed.init_process_group(backend)
+    torch.distributed.init_process_group(backend, timeout=TIMEOUT)
     return True
 
 

@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import math
-import random
 import resource
 import time
 from dataclasses import dataclass, field
@@ -521,26 +520,6 @@ class Trainer:
         self.updates = state["updates"]
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch RNG states, as types ``torch.load(weights_only=True)`` reads."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     from kdplug.outputs import atomic_path
 
@@ -600,7 +579,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
 
     ``producer``: a teacher-output producer used instead of the live teachers of ``config``.
     """
-    from kdplug.device import pick_device, seed_everything
+    from kdplug.device import pick_device, seed_epoch, seed_everything
     from kdplug.outputs import prepare_out_dir
     from kdplug.plugins import get_manager
     from kdplug.run import Run
@@ -647,6 +626,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     if main:
         get_manager().notify("on_fit_start", run=run)
     for epoch in range(progress["epoch"], config.epochs):
+        seed_epoch(config.seed, epoch, distributed.rank())
         line = train_epoch(trainer, rows, val, names, config, epoch, show=main)
         accuracy = line["val_accuracy"]
         best = progress["best_accuracy"]
@@ -715,7 +695,8 @@ def keeps_best(config: DistillConfig, parts: Parts) -> bool:
 def start_progress(
     out: Path, trainer: Trainer, config: DistillConfig, main: bool
 ) -> dict[str, Any]:
-    """Fresh progress, or the checkpoint's under ``--resume`` (trainer and RNGs restored)."""
+    """Fresh progress, or the checkpoint's under ``--resume`` (the trainer restored; every
+    epoch seeds its own RNGs, ``kdplug.device.seed_epoch``)."""
     checkpoint = out / CHECKPOINT
     if not (config.resume and checkpoint.exists()):
         return {
@@ -727,7 +708,6 @@ def start_progress(
         }
     stored = load_checkpoint(checkpoint)
     trainer.load_state_dict(stored["trainer"])
-    set_rng_state(stored["rng"])
     progress = stored["progress"]
     if main:  # metrics lines after the checkpoint's epoch belong to an epoch that is redone
         from kdplug.outputs import write_text
@@ -864,7 +844,7 @@ def end_epoch_files(
 
     if improved and progress["best_state"] is not None:  # keeping the best: save it now
         save_model_dir(out, trainer.eval_model, parts)
-    state = {"trainer": trainer.state_dict(), "rng": rng_state(), "progress": progress}
+    state = {"trainer": trainer.state_dict(), "progress": progress}
     save_checkpoint(out / CHECKPOINT, state)
     append_jsonl(out / METRICS, line)
     accuracy = line["val_accuracy"]

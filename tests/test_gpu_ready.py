@@ -1,0 +1,70 @@
+"""CUDA and NCCL paths that a CPU-only machine can still check (issue: GPU-ready without
+a GPU): which GPU each rank takes, how long collectives wait, how each rank seeds its RNGs,
+and what a teacher does when it is moved to another device ('meta' stands in for CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdplug import distributed
+from kdplug.device import pick_device, seed_epoch
+from kdplug.errors import UsageError
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend this process was started by torchrun on a machine with ``n`` visible GPUs."""
+
+    def setup(n: int, local_rank: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        for key, value in {"RANK": local_rank, "WORLD_SIZE": 4, "LOCAL_RANK": local_rank}.items():
+            monkeypatch.setenv(key, str(value))
+
+    return setup
+
+
+@pytest.mark.parametrize("visible,local_rank,index", [(4, 3, 3), (4, 0, 0), (1, 3, 0)])
+def test_each_rank_takes_its_own_gpu(gpus, visible, local_rank, index):
+    # one GPU visible per process (SLURM --gpus-per-task, k8s) is that process's GPU 0
+    gpus(visible, local_rank)
+    assert pick_device("cuda") == pick_device("auto") == torch.device("cuda", index)
+
+
+def test_a_rank_without_a_gpu_and_cuda_n_under_torchrun_are_refused(gpus):
+    gpus(2, 3)
+    with pytest.raises(UsageError, match=r"LOCAL_RANK 3\) has no GPU of its own: .* sees 2"):
+        pick_device("cuda")
+    gpus(4, 1)
+    with pytest.raises(UsageError, match="--device cuda:2 under torchrun would put every rank"):
+        pick_device("cuda:2")
+
+
+def test_the_process_group_waits_longer_than_nccls_ten_minutes(gpus, monkeypatch):
+    gpus(4, 2)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(device=device))
+    monkeypatch.setattr(
+        torch.distributed,
+        "init_process_group",
+        lambda backend, **kw: calls.update(backend=backend, **kw),
+    )
+    assert distributed.init("cuda")
+    assert calls == {
+        "device": torch.device("cuda", 2),
+        "backend": "nccl",
+        "timeout": distributed.TIMEOUT,
+    }
+    assert distributed.TIMEOUT.total_seconds() >= 3600
+
+
+def test_every_rank_and_epoch_draws_its_own_stream():
+    def draws(seed, epoch, rank):
+        seed_epoch(seed, epoch, rank)
+        return torch.rand(4), torch.randn(2)
+
+    first = draws(0, 3, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, draws(0, 3, 1)))  # a resume redraws them
+    for other in ((0, 3, 0), (0, 2, 1), (1, 3, 1)):
+        assert not torch.equal(first[0], draws(*other)[0])
