@@ -68,3 +68,37 @@ def test_every_rank_and_epoch_draws_its_own_stream():
     assert all(torch.equal(a, b) for a, b in zip(first, draws(0, 3, 1)))  # a resume redraws them
     for other in ((0, 3, 0), (0, 2, 1), (1, 3, 1)):
         assert not torch.equal(first[0], draws(*other)[0])
+
+
+class WithConstants(torch.nn.Module):
+    """Logits from a linear layer plus a tensor attribute and a factory call: the parts of a
+    saved program that a plain ``.to(device)`` leaves on the CPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 8)
+        self.offset = torch.tensor([1.0, 2.0, 3.0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(1) + self.offset + torch.arange(3, device=x.device)
+
+
+def moved_teacher(spec: str) -> torch.Tensor:
+    from kdplug.plugins import create
+
+    teacher = create("teachers", spec).to("meta")
+    return teacher(torch.rand(2, 1, 8, 8, device="meta"))
+
+
+def test_an_export_teacher_moves_its_constants_and_factory_calls(tmp_path):
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(WithConstants(), (torch.rand(2, 1, 8, 8),)), path)
+    out = moved_teacher(f"export:{path}")
+    assert out.device.type == "meta" and tuple(out.shape) == (2, 3)
+
+
+def test_a_torchscript_teacher_is_loaded_again_on_the_device(tmp_path):
+    path = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.script(WithConstants()), path)
+    out = moved_teacher(f"torchscript:{path},allow_code=true")
+    assert out.device.type == "meta" and tuple(out.shape) == (2, 3)

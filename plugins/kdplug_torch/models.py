@@ -1,12 +1,21 @@
-"""TorchScript and torch.export model teachers: load the file, adapt inputs, return logits."""
+"""TorchScript and torch.export model teachers: load the file, adapt inputs, return logits.
+
+Moving such a teacher to a device re-places the program rather than its parameters alone:
+a TorchScript archive is loaded again with ``map_location`` (its constants and tensor
+attributes, which ``.to()`` leaves behind), a torch.export program goes through
+``move_to_device_pass`` (its lifted constants and the devices its factory calls were
+traced with).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +52,8 @@ class ModelTeacher(torch.nn.Module):
     ``probs`` marks a model ending in softmax: its outputs become ``log p`` (zeros as
     IMPOSSIBLE). ``fixed_mode`` leaves the model's train/eval mode alone (torch.export
     programs are frozen in the mode they were exported in). ``batch`` is the one batch size
-    a program was saved for (None: any); other batches are run in chunks of it.
+    a program was saved for (None: any); other batches are run in chunks of it. ``place``
+    builds the model on a device; ``to(device)`` calls it.
     """
 
     def __init__(
@@ -56,9 +66,12 @@ class ModelTeacher(torch.nn.Module):
         source: str,
         fixed_mode: bool,
         batch: int | None = None,
+        place: Callable[[torch.device], torch.nn.Module] | None = None,
     ):
         super().__init__()
         self.model = model
+        self.place = place
+        self.device = torch.device("cpu")
         self.preprocess = preprocess
         self.classes = classes
         self.probs = probs
@@ -66,6 +79,16 @@ class ModelTeacher(torch.nn.Module):
         self.source = source
         self.fixed_mode = fixed_mode
         self.batch = batch
+
+    def to(self, *args: Any, **kwargs: Any) -> ModelTeacher:
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is None or self.place is None:
+            return super().to(*args, **kwargs)
+        if device != self.device:
+            self.model, self.device = self.place(device), device
+            self.train(self.training)
+        self.preprocess.to(*args, **kwargs)
+        return self
 
     def train(self, mode: bool = True) -> ModelTeacher:
         self.training = mode
@@ -79,7 +102,17 @@ class ModelTeacher(torch.nn.Module):
         return probs_to_logits(out) if self.probs else out
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
+        try:
+            out = self.model(x)
+        except RuntimeError as exc:
+            if x.device.type == "cpu" or "device" not in str(exc):
+                raise
+            raise UsageError(
+                f"{self.source} mixes devices on {x.device}: a traced program can keep the "
+                "device it was traced on in its code (e.g. torch.arange(..., device='cpu')); "
+                "trace it again on that device, or save it with torch.export: "
+                f"{describe(exc)}"
+            ) from None
         if isinstance(out, tuple | list) and out:
             out = out[0]
         if not isinstance(out, torch.Tensor):
@@ -93,6 +126,7 @@ def _teacher(
     path: Any,
     fixed_mode: bool,
     batch: int | None = None,
+    place: Callable[[torch.device], torch.nn.Module] | None = None,
     **options: Any,
 ) -> ModelTeacher:
     """Wrap ``model`` with its preprocessing and the options of the spec."""
@@ -109,6 +143,7 @@ def _teacher(
         source,
         fixed_mode,
         batch,
+        place,
     ).eval()
 
 
@@ -121,17 +156,22 @@ def load_torchscript(ref, mean, std, size, in_chans, classes, probs, allow_code)
         if not zipfile.is_zipfile(path):
             raise _not_torchscript(source, path, "not a zip archive")
         raise refuse_code(source, path, TORCHSCRIPT_RISK)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
-            model = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:  # torch raises RuntimeError/ValueError for a bad archive
-        raise _not_torchscript(source, path, describe(exc)) from None
+    archive = path.read_bytes()  # placed on another device from these bytes, not the file again
+
+    def place(device: torch.device) -> torch.nn.Module:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+                return torch.jit.load(io.BytesIO(archive), map_location=device)
+        except Exception as exc:  # torch raises RuntimeError/ValueError for a bad archive
+            raise _not_torchscript(source, path, describe(exc)) from None
+
     return _teacher(
-        model,
+        place(torch.device("cpu")),
         source,
         path,
         False,
+        place=place,
         mean=mean,
         std=std,
         size=size,
@@ -168,12 +208,19 @@ def load_exported(
             in_chans = shape[1]
         if size is None and all(isinstance(s, int) for s in shape[2:]):
             size = list(shape[2:])
+
+    def place(device: torch.device) -> torch.nn.Module:
+        from torch.export.passes import move_to_device_pass
+
+        return _module(move_to_device_pass(program, device), source, path)
+
     return _teacher(
         _module(program, source, path),
         source,
         path,
         True,
         fixed_batch(shape[0], source) if shape else None,
+        place,
         mean=mean,
         std=std,
         size=size,
