@@ -63,6 +63,16 @@ class DataSource:
         return str(getattr(self.dataset, "_fingerprint", "") or "")
 
     @property
+    def split(self) -> dict[str, Any] | None:
+        """The split read and every split its source holds (``{"read": "train", "splits":
+        ["train", "test"]}``), as the dataset records them; None where it names no split."""
+        read = self.dataset.split
+        if read is None:
+            return None
+        splits = self.dataset.info.splits or {}
+        return {"read": str(read), "splits": [str(s) for s in splits] or [str(read)]}
+
+    @property
     def columns(self) -> list[str]:
         """The dataset's column names (error messages name them)."""
         return list(self.dataset.features)

@@ -102,3 +102,59 @@ def test_a_torchscript_teacher_is_loaded_again_on_the_device(tmp_path):
     torch.jit.save(torch.jit.script(WithConstants()), path)
     out = moved_teacher(f"torchscript:{path},allow_code=true")
     assert out.device.type == "meta" and tuple(out.shape) == (2, 3)
+
+
+def test_onnx_sessions_take_the_batchs_gpu_and_say_when_cuda_cannot_run(
+    tmp_path, monkeypatch, caplog
+):
+    import numpy as np
+    import onnxruntime as ort
+    from kdplug_onnx import session as onnx_session
+
+    from kdplug.plugins import create
+    from tests.teacher_fixtures import onnx_linear
+
+    onnx_linear(tmp_path / "lin.onnx", np.ones((64, 3)), np.zeros(3))
+    teacher = create("teachers", f"onnx:{tmp_path / 'lin.onnx'}")
+    # no CUDA provider in this onnxruntime: the CPU session, with a warning
+    with caplog.at_level("WARNING", logger="kdplug"):
+        assert teacher._session(torch.device("cuda", 1)) is teacher.sessions["cpu"]
+    assert "runs on the CPU: this onnxruntime has no CUDA provider" in caplog.text
+    # a CUDA provider that fails to start: GPU 1 asked for, the CPU fallback said out loud
+    asked = []
+
+    def fake_session(path, providers, source):
+        asked.append(providers)
+        return teacher.sessions["cpu"]
+
+    class Stream:
+        cuda_stream = 1234
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: [onnx_session.CUDA, onnx_session.CPU]
+    )
+    monkeypatch.setattr(onnx_session, "session", fake_session)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: Stream)
+    caplog.clear()
+    del teacher.sessions["cuda:1"]  # each GPU's session is made once
+    with caplog.at_level("WARNING", logger="kdplug"):
+        teacher._session(torch.device("cuda", 1))
+    options = {"device_id": 1, "user_compute_stream": "1234"}
+    assert asked == [[(onnx_session.CUDA, options), onnx_session.CPU]]
+    assert "could not start its CUDA provider on GPU 1" in caplog.text
+
+
+def test_onnx_outputs_are_written_into_torch_memory(tmp_path):
+    """IOBinding: the session reads the batch and writes the logits where torch holds them
+    (on a GPU: no copy through the host)."""
+    import numpy as np
+
+    from kdplug.plugins import create
+    from tests.teacher_fixtures import onnx_linear
+
+    weight = np.random.default_rng(0).normal(size=(64, 3))
+    onnx_linear(tmp_path / "lin.onnx", weight, np.zeros(3))
+    teacher = create("teachers", f"onnx:{tmp_path / 'lin.onnx'}")
+    x = torch.rand(5, 1, 8, 8)
+    out = teacher._run(teacher.sessions["cpu"], x)
+    torch.testing.assert_close(out, torch.from_numpy(x.reshape(5, 64).numpy() @ weight).float())

@@ -344,6 +344,7 @@ def _describe(source: DataSource | None, spec: str | Spec | None) -> dict[str, A
         "fingerprint": source.fingerprint,
         "rows": len(source),
         "labeled_rows": int((source.labels() >= 0).sum()),
+        "split": source.split,
     }
 
 

@@ -104,4 +104,5 @@ def evaluate_student(
     target = pick_device(device)
     loader = batches(source, batch_size, workers=workers, pin_memory=target.type == "cuda")
     probs, labels = predict(classifier.to(target), loader, target)
-    return {"model": str(model_dir), "data": data, **report(probs, labels, classifier.classes)}
+    scores = report(probs, labels, classifier.classes)
+    return {"model": str(model_dir), "data": data, "data_split": source.split, **scores}

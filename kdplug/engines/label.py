@@ -178,7 +178,12 @@ def describe_source(source: DataSource | None, spec: str | None) -> dict[str, An
     if source is None:
         return None
     labeled = int((source.labels() >= 0).sum())
-    return {"spec": spec, "fingerprint": source.fingerprint, "labeled_rows": labeled}
+    return {
+        "spec": spec,
+        "fingerprint": source.fingerprint,
+        "labeled_rows": labeled,
+        "split": source.split,
+    }
 
 
 def fit_combiner(
@@ -241,7 +246,12 @@ def run_record(
             {"spec": name, "fingerprint": fp}
             for name, fp in zip(teacher_set.names, teacher_set.fingerprints())
         ],
-        "data": {"spec": cfg.data, "fingerprint": source.fingerprint, "rows": len(source)},
+        "data": {
+            "spec": cfg.data,
+            "fingerprint": source.fingerprint,
+            "rows": len(source),
+            "split": source.split,
+        },
         "classes": classes,
         "combiner": str(cfg.combiner),
         "calibration": cfg.calibration,

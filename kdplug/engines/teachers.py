@@ -115,6 +115,7 @@ def calibrate(
         "teachers": entries,
         "data": data,
         "data_fingerprint": source.fingerprint,
+        "data_split": source.split,
         "rows": len(found.labels),
         "skipped_rows": found.skipped,
         "versions": versions(),
@@ -209,6 +210,7 @@ def report(
     result = {
         "data": data,
         "data_fingerprint": source.fingerprint,
+        "data_split": source.split,
         "classes": source.classes,
         "rows": len(labels),
         "skipped_rows": found.skipped,

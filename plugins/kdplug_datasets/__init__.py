@@ -6,12 +6,15 @@ Every factory returns a ``datasets.Dataset``; the core's data path detects its c
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import kdplug
 from kdplug.api import UsageError, describe
 
 __version__ = kdplug.__version__
+log = logging.getLogger("kdplug")
+_SAID: set[tuple[str, str, bool]] = set()  # (data, split, chosen by the user): said once
 
 
 def _shown(ref: str) -> str:
@@ -41,7 +44,8 @@ def _pick_split(splits: list[str], split: str | None, ref: str) -> str:
     if split is None:
         split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
     if split not in splits:
-        raise UsageError(f"{_shown(ref)}: choose a split with split=NAME (splits: {splits})")
+        wrong = "" if split is None else f"no split {split!r}; "
+        raise UsageError(f"{_shown(ref)}: {wrong}choose a split with split=NAME (splits: {splits})")
     return split
 
 
@@ -55,7 +59,7 @@ def disk(ref: str, split: str | None = None):
     path = _existing(ref, "disk")
     splits = _saved_splits(path)
     if splits is not None:
-        split = _pick_split(splits, split, ref)
+        given, split = split, _pick_split(splits, split, ref)
         path = path / split
     if _saved_empty(path):
         shown = f"disk:{ref},split={split}" if splits is not None else f"disk:{ref}"
@@ -64,7 +68,32 @@ def disk(ref: str, split: str | None = None):
         data = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises many types for a bad or empty directory
         raise UsageError(f"disk:{ref} is not a readable saved dataset ({describe(exc)})") from exc
-    return _one_split(data, split, ref)
+    data = _one_split(data, split, ref)
+    if splits is not None:
+        _say_split(f"disk:{_shown(ref)}", split, splits, given, len(data))
+    return data
+
+
+def _say_split(name: str, split: str, splits: list[str], given: str | None, rows: int) -> None:
+    """Say which split of several was read (once per process): a warning where kdplug
+    chose it (train), a note where the spec did; nothing for data of one split."""
+    others = [s for s in splits if s != split]
+    key = (name, split, given is not None)
+    if not others or key in _SAID:
+        return
+    _SAID.add(key)
+    also = ", ".join(repr(s) for s in others)
+    if given is None:
+        log.warning(
+            "%s: read the %r split (%d rows); it also holds %s: add split=NAME to the data "
+            "spec to read another",
+            name,
+            split,
+            rows,
+            also,
+        )
+    else:
+        log.info("%s: read the %r split (%d rows); it also holds %s", name, split, rows, also)
 
 
 def _saved_splits(path: Path) -> list[str] | None:
@@ -123,25 +152,42 @@ def csv(ref: str):
     return _files("csv", ref)
 
 
-def imagefolder(ref: str, split: str = "train"):
-    """A folder of images with one subfolder per class (datasets' imagefolder builder)."""
+def imagefolder(ref: str, split: str | None = None):
+    """A folder of images with one subfolder per class (datasets' imagefolder builder).
+
+    A folder of split folders (``train/``, ``test/``, ``validation/``, ...) is read one
+    split at a time: ``split=NAME``, else ``train``; the log says which split was read and
+    which others the folder holds.
+    """
     import datasets
 
     path = _existing(ref, "imagefolder")
+    name = f"imagefolder:{_shown(ref)}"
     try:
-        return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+        builder = datasets.load_dataset_builder("imagefolder", data_dir=str(path))
+        splits = [str(s) for s in builder.config.data_files]
+        chosen = _pick_split(splits, split, name)
+        data = datasets.load_dataset("imagefolder", data_dir=str(path), split=chosen)
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"imagefolder:{ref} could not be read: {describe(exc)}") from exc
+    _say_split(name, chosen, splits, split, len(data))
+    return data
 
 
-def hf(ref: str, split: str = "train", config: str | None = None, revision: str | None = None):
-    """A dataset from the Hugging Face hub or a local dataset directory (load_dataset)."""
+def hf(ref: str, split: str | None = None, config: str | None = None, revision: str | None = None):
+    """A dataset from the Hugging Face hub or a local dataset directory (load_dataset):
+    ``split=NAME``, else ``train`` (the log names the other splits it holds)."""
     import datasets
 
     try:
-        return datasets.load_dataset(ref, config, split=split, revision=revision)
+        data = datasets.load_dataset(ref, config, split=split or "train", revision=revision)
     except Exception as exc:
         raise UsageError(f"hf:{_shown(ref)} could not be loaded: {describe(exc)}") from exc
+    splits = [str(s) for s in (data.info.splits or {})]
+    _say_split(f"hf:{_shown(ref)}", split or "train", splits, split, len(data))
+    return data
 
 
 SKLEARN_SETS = ("digits", "iris", "wine", "breast_cancer")

@@ -1,6 +1,13 @@
-"""An onnxruntime session as a teacher: adapt inputs in torch, run the graph, return logits."""
+"""An onnxruntime session as a teacher: adapt inputs in torch, run the graph, return logits.
+
+Inputs and outputs are bound to torch's own memory (IOBinding), so a batch on a GPU stays
+there; on CUDA the session runs on torch's current stream of the batch's GPU
+(``user_compute_stream``), so no copy and no host sync is needed around it.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +28,7 @@ from kdplug.api import (
 from kdplug_onnx.check import check_model
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+log = logging.getLogger("kdplug")
 
 
 class OnnxTeacher:
@@ -51,23 +59,67 @@ class OnnxTeacher:
         self.input_name = first.name
         self.batch = fixed_batch(first.shape[0], source) if first.shape else None
         self.output_name = _logits_output(runner, source)
+        self.output_shape = next(
+            o.shape for o in runner.get_outputs() if o.name == self.output_name
+        )
 
     def _session(self, device: torch.device) -> ort.InferenceSession:
-        kind = "cuda" if device.type == "cuda" and CUDA in ort.get_available_providers() else "cpu"
-        if kind not in self.sessions:
-            self.sessions[kind] = session(self.path, [CUDA, CPU], self.source)
-        return self.sessions[kind]
+        """The session for ``device``: the CPU one, or one on GPU ``device.index`` running on
+        torch's current stream there (a CPU one, with a warning, where CUDA cannot run)."""
+        if device.type != "cuda":
+            return self.sessions["cpu"]
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = f"cuda:{index}"
+        if key not in self.sessions:
+            self.sessions[key] = self._cuda_session(index)
+        return self.sessions[key]
+
+    def _cuda_session(self, index: int) -> ort.InferenceSession:
+        if CUDA not in ort.get_available_providers():
+            log.warning(
+                "%s runs on the CPU: this onnxruntime has no CUDA provider (install "
+                "onnxruntime-gpu for the CUDA version of torch)",
+                self.source,
+            )
+            return self.sessions["cpu"]
+        stream = torch.cuda.current_stream(index).cuda_stream
+        options = {"device_id": index, "user_compute_stream": str(stream)}
+        runner = session(self.path, [(CUDA, options), CPU], self.source)
+        if CUDA not in runner.get_providers():
+            log.warning(
+                "%s runs on the CPU: onnxruntime could not start its CUDA provider on GPU %d "
+                "(its CUDA or cuDNN libraries do not match; see onnxruntime's log)",
+                self.source,
+                index,
+            )
+        return runner
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         runner = self._session(x.device)
-        inputs = self.preprocess.to(x.device)(x).float().cpu()
-
-        def run(chunk: torch.Tensor) -> torch.Tensor:
-            (out,) = runner.run([self.output_name], {self.input_name: chunk.numpy()})
-            return torch.from_numpy(np.asarray(out, dtype=np.float32))
-
-        z = run_in_batches(run, inputs, self.batch).to(x.device)
+        on_gpu = CUDA in runner.get_providers()
+        inputs = self.preprocess.to(x.device)(x).float()
+        inputs = inputs if on_gpu else inputs.cpu()
+        z = run_in_batches(lambda chunk: self._run(runner, chunk), inputs, self.batch)
+        z = z.to(x.device)
         return probs_to_logits(z) if self.probs else z
+
+    def _run(self, runner: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, C]`` on ``x``'s device, read and written in place by the session."""
+        x = x.contiguous()
+        kind, index = x.device.type, x.device.index or 0
+        binding = runner.io_binding()
+        binding.bind_input(self.input_name, kind, index, np.float32, tuple(x.shape), x.data_ptr())
+        classes = self.output_shape[1]
+        if not isinstance(classes, int):  # a symbolic class count: the session allocates
+            binding.bind_output(self.output_name, kind, index)
+            runner.run_with_iobinding(binding)
+            return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).float().to(x.device)
+        out = torch.empty((x.shape[0], classes), dtype=torch.float32, device=x.device)
+        binding.bind_output(
+            self.output_name, kind, index, np.float32, tuple(out.shape), out.data_ptr()
+        )
+        runner.run_with_iobinding(binding)
+        return out
 
 
 def session(path: str, providers: list[str], source: str) -> ort.InferenceSession:
