@@ -7,11 +7,15 @@ teacher adapts it to what its model expects with one ``Preprocess`` module.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kdplug.errors import UsageError
+
+STATS_ROWS = 2048  # rows used to measure the data's mean/std
 
 
 def _size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -72,3 +76,16 @@ class Preprocess(torch.nn.Module):
                 x, size=self.size, mode="bilinear", align_corners=False, antialias=True
             )
         return (x - self.mean) / self.std
+
+
+def data_normalization(source: Any) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of up to ``STATS_ROWS`` evenly spaced rows of ``source``
+    (a ``kdplug.data.DataSource`` of images): what ``distill`` normalizes a student's inputs
+    with when nothing else gives them, and what a teacher with no recorded normalization
+    is fed."""
+    rows = np.linspace(0, len(source) - 1, min(len(source), STATS_ROWS)).round().astype(int)
+    x, _, _ = source.batch(sorted(set(rows.tolist())))
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3))
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return mean.tolist(), std.tolist()

@@ -43,7 +43,7 @@ from kdplug.errors import PluginError, UsageError, component_name, running
 from kdplug.fitting import invalid_rows
 from kdplug.ops import standardize
 from kdplug.outputs import discarding_unstarted_runs
-from kdplug.preprocess import Preprocess
+from kdplug.preprocess import Preprocess, data_normalization
 from kdplug.spec import Spec, parse_spec
 
 log = logging.getLogger("kdplug")
@@ -58,7 +58,6 @@ OPTIMIZER = "adamw"
 WEIGHT_DECAY = 0.05
 SCHEDULER = "cosine"
 EMA_DECAY = 0.999
-STATS_ROWS = 2048  # rows used to measure the data's mean/std
 VAL_CACHE_BYTES = 256 * 2**20  # val data up to this size is decoded once and kept
 NUMBERS = {"epochs": int, "batch_size": int, "seed": int, "workers": int, "lr": float}
 
@@ -214,16 +213,6 @@ class TrainRows:
             xu, _, _ = self.unlabeled.batch((idx[~is_train] - self.split).tolist())
             x[~is_train] = xu
         return x, y, idx
-
-
-def data_normalization(source: DataSource) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of up to ``STATS_ROWS`` evenly spaced rows of ``source``."""
-    rows = np.linspace(0, len(source) - 1, min(len(source), STATS_ROWS)).round().astype(int)
-    x, _, _ = source.batch(sorted(set(rows.tolist())))
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3))
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))
-    return mean.tolist(), std.tolist()
 
 
 @dataclass
