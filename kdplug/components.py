@@ -196,8 +196,9 @@ class Producer(Protocol):
     """``[K, C]`` bool: teacher k can predict class c (used when no row is labeled)."""
 
     teachers: Sequence[Any] = ()
-    """The live teachers; ``distill`` puts those that are ``torch.nn.Module`` in its
-    memory format (channels_last on CUDA). A store has none."""
+    """The live teachers; ``distill`` turns off ``requires_grad`` on those that are
+    ``torch.nn.Module`` (autocast would keep a low-precision copy of each weight). A store
+    has none. Teachers get contiguous inputs; only the student's are channels_last on CUDA."""
 
     rebuild_views: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     """``rebuild_views(x [B, ...], idx [B]) -> x``: picks one stored view per row and

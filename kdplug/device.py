@@ -72,6 +72,15 @@ def autocast(device: Any) -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
+def memory_format(device: Any) -> Any:
+    """The student's memory format on ``device``: channels_last on CUDA (faster convolutions
+    under autocast), else contiguous. Teachers always get contiguous inputs: a saved program
+    may ``view`` its activations, which channels_last ones do not allow."""
+    import torch
+
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def grad_scaler(device: Any) -> Any:
     """A ``torch.amp.GradScaler`` for training on ``device``: enabled only when ``autocast``
     runs in float16 (whose small gradients underflow), else a pass-through."""

@@ -65,7 +65,7 @@ NOT_COMPONENTS = {
     ("kdplug/device.py", "torch.backends", "mps"): "older torch builds have no mps backend",
     ("kdplug/engines/distill.py", "self", "*"): "DistillConfig's own fields",
     ("kdplug/engines/distill.py", "config", "*"): "DistillConfig's own fields",
-    ("kdplug/engines/distill.py", "teacher", "to"): "a teacher that is a torch.nn.Module (checked)",
+    ("kdplug/engines/distill.py", "teacher", "requires_grad_"): "a teacher that is a torch.nn.Module (checked)",
     (
         "kdplug/engines/label.py",
         "decided",
@@ -271,6 +271,8 @@ VALID = {
     "uses_row_index": lambda v: isinstance(v, bool),
     "num_rows": lambda v: v is None or (isinstance(v, int) and v >= 0),
     "data_fingerprint": lambda v: v is None or isinstance(v, str),
+    "inputs": lambda v: v is None or isinstance(v, Mapping),
+    "normalize_like_data": optional_callable,
     "input_normalization": lambda v: v is None or (len(v) == 2 and all(map(channel_values, v))),
     "pretrained_cfg": lambda v: isinstance(v, Mapping),
     "temperature": lambda v: is_float(v) and v > 0,
@@ -322,7 +324,10 @@ def create(kind: str, spec: str, *args):
 
 
 # specs beyond each component's defaults; and the spec of one that needs an option
-MORE_SPECS = {"losses": ["kd,T=auto", "dkd,T=auto,warmup=2"]}
+MORE_SPECS = {
+    "losses": ["kd,T=auto", "dkd,T=auto,warmup=2"],
+    "label-generators": ["threshold,accuracy=0.98"],
+}
 NEEDS_OPTIONS = {"weighted": "weighted,weights=1;3"}
 PROTOCOL_OF = {"losses": LossStrategy, "combiners": Combiner, "label-generators": LabelGenerator}
 
@@ -346,6 +351,7 @@ def test_kdplugs_own_losses_combiners_and_generators_follow_the_contract(kind):
     if kind == "label-generators":
         assert built["topk"].topk == 5 and built["pate"].private is True
         assert all(getattr(g, "topk", None) is None for s, g in built.items() if s != "topk")
+        assert {spec for spec, g in built.items() if can_fit(g)} == set(MORE_SPECS[kind])
 
 
 # -- teachers, students and producers, built from tiny files -----------------------------------

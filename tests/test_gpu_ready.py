@@ -158,3 +158,49 @@ def test_onnx_outputs_are_written_into_torch_memory(tmp_path):
     x = torch.rand(5, 1, 8, 8)
     out = teacher._run(teacher.sessions["cpu"], x)
     torch.testing.assert_close(out, torch.from_numpy(x.reshape(5, 64).numpy() @ weight).float())
+
+
+class ViewsAfterConv(torch.nn.Module):
+    """A saved CNN that ``view``s its activations: fails on channels_last input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.conv(x))
+        return self.head(z.view(z.shape[0], -1))
+
+
+def test_teachers_get_contiguous_input_and_no_grad_when_the_student_is_channels_last(
+    digits_splits, tmp_path, monkeypatch
+):
+    """CUDA's channels_last path forced on the CPU: the student trains channels_last, the
+    TorchScript teacher (which views its activations) gets contiguous input, and no teacher
+    weight requires grad (autocast would keep a low-precision copy of each)."""
+    from kdplug.engines import distill as engine
+
+    path = tmp_path / "views.ts"
+    torch.jit.save(torch.jit.script(ViewsAfterConv().eval()), path)
+    monkeypatch.setattr(engine, "memory_format", lambda device: torch.channels_last)
+    seen = []
+    real_init = engine.Trainer.__init__
+
+    def init(self, parts, *args):
+        real_init(self, parts, *args)
+        seen.extend(p.requires_grad for t in parts.producer.teachers for p in t.parameters())
+
+    monkeypatch.setattr(engine.Trainer, "__init__", init)
+    config = engine.DistillConfig(
+        student="timm:test_resnet",
+        train=digits_splits["labeled"] + ",image_mode=RGB",  # 1 channel is always contiguous
+        teachers=[f"torchscript:{path},allow_code=true"],
+        out=str(tmp_path / "run"),
+        combiner="mean",
+        epochs=1,
+        batch_size=64,
+        device="cpu",
+    )
+    summary = engine.distill(config)
+    assert summary["epochs"] == 1 and seen and not any(seen)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kdplug import distributed
 from kdplug.data import DataSource, batch_count, batches, load_data
-from kdplug.device import autocast, grad_scaler
+from kdplug.device import autocast, grad_scaler, memory_format
 from kdplug.errors import PluginError, UsageError, component_name, running
 from kdplug.fitting import invalid_rows
 from kdplug.ops import standardize
@@ -353,15 +353,15 @@ class Trainer:
         from timm.utils import ModelEmaV3
 
         self.device, self.cuda = device, device.type == "cuda"
-        self.memory_format = torch.channels_last if self.cuda else torch.contiguous_format
+        self.memory_format = memory_format(device)
         self.model = parts.model.to(device, memory_format=self.memory_format)
         self.normalize = Preprocess(
             mean=parts.mean, std=parts.std, in_chans=parts.train.in_chans
         ).to(device)
         self.loss, self.combiner, self.producer = parts.loss, parts.combiner, parts.producer
         for teacher in getattr(parts.producer, "teachers", ()):
-            if isinstance(teacher, torch.nn.Module):
-                teacher.to(memory_format=self.memory_format)
+            if isinstance(teacher, torch.nn.Module):  # or autocast keeps a copy of each weight
+                teacher.requires_grad_(False)
         forward = distributed.wrap_model(self.model, device)
         self.forward = torch.compile(forward) if config.compile else forward
         self.optimizer = create_optimizer_v2(
@@ -433,7 +433,7 @@ class Trainer:
             x = rebuild_views(x, idx)  # a teacher store: one of each row's stored views
         if self.augment is not None:
             x = self.augment(x)
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        x = x.to(self.device, non_blocking=True)  # teachers get it contiguous (memory_format)
         labels = y.to(self.device, non_blocking=True)
         soft, valid = None, None
         if self.mixup is not None:
@@ -444,7 +444,8 @@ class Trainer:
         with autocast(self.device):
             if self.loss.uses_teachers:
                 weights, target, bad = self.teacher_target(x, idx, labels)
-            logits = self.forward(self.normalize(x)).float()
+            student_x = x.contiguous(memory_format=self.memory_format)
+            logits = self.forward(self.normalize(student_x)).float()
         all_logits = logits
         if self.loss.uses_teachers:
             if bad is not None:  # --skip-bad-rows: a teacher gave NaN/Inf on these rows
