@@ -66,6 +66,18 @@ class Teacher(Protocol):
     """With ``uses_row_index``: the fingerprint of the data its rows belong to; ``label``,
     ``teachers report`` and ``cache`` refuse data with another one."""
 
+    inputs: Mapping[str, Any] | None = None
+    """What it feeds its model: ``size`` ``[H, W]`` (None: the data's own), ``mean`` and
+    ``std`` per channel (None: ``normalize_like_data`` gives them), ``in_chans``, and
+    ``from``: where each of size, mean and std came from. Every command logs one line per
+    teacher from it and records it in its JSON output. None: it says nothing."""
+
+    normalize_like_data: Callable[[list[float], list[float], str], None] | None = None
+    """``normalize_like_data(mean, std, where)``: its input normalization is unknown (a
+    checkpoint that records none); before any batch the engine calls it once with the
+    per-channel mean and std of the data it runs on, measured as ``distill`` measures a
+    student's, and ``where`` says how. None: it knows its own."""
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 

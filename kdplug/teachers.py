@@ -9,6 +9,7 @@ temperature never moves mass onto a class with probability 0.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,13 +20,18 @@ from kdplug.calibration import apply_temperature, load_temperatures
 from kdplug.errors import BadRowsError, UsageError, running
 from kdplug.ops import IMPOSSIBLE
 from kdplug.spec import Spec
+from kdplug.teacher_checks import class_notes
+
+log = logging.getLogger("kdplug")
 
 __all__ = [
     "TeacherOutputs",
     "TeacherSet",
     "alignment",
     "build_teacher_set",
+    "classes_from_teachers",
     "create_teachers",
+    "feed_teachers",
     "load_temperatures",
 ]
 
@@ -77,6 +83,10 @@ class TeacherSet:
     ``temperatures`` (from calibration) scale each teacher's logits before alignment
     (``calibration.apply_temperature``: a class with probability 0 stays at 0).
     ``skip_bad_rows`` marks rows where a teacher returns NaN/Inf instead of failing.
+    ``data``: the rows the teachers will see, which teachers with no normalization of their
+    own are fed like (``feed_teachers``); ``inputs`` then says what each teacher is fed, and
+    ``class_notes`` flags the named teachers that lack run classes
+    (``kdplug.teacher_checks``).
     """
 
     def __init__(
@@ -86,6 +96,7 @@ class TeacherSet:
         classes: Sequence[str],
         temperatures: Sequence[float] | None = None,
         skip_bad_rows: bool = False,
+        data: Any = None,
     ):
         if not teachers:
             raise UsageError("no teacher given (use --teacher SPEC)")
@@ -104,6 +115,14 @@ class TeacherSet:
             [torch.ones(C, dtype=torch.bool) if i is None else i >= 0 for i in self.index]
         )
         self.batches_seen = 0
+        own = [getattr(teacher, "classes", None) for teacher in self.teachers]
+        self.class_notes = class_notes(self.names, own, self.classes)
+        self.inputs = feed_teachers(self.teachers, self.names, data)
+
+    @property
+    def named(self) -> list[bool]:
+        """Whether each teacher names its classes (aligned by name, else by position)."""
+        return [index is not None for index in self.index]
 
     def __len__(self) -> int:
         return len(self.teachers)
@@ -227,14 +246,92 @@ def build_teacher_set(
     classes: Sequence[str],
     calibration: str | None = None,
     skip_bad_rows: bool = False,
+    data: Any = None,
+    teachers: Sequence[Any] | None = None,
 ) -> TeacherSet:
     """Build every teacher from its spec (a user's text or an engine's ``Spec.of``) through
-    the plugins into one TeacherSet; each teacher is named by its spec's text."""
-    teachers = create_teachers(specs)
+    the plugins into one TeacherSet (``teachers``: already built from ``specs``); each
+    teacher is named by its spec's text; ``data`` as in TeacherSet."""
+    teachers = create_teachers(specs) if teachers is None else list(teachers)
     names = [str(spec) for spec in specs]
     temperatures = None
     if calibration:
         temperatures = load_temperatures(
             calibration, names, [getattr(teacher, "fingerprint", None) for teacher in teachers]
         )
-    return TeacherSet(teachers, names, classes, temperatures, skip_bad_rows)
+    return TeacherSet(teachers, names, classes, temperatures, skip_bad_rows, data)
+
+
+def feed_teachers(teachers: Sequence[Any], names: Sequence[str], data: Any) -> list[Any]:
+    """Give each teacher with no normalization of its own (``normalize_like_data``) the
+    per-channel mean and std of the image rows ``data`` (a ``kdplug.data.DataSource``),
+    measured as ``distill`` measures a student's (``kdplug.preprocess.data_normalization``);
+    log one line per teacher that says what it is fed (``inputs``). Returns each
+    teacher's ``inputs`` (None where it says nothing), JSON-ready."""
+    wanting = [
+        teacher for teacher in teachers if getattr(teacher, "normalize_like_data", None) is not None
+    ]
+    if wanting and data is not None and data.kind == "image":
+        from kdplug.preprocess import STATS_ROWS, data_normalization
+
+        mean, std = data_normalization(data)
+        where = f"measured on {min(len(data), STATS_ROWS)} rows of {data.spec}"
+        for teacher in wanting:
+            teacher.normalize_like_data(mean, std, where)
+    fed = []
+    for teacher, name in zip(teachers, names):
+        inputs = getattr(teacher, "inputs", None)
+        if inputs is not None:
+            inputs = {**inputs, "from": dict(inputs["from"])}
+            if inputs["size"] is None and data is not None and data.kind == "image":
+                inputs["size"] = list(data.input_shape[1:])
+                inputs["from"]["size"] = "the data's own, no resize"
+            log.info("%s", describe_inputs(name, inputs, data))
+        fed.append(inputs)
+    return fed
+
+
+def describe_inputs(name: str, inputs: Any, data: Any) -> str:
+    """One line: the size, mean and std teacher ``name`` is fed, where each came from, and
+    how to change them."""
+    where = inputs["from"]
+    size = "x".join(map(str, inputs["size"])) if inputs["size"] else "the data's own size"
+    channels = ""
+    if data is not None and data.kind == "image" and inputs.get("in_chans"):
+        if data.in_chans == 1 and inputs["in_chans"] > 1:
+            channels = f", grayscale repeated to {inputs['in_chans']} channels"
+    mean, std = inputs["mean"], inputs["std"]
+    if where["mean"] == where["std"]:
+        normalized = f"mean {mean} and std {std} ({where['mean']})"
+    else:
+        normalized = f"mean {mean} ({where['mean']}) and std {std} ({where['std']})"
+    return (
+        f"teacher {name} is fed {size} images ({where['size']}{channels}), normalized with "
+        f"{normalized}; set size=, mean=, std= on its spec to change them"
+    )
+
+
+def classes_from_teachers(teachers: Sequence[Any], names: Sequence[str]) -> list[str] | None:
+    """The run's classes taken from teachers that all name theirs: their order when they
+    name the same set, else their union in order of first appearance (logged, with how to
+    choose). None when some teacher names none."""
+    named = [getattr(teacher, "classes", None) for teacher in teachers]
+    if not named or any(own is None for own in named):
+        return None
+    lists = [[str(c) for c in own] for own in named]
+    union = list(dict.fromkeys(c for own in lists for c in own))
+    if all(set(own) == set(union) for own in lists):
+        log.info(
+            "classes from the teachers, which all name the same %d: %s (as %s orders them)",
+            len(union),
+            lists[0][:20],
+            names[0],
+        )
+    else:
+        log.warning(
+            "classes from the teachers, which name different sets: their union of %d, in "
+            "order of first appearance: %s; pass --classes a,b,c to choose",
+            len(union),
+            union[:20],
+        )
+    return union

@@ -88,12 +88,12 @@ def test_timm_teacher_from_safetensors_and_state_dict(tmp_path):
             assert torch.allclose(teacher(x), expected, atol=1e-5)
 
 
-def test_timm_teacher_preprocessing_defaults_to_pretrained_cfg(tmp_path):
+def test_a_pretrained_timm_teacher_is_fed_its_pretrained_cfg(tmp_path):
     import timm
 
     model = timm.create_model(ARCH, num_classes=2)
-    torch.save(model.state_dict(), tmp_path / "t.pt")
-    teacher = create("teachers", f"timm:{ARCH},checkpoint={tmp_path / 't.pt'}")
+    torch.save(model.state_dict(), tmp_path / "t.pt")  # fine-tuned from pretrained weights
+    teacher = create("teachers", f"timm:{ARCH},pretrained=true,checkpoint={tmp_path / 't.pt'}")
     cfg = model.pretrained_cfg
     assert teacher.preprocess.size == tuple(cfg["input_size"][1:])
     assert teacher.preprocess.mean.flatten().tolist() == pytest.approx(list(cfg["mean"]))

@@ -88,7 +88,9 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     augment = check_config(cfg)
     sources = load_splits(cfg)
     classes = sources[0].classes
-    teacher_set = build_teacher_set(cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows)
+    teacher_set = build_teacher_set(
+        cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows, data=sources[0]
+    )
     check_teacher_inputs(cfg, teacher_set, sources)
     record = cache_record(cfg, sources, teacher_set, augment)
     record, forced = resumed_record(cfg, record)

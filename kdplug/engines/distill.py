@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdplug import distributed
+from kdplug import distributed, teacher_checks
 from kdplug.data import DataSource, batch_count, batches, load_data
 from kdplug.device import autocast, grad_scaler, memory_format
 from kdplug.errors import PluginError, UsageError, component_name, running
@@ -292,7 +292,7 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
         producer = store_producer(config.store, train, unlabeled, classes)
     if loss.uses_teachers and producer is None:
         producer = build_teacher_set(
-            config.teachers, classes, config.calibration, config.skip_bad_rows
+            config.teachers, classes, config.calibration, config.skip_bad_rows, data=train
         )
     if not loss.uses_teachers and config.teachers:
         log.warning("loss %s uses no teachers; the --teacher specs are not run", config.loss)
@@ -609,6 +609,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     if hasattr(parts.producer, "check_rows"):
         parts.producer.check_rows(len(rows))
     fitted = fit_on_labeled_rows(parts, config, device)
+    checks = check_teachers(parts, config, device) if main else None
     trainer = Trainer(parts, config, device, updates_per_epoch(len(rows), config.batch_size))
     val = val_batches(parts.val, config, trainer.cuda)
     names = teacher_names(parts)
@@ -635,6 +636,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
 
     summary = make_summary(config, parts, progress, device)
     summary["fitted"] = fitted
+    summary["teacher_checks"] = checks
     if main:
         if keeps_best(config, parts) and progress["best_state"] is not None:
             trainer.eval_model.load_state_dict(progress["best_state"])
@@ -657,6 +659,19 @@ def finished_summary(out: Path, config: DistillConfig) -> dict[str, Any] | None:
         return None
     log.info("%s is already finished", out)
     return json.loads(summary.read_text())
+
+
+def check_teachers(parts: Parts, config: DistillConfig, device: torch.device) -> dict | None:
+    """``kdplug.teacher_checks`` on the labeled train rows: what summary.json records as
+    ``teacher_checks`` (None when the loss uses no teachers)."""
+    if not parts.loss.uses_teachers:
+        return None
+    labeled = np.flatnonzero(parts.train.labels() >= 0).tolist()
+    rows = "labeled --train rows"
+    flags = teacher_checks.check_on_rows(
+        parts.producer, parts.train, labeled, config.batch_size, device, rows
+    )
+    return teacher_checks.record(parts.producer, flags)
 
 
 def fit_on_labeled_rows(parts: Parts, config: DistillConfig, device: torch.device) -> dict:

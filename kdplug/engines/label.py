@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdplug import distributed
+from kdplug import distributed, teacher_checks
 from kdplug.data import DataSource, batches, default_workers, load_data
 from kdplug.device import autocast, pick_device
 from kdplug.errors import PluginError, UsageError, component_name, running
@@ -39,7 +39,7 @@ from kdplug.reports.label import build_report, save_report_figure
 from kdplug.run import Run
 from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
 from kdplug.spec import Spec, parse_spec
-from kdplug.teachers import TeacherSet, build_teacher_set
+from kdplug.teachers import TeacherSet, build_teacher_set, classes_from_teachers, create_teachers
 
 log = logging.getLogger("kdplug")
 
@@ -86,9 +86,12 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     combiner = create("combiners", cfg.combiner)
     generator = create("label-generators", cfg.generator)
     source = load_data(cfg.data, cfg.classes)
-    classes = run_classes(cfg, source)
+    teachers = create_teachers(cfg.teachers)
+    classes, classes_from = run_classes(cfg, source, teachers)
     truth = true_labels(cfg, source, classes)
-    teacher_set = build_teacher_set(cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows)
+    teacher_set = build_teacher_set(
+        cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows, source, teachers
+    )
     teacher_set.check_data(source)
     calibration_rows = calibration_source(cfg, classes, teacher_set)
     record = run_record(cfg, source, classes, teacher_set)
@@ -127,6 +130,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     if not distributed.is_main():
         return {"rank": distributed.rank(), "labeled_rows": sum(len(s.rows) for s in mine)}
     merged = merge_shards(shards)
+    checks = check_label_teachers(teacher_set, merged, truth, calibration_rows, cfg, device)
     labels = apply_generator(generator, cfg.generator, merged, teacher_set.known.cpu())
     columns = label_columns(labels, merged["teacher_probs"], private=is_private(generator))
     labeled_rows = sum(s.stop - s.start for s in todo)
@@ -142,6 +146,8 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         labeled_rows=labeled_rows,
     )
     report["fitted"] = fitted
+    report["classes_from"] = classes_from
+    report["teacher_checks"] = checks
     topk = getattr(generator, "topk", None)
     dataset = build_dataset(source if cfg.with_inputs else None, classes, columns, topk)
     write_run(out, dataset, report, columns)
@@ -203,17 +209,54 @@ def fit_combiner(
     return fit_on_rows(combiner, None, teacher_set, rows, labeled, batch_size, device)
 
 
-def run_classes(cfg: LabelConfig, source: DataSource) -> list[str]:
-    """The run's class names: ``--classes``, else the data's."""
+def run_classes(cfg: LabelConfig, source: DataSource, teachers: list[Any]) -> tuple[list[str], str]:
+    """The run's class names and where they came from: ``--classes``, else the data's,
+    else the teachers' when every one names its classes (``classes_from_teachers``)."""
     if cfg.classes:
-        return list(cfg.classes)
+        return list(cfg.classes), "--classes"
     if source.classes:
-        return list(source.classes)
+        return list(source.classes), "data"
+    names = [str(spec) for spec in cfg.teachers]
+    from_teachers = classes_from_teachers(teachers, names)
+    if from_teachers:
+        return from_teachers, "teachers"
+    unnamed = [
+        name for name, teacher in zip(names, teachers) if getattr(teacher, "classes", None) is None
+    ]
     raise UsageError(
-        f"{cfg.data} has no label column to take class names from (columns: {source.columns}); "
-        "pass --classes a,b,c "
-        "(in the teachers' output order)"
+        f"{cfg.data} has no label column to take class names from (columns: {source.columns}), "
+        f"and teacher {unnamed[0]} names no classes; pass --classes a,b,c (in the unnamed "
+        "teachers' output order), or give each teacher classes=a;b;c"
     )
+
+
+def check_label_teachers(
+    teacher_set: TeacherSet,
+    merged: dict[str, torch.Tensor],
+    truth: np.ndarray | None,
+    calibration_rows: DataSource | None,
+    cfg: LabelConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """``kdplug.teacher_checks`` on DATA's rows (near chance on those with a label in DATA
+    or ``--eval-labels``, disagreement on all), else near chance on the labeled
+    ``--calibration-data`` rows; the report's ``teacher_checks``."""
+    good = ~merged["bad"]
+    labels = None if truth is None else torch.from_numpy(truth)[good]
+    probs = merged["teacher_probs"][:, good]
+    flags = teacher_checks.check_teachers(teacher_set, probs, labels, "rows of DATA")
+    if truth is None and calibration_rows is not None:
+        labeled = np.flatnonzero(calibration_rows.labels() >= 0).tolist()
+        flags += teacher_checks.check_on_rows(
+            teacher_set,
+            calibration_rows,
+            labeled,
+            cfg.batch_size,
+            device,
+            "--calibration-data rows",
+            compare=False,  # disagreement: on DATA's rows above
+        )
+    return teacher_checks.record(teacher_set, flags)
 
 
 def true_labels(cfg: LabelConfig, source: DataSource, classes: list[str]) -> np.ndarray | None:

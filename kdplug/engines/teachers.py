@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdplug import metrics, ops
+from kdplug import metrics, ops, teacher_checks
 from kdplug.calibration import apply_temperature, fit_temperature, load_temperatures
 from kdplug.data import DataSource, batches, load_data
 from kdplug.errors import KdplugError, UsageError
@@ -91,8 +91,13 @@ def calibrate(
     check_out(out, inputs=[*specs, data], directory=False)
     teachers = create_teachers(specs)  # bad teacher files fail before the data is read
     source = labeled_source(data)
-    teacher_set = TeacherSet(teachers, specs, source.classes, skip_bad_rows=skip_bad_rows)
+    teacher_set = TeacherSet(
+        teachers, specs, source.classes, skip_bad_rows=skip_bad_rows, data=source
+    )
     found = collect(teacher_set, source, batch_size, torch.device(device), "calibrate")
+    flags = teacher_checks.check_teachers(
+        teacher_set, found.logits, found.labels, f"rows of {data}"
+    )
     entries = []
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
         logits, known = found.logits[k], found.known[k]
@@ -118,6 +123,7 @@ def calibrate(
         "data_split": source.split,
         "rows": len(found.labels),
         "skipped_rows": found.skipped,
+        "teacher_checks": teacher_checks.record(teacher_set, flags),
         "versions": versions(),
     }
     write_json(out, record)
@@ -178,11 +184,16 @@ def report(
         _check_out(Path(out), overwrite, [*specs, data, calibration])
     teachers = create_teachers(specs)  # bad teacher files fail before the data is read
     source = labeled_source(data)
-    teacher_set = TeacherSet(teachers, specs, source.classes, skip_bad_rows=skip_bad_rows)
+    teacher_set = TeacherSet(
+        teachers, specs, source.classes, skip_bad_rows=skip_bad_rows, data=source
+    )
     temperatures = None
     if calibration:
         temperatures = load_temperatures(calibration, specs, teacher_set.fingerprints())
     found = collect(teacher_set, source, batch_size, torch.device(device), "report")
+    flags = teacher_checks.check_teachers(
+        teacher_set, found.logits, found.labels, f"rows of {data}"
+    )
     labels, entries, calibrated = found.labels, [], []
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
         logits, known = found.logits[k], found.known[k]
@@ -220,6 +231,7 @@ def report(
         "combiners": combiners,
         "skipped_combiners": skipped,
         "selection": selection,
+        "teacher_checks": teacher_checks.record(teacher_set, flags),
         "versions": versions(),
     }
     if out is not None:

@@ -9,6 +9,7 @@ run as ``ModelTeacher``, as ``timm:`` teachers are.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from kdplug.api import (
     student_path,
     student_preprocess,
 )
+
+DATA = "data"  # a preprocessing setting nothing gave: the engine takes it from the data
+METADATA_HELP = 'e.g. input_size "[1, 28, 28]", mean "[0.13]", classes "[0, 1]"'
 
 
 def check_architecture(arch: str) -> None:
@@ -166,7 +170,7 @@ def build_student(
     if checkpoint is not None:
         file = weights_file(str(checkpoint))
         apply_weights(model, load_weights(str(file)), str(file), new_head=True)
-        if (file.parent / STUDENT_CONFIG).exists():
+        if is_student_directory(file.parent):
             config = read_student_config(file.parent)
             normalization = (config["mean"], config["std"])
     elif pretrained:
@@ -186,8 +190,12 @@ def build_student(
 class ModelTeacher(torch.nn.Module):
     """A model on ``[0, 1]`` images: ``preprocess`` then ``model`` -> logits ``[B, C]``.
 
-    Attributes ``classes`` (names in output order, or None) and ``fingerprint`` (a hash of
-    the files it came from): the ``timm:`` and ``kdplug:`` teachers.
+    Attributes ``classes`` (names in output order, or None), ``fingerprint`` (a hash of
+    the files it came from) and ``inputs`` (what ``preprocess`` feeds the model, and where
+    each setting came from): the ``timm:`` and ``kdplug:`` teachers. ``sources`` says where
+    ``size``, ``mean`` and ``std`` came from; ``DATA`` marks those that nothing gave, which
+    ``normalize_like_data`` then takes from the data (mean and std; a size nothing gave is
+    the data's own: no resize).
     """
 
     def __init__(
@@ -196,15 +204,51 @@ class ModelTeacher(torch.nn.Module):
         preprocess: Preprocess,
         classes: list[str] | None,
         fingerprint: str,
+        sources: dict[str, str],
     ):
         super().__init__()
         self.model = model.eval()
         self.preprocess = preprocess
         self.classes = classes
         self.fingerprint = fingerprint
+        size = preprocess.size
+        self.inputs = {
+            "size": list(size) if size is not None else None,
+            "mean": None if sources["mean"] == DATA else _values(preprocess.mean),
+            "std": None if sources["std"] == DATA else _values(preprocess.std),
+            "in_chans": preprocess.in_chans,
+            "from": dict(sources),
+        }
+        wants_data = DATA in (sources["mean"], sources["std"])
+        self.normalize_like_data = self._normalize_like_data if wants_data else None
+
+    def _normalize_like_data(self, mean: list[float], std: list[float], where: str) -> None:
+        """Take the mean and std that nothing else gave from the data (``where`` says how
+        they were measured)."""
+        channels = self.preprocess.in_chans
+        for key, values in (("mean", mean), ("std", std)):
+            if self.inputs["from"][key] != DATA:
+                continue
+            values = channel_values(values, channels, key)
+            old = getattr(self.preprocess, key)
+            setattr(self.preprocess, key, torch.tensor(values).view(1, -1, 1, 1).to(old))
+            self.inputs[key] = [round(v, 6) for v in values]
+            self.inputs["from"][key] = where
+        self.normalize_like_data = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalize_like_data is not None:
+            unknown = [k for k in ("mean", "std") if self.inputs["from"][k] == DATA]
+            raise UsageError(
+                f"this teacher's {' and '.join(unknown)} are not known (its checkpoint "
+                "carries none): give them as options (mean=, std=), or run it through "
+                "kdplug.teachers.TeacherSet with data=, which measures them on the data"
+            )
         return self.model(self.preprocess(x))
+
+
+def _values(buffer: torch.Tensor) -> list[float]:
+    return [round(float(v), 6) for v in buffer.flatten()]
 
 
 def _inferred(arch: str, state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -237,13 +281,16 @@ def build_teacher(
     size: Any,
 ) -> ModelTeacher:
     """A timm teacher; class count and channels default to the checkpoint's, preprocessing
-    to the model's pretrained_cfg (input size, mean, std) unless given."""
+    as ``preprocessing`` chooses it."""
     check_architecture(arch)
     if checkpoint is None and not pretrained:
         raise UsageError(f"timm:{arch} teacher needs checkpoint=PATH or pretrained=true")
     if classes is not None:
         classes = [str(c) for c in (classes if isinstance(classes, list) else [classes])]
-    state = load_weights(str(checkpoint)) if checkpoint is not None else None
+    file = weights_file(str(checkpoint)) if checkpoint is not None else None
+    state = load_weights(str(file)) if file is not None else None
+    carried, carried_from = carried_inputs(file) if file is not None else ({}, "")
+    classes = classes or carried.get("classes")
     inferred = _inferred(arch, state) if state is not None else {}
     num_classes = num_classes or (len(classes) if classes else inferred.get("num_classes"))
     in_chans = in_chans or inferred.get("in_chans") or 3
@@ -252,24 +299,102 @@ def build_teacher(
     kwargs = {"num_classes": num_classes} if num_classes else {}
     model = create(arch, pretrained=pretrained and state is None, in_chans=in_chans, **kwargs)
     if state is not None:
-        apply_weights(model, state, str(checkpoint))
-    cfg = model.pretrained_cfg
+        apply_weights(model, state, str(file))
+    given = {"size": size, "mean": mean, "std": std}
+    values, sources = preprocessing(arch, given, carried, carried_from, pretrained)
     preprocess = Preprocess(
-        size=size if size is not None else cfg.get("input_size"),
-        mean=channel_values(cfg.get("mean", 0.0) if mean is None else mean, in_chans, "mean"),
-        std=channel_values(cfg.get("std", 1.0) if std is None else std, in_chans, "std"),
+        size=values["size"],
+        mean=channel_values(values["mean"], in_chans, "mean"),
+        std=channel_values(values["std"], in_chans, "std"),
         in_chans=in_chans,
     )
-    if checkpoint is not None:
-        fingerprint = file_hash(weights_file(str(checkpoint)))
+    if file is not None:
+        fingerprint = file_hash(file)
     else:
-        fingerprint = f"timm:{arch}:{cfg.get('tag') or 'default'}"
-    return ModelTeacher(model, preprocess, classes, fingerprint)
+        fingerprint = f"timm:{arch}:{model.pretrained_cfg.get('tag') or 'default'}"
+    return ModelTeacher(model, preprocess, classes, fingerprint, sources)
+
+
+def preprocessing(
+    arch: str, given: dict[str, Any], carried: dict[str, Any], carried_from: str, pretrained: bool
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``size``, ``mean`` and ``std`` of a timm teacher, and where each came from: the
+    spec's option, else what the checkpoint carries, else (``pretrained=true`` only) timm's
+    ``pretrained_cfg`` for the architecture, else the data (``DATA``: the data's own size,
+    and the mean and std the engine measures on it)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    cfg = cfg.to_dict() if cfg is not None and pretrained else {}
+    unknown = {"size": None, "mean": 0.0, "std": 1.0}  # until the engine gives the data's
+    values, sources = {}, {}
+    for key, cfg_key in (("size", "input_size"), ("mean", "mean"), ("std", "std")):
+        candidates = (
+            (given[key], f"option {key}="),
+            (carried.get(cfg_key), carried_from),
+            (cfg.get(cfg_key), f"timm's pretrained_cfg for {arch}"),
+        )
+        found = [(value, source) for value, source in candidates if value is not None]
+        values[key], sources[key] = found[0] if found else (unknown[key], DATA)
+    return values, sources
+
+
+def carried_inputs(file: Path) -> tuple[dict[str, Any], str]:
+    """What a checkpoint says about its inputs and classes (``input_size``, ``mean``,
+    ``std``, ``classes``), and where it says it: the config.json of the student directory
+    it is in, else its safetensors metadata (each value JSON). Empty when it says nothing."""
+    if is_student_directory(file.parent):
+        config = read_student_config(file.parent)
+        found = {k: config[k] for k in ("input_size", "mean", "std", "classes")}
+        return found, f"the student directory {file.parent}"
+    if file.suffix != ".safetensors":
+        return {}, ""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    found = {}
+    for key in ("input_size", "mean", "std", "classes"):
+        if key in metadata:
+            try:
+                found[key] = json.loads(metadata[key])
+            except ValueError:
+                found[key] = None
+            if key == "classes" and not isinstance(found[key], list):
+                found[key] = None
+            if found[key] is None:
+                raise UsageError(
+                    f"checkpoint {file}: metadata {key!r} must be JSON ({METADATA_HELP}), "
+                    f"got {metadata[key][:80]!r}"
+                )
+    if "classes" in found:
+        found["classes"] = [str(c) for c in found["classes"]]
+    return found, f"the metadata of {file.name}"
+
+
+def is_student_directory(path: Path) -> bool:
+    """A directory with a config.json that is not timm's own (which has ``pretrained_cfg``,
+    the architecture's defaults rather than the checkpoint's): a student directory."""
+    file = path / STUDENT_CONFIG
+    if not file.is_file():
+        return False
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # read_student_config names the problem
+    return not (isinstance(config, dict) and "pretrained_cfg" in config)
 
 
 def load_student_teacher(path: str) -> ModelTeacher:
     """The ``kdplug:`` teacher: the student directory at ``path`` (or ``path/student``) with
     its own resize and normalization, fingerprinted by its files."""
     model, config = load_student(path)
-    fingerprint = file_hash(student_path(path))
-    return ModelTeacher(model, student_preprocess(config), list(config["classes"]), fingerprint)
+    directory = student_path(path)
+    where = f"the student directory {directory}"
+    return ModelTeacher(
+        model,
+        student_preprocess(config),
+        list(config["classes"]),
+        file_hash(directory),
+        dict.fromkeys(("size", "mean", "std"), where),
+    )
