@@ -9,7 +9,17 @@ from sklearn.linear_model import LogisticRegression
 
 from kdplug.data import load_data
 from kdplug.engines.self_train import write_targets
+from kdplug.errors import UsageError
 from tests.conftest import run_cli
+
+
+def invoke(*args):
+    """The kdplug CLI in this process (click's runner): its result, stdout and stderr."""
+    from click.testing import CliRunner
+
+    from kdplug.cli import build_cli
+
+    return CliRunner().invoke(build_cli(), [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +58,18 @@ def test_two_rounds_end_to_end(digits_splits, logreg, tmp_path):
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     table = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
-    assert [row[:2] for row in table] == [["1", "1"], ["2", "2"]]
+    assert [row[:2] for row in table] == [["0", "0"], ["1", "1"], ["2", "2"]]
     summary = json.loads((out / "self_train.json").read_text())
     first = summary["rounds"][0]
+    baseline = summary["baseline"]  # round 0: the student on the labeled rows alone
+    assert baseline["round"] == 0 and baseline["student"] == str(out / "baseline" / "student")
+    assert (out / "baseline" / "student" / "model.safetensors").exists()
+    scored = [baseline, *summary["rounds"]]
+    best = max(scored, key=lambda row: row["val_accuracy"])
+    assert (summary["best_round"], summary["best_student"]) == (best["round"], best["student"])
+    assert [float(row[-1]) for row in table] == [round(r["val_accuracy"], 4) for r in scored]
+    assert result.stdout.splitlines()[-2].startswith(f"best: round {best['round']} ")
+    assert best["student"] in result.stdout.splitlines()[-2]
     labels = load_data(f"disk:{out / 'round-1' / 'labels'}").dataset
     accepted = int(np.sum(labels["accepted"]))
     assert first["accepted"] == accepted > 0
@@ -114,3 +133,146 @@ def test_rounds_hand_the_engines_specs_built_from_values(
     assert ("logits", str(tmp_path / "self" / "round-2" / "targets.npy")) in built
     students = [s for s in seen if isinstance(s, Spec) and s.name == "timm"]
     assert students and all(s.raw["drop_path_rate"] == "0.1" for s in students)
+
+
+@pytest.fixture(scope="module")
+def unlabeled_without_labels(digits_splits, tmp_path_factory):
+    """The unlabeled digits with their label column removed (their labels: eval-labels)."""
+    path = tmp_path_factory.mktemp("bare") / "unlabeled"
+    load_data(digits_splits["unlabeled"]).dataset.remove_columns("label").save_to_disk(str(path))
+    return f"disk:{path}"
+
+
+def one_round(teacher, splits, out, **options):
+    from kdplug.engines.self_train import SelfTrainConfig
+
+    given = {"unlabeled": splits["unlabeled"], "rounds": 1, "epochs": 1, "device": "cpu"}
+    return SelfTrainConfig(
+        teachers=[teacher],
+        student="timm:test_resnet",
+        train=splits["labeled"],
+        val=splits["test"],
+        out=str(out),
+        **{**given, **options},
+    )
+
+
+def test_eval_labels_score_each_round_and_the_run_names_its_best_student(
+    digits_splits, logreg, unlabeled_without_labels, tmp_path
+):
+    """Unlabeled rows without labels are scored against --eval-labels; label's default
+    generator labels them; round 0 is the labels-only baseline; the best round is named."""
+    from kdplug.engines.label import LabelConfig
+    from kdplug.engines.self_train import run_self_train
+
+    truth = load_data(digits_splits["unlabeled"]).labels()
+    cfg = one_round(
+        logreg,
+        digits_splits,
+        tmp_path / "self",
+        unlabeled=unlabeled_without_labels,
+        eval_labels=digits_splits["unlabeled"],
+    )
+    lines: list[str] = []
+    summary = run_self_train(cfg, echo=lines.append)
+    labels = load_data(f"disk:{tmp_path / 'self' / 'round-1' / 'labels'}").dataset
+    accepted = np.asarray(labels["accepted"], dtype=bool)
+    hand = float(np.mean(np.asarray(labels["label"])[accepted] == truth[accepted]))
+    (first,) = summary["rounds"]
+    assert first["pseudo_label_accuracy"] == pytest.approx(hand) and hand > 0.8
+    label_default = LabelConfig([], "", "").generator
+    assert summary["config"]["generator"] == label_default
+    assert summary["config"]["batch_size"] == 128
+    rounds = {0: summary["baseline"], 1: first}
+    best = 1 if first["val_accuracy"] > summary["baseline"]["val_accuracy"] else 0
+    assert summary["best_round"] == best
+    assert summary["best_student"] == rounds[best]["student"]
+    assert summary["best_val_accuracy"] == rounds[best]["val_accuracy"]
+    saved = json.loads((tmp_path / "self" / "self_train.json").read_text())
+    assert saved["best_round"] == best and saved["baseline"] == summary["baseline"]
+    assert lines[-1].startswith("round 0: labels only, student val accuracy ")
+
+
+def test_eval_labels_of_another_length_are_refused_before_any_work(digits_splits, logreg, tmp_path):
+    from kdplug.engines.self_train import run_self_train
+
+    out = tmp_path / "self"
+    cfg = one_round(logreg, digits_splits, out, eval_labels=digits_splits["labeled"])
+    with pytest.raises(UsageError) as refused:
+        run_self_train(cfg)
+    assert str(refused.value) == (
+        f"--eval-labels {digits_splits['labeled']} has 150 rows, --unlabeled has 1200; "
+        "they must match row for row"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["train", "unlabeled", "val"])
+def test_tabular_data_is_refused_before_any_work_leaving_out_as_found(flag, tmp_path):
+    """The teacher labels iris well; self-train still refuses at once, as no student can
+    learn it, and an --out given with --overwrite keeps what it held."""
+    from sklearn.datasets import load_iris
+
+    iris = load_iris()
+    path = tmp_path / "iris.skops"
+    skops.io.dump(LogisticRegression(max_iter=500).fit(iris.data, iris.target), path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    data = {"train": "sklearn:digits", "unlabeled": "sklearn:digits", "val": "sklearn:digits"}
+    data[flag] = "sklearn:iris"
+    result = invoke(
+        *["self-train", "--teacher", f"sklearn:{path}", "--student", "timm:test_resnet"],
+        *[arg for name, spec in data.items() for arg in (f"--{name}", spec)],
+        *["--out", out, "--overwrite", "--epochs", "1", "--device", "cpu"],
+    )
+    assert result.exit_code == 2, result.output
+    columns = "['sepal_length_cm', 'sepal_width_cm', 'petal_length_cm', 'petal_width_cm', 'label']"
+    assert result.stderr.strip().splitlines() == [
+        f"Error: --{flag} sklearn:iris: self-train trains image students; this is tabular "
+        f"(columns: {columns})"
+    ]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("command", ["distill", "eval", "self-train"])
+def test_the_commands_that_train_or_score_students_say_they_take_images_only(command):
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / f"{command}.md"
+    shown = invoke(command, "--help").output
+    for text in (" ".join(shown.split()), " ".join(page.read_text().split())):
+        assert "Images only" in text and "tabular" in text
+
+
+def test_a_combiner_that_fits_is_fitted_on_the_train_rows(digits_splits, tmp_path):
+    from kdplug.engines.self_train import combiner_fit_rows
+
+    cfg = one_round("logits:x.npy", digits_splits, tmp_path / "s", combiner="auto")
+    assert combiner_fit_rows(cfg) == digits_splits["labeled"]
+    cfg = one_round("logits:x.npy", digits_splits, tmp_path / "s", combiner="mean")
+    assert combiner_fit_rows(cfg) is None
+
+
+def test_rounds_png_draws_val_accuracy_against_the_baseline_on_a_readable_range(
+    tmp_path, monkeypatch
+):
+    """Two rounds 0.005 apart are not drawn as a cliff: the y range is at least 0.1 wide."""
+    import kdplug.reports.figures as figures
+    from kdplug.engines.self_train import plot_rounds
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: drawn.append(fig))
+    baseline = {"round": 0, "val_accuracy": 0.931, "student": "b"}
+    rows = [{"round": 1, "val_accuracy": 0.954}, {"round": 2, "val_accuracy": 0.949}]
+    plot_rounds(baseline, rows, rows[0], tmp_path / "rounds.png")
+    (ax,) = drawn[0].axes
+    low, high = ax.get_ylim()
+    assert high - low >= 0.1 and low <= 0.931 and 0.954 <= high <= 1.0
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["self-train student"].get_ydata()) == [0.954, 0.949]
+    assert set(lines["labels only (round 0): 0.931"].get_ydata()) == {0.931}
+    assert list(lines["best: round 1"].get_xdata()) == [1]
+    at_top = [{"round": 1, "val_accuracy": 1.0}]
+    plot_rounds(baseline | {"val_accuracy": 0.995}, at_top, at_top[0], tmp_path / "r.png")
+    assert drawn[1].axes[0].get_ylim() == pytest.approx((0.9, 1.0))

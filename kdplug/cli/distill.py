@@ -73,6 +73,9 @@ from kdplug.cli.options import (
 def distill_command(ctx: click.Context, config_file: str | None, **flags) -> None:
     """Distill one or more teachers into a small student on labeled (+ unlabeled) data.
 
+    Images only: the student is a timm image model, so tabular --train data is refused
+    (teachers of tabular data can still label it: see `kdplug label`).
+
     \b
     kdplug distill --teacher timm:resnet50,checkpoint=t.safetensors \\
         --student timm:resnet10t --train disk:data/train --unlabeled disk:data/raw \\

@@ -31,7 +31,10 @@ def eval_command(
     device: str,
     workers: int | None,
 ) -> None:
-    """Evaluate a student directory (DIR/student of a distill run) on labeled DATA."""
+    """Evaluate a student directory (DIR/student of a distill run) on labeled DATA.
+
+    Images only: students are timm image models, so tabular DATA is refused.
+    """
     from kdplug.engines.eval import evaluate_student, plot_confusion
     from kdplug.outputs import check_out, write_json
 

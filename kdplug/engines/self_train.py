@@ -9,6 +9,12 @@ The targets reach the student as a precomputed-probabilities teacher (``logits``
 row per training row in distill's order (labeled rows one-hot, then pseudo-labeled rows).
 The engine hands label and distill ``Spec`` objects built from values (``Spec.of``), never
 spec text it formatted, so class names and paths arrive as they are.
+
+After the rounds, a baseline (round 0, ``baseline/``) trains the same student on the
+labeled rows alone with the same budget (last, so that a teacher that fails stops the run
+before any training); the best of rounds 0..N by validation accuracy is the run's answer
+(``best_round``, ``best_student`` in ``self_train.json``). Students are timm image models:
+tabular data is refused before any work.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ from kdplug.spec import Spec, parse_spec
 log = logging.getLogger("kdplug")
 MARKER = "run.json"
 SUMMARY = "self_train.json"
+BASELINE = "baseline"  # round 0: the student on the labeled rows alone
 # the round's student learns the targets alone: its labeled rows are one-hot targets
 TARGET_LOSS = Spec.of("kd", T=1.0, ce_weight=0.0, kd_weight=1.0)
+LABELS_ONLY = Spec.of("ce")
 ONE_TEACHER = Spec.of("mean")
 
 
@@ -43,7 +51,8 @@ class SelfTrainConfig:
     val: str
     out: str
     rounds: int = 3
-    generator: str = "threshold,tau=0.8"
+    generator: str | None = None  # None: label's default generator
+    # label's rule without held-out labeled rows; a combiner with fit (auto) gets --train
     combiner: str = "mean"
     epochs: int = 10
     batch_size: int = 128
@@ -53,6 +62,7 @@ class SelfTrainConfig:
     replace: bool = False
     device: str = "auto"
     seed: int = 0
+    eval_labels: str | None = None  # true labels of --unlabeled, row for row
     resume: bool = False
     overwrite: bool = False
 
@@ -117,9 +127,10 @@ def run_round(
     train: Any,
     unlabeled: Any,
     root: Path,
+    fit_rows: str | None = None,
 ) -> dict[str, Any]:
-    """One round: label, select, distill; return the round's row of the result table."""
-    from kdplug.engines.distill import DistillConfig, distill
+    """One round: label, select, distill; return the round's row of the result table.
+    ``fit_rows``: the labeled rows a combiner with ``fit`` (auto) is fitted on, or None."""
     from kdplug.engines.label import LabelConfig, run_label
 
     root.mkdir(parents=True, exist_ok=True)
@@ -135,6 +146,8 @@ def run_round(
             resume=cfg.resume,
             batch_size=cfg.batch_size,
             progress=False,
+            eval_labels=cfg.eval_labels,
+            calibration_data=fit_rows,
         )
     )
     rows, probs = pseudo_rows(root / "labels")
@@ -147,24 +160,8 @@ def run_round(
     else:
         pseudo = Spec.of("disk", str(root / "pseudo"))
     target = write_targets(train.labels(), probs, train.classes, root / "targets.npy")
-    summary = distill(
-        DistillConfig(
-            teachers=[target],
-            student=student_spec(cfg.student, cfg.drop_path),
-            train=cfg.train,
-            unlabeled=pseudo,
-            val=cfg.val,
-            out=str(root / "distill"),
-            loss=TARGET_LOSS,
-            combiner=ONE_TEACHER,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            augment=cfg.augment,
-            device=cfg.device,
-            seed=cfg.seed + number,
-            resume=cfg.resume,
-        )
+    summary = train_student(
+        cfg, number, root / "distill", teachers=[target], unlabeled=pseudo, loss=TARGET_LOSS
     )
     accuracy = (report.get("eval") or {}).get("accuracy_accepted")
     return {
@@ -173,47 +170,191 @@ def run_round(
         "accepted": int(len(rows)),
         "pseudo_label_accuracy": accuracy,
         "val_accuracy": summary["best_val_accuracy"],
-        "student": str(root / "distill" / "student"),
+        "student": summary["student"],
     }
 
 
-def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
+def train_student(cfg: SelfTrainConfig, number: int, out: Path, **what: Any) -> dict[str, Any]:
+    """Distill round ``number``'s student into ``out`` with the run's budget and noise
+    (the same for every round and the baseline); ``what``: its teachers, rows and loss."""
+    from kdplug.engines.distill import DistillConfig, distill
+
+    return distill(
+        DistillConfig(
+            student=student_spec(cfg.student, cfg.drop_path),
+            train=cfg.train,
+            val=cfg.val,
+            out=str(out),
+            combiner=ONE_TEACHER,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            augment=cfg.augment,
+            device=cfg.device,
+            seed=cfg.seed + number,
+            resume=cfg.resume,
+            **what,
+        )
+    )
+
+
+def run_baseline(cfg: SelfTrainConfig, root: Path) -> dict[str, Any]:
+    """Round 0: the student trained on the labeled rows alone, what every round must beat."""
+    summary = train_student(cfg, 0, root, loss=LABELS_ONLY)
+    return {
+        "round": 0,
+        "teachers": 0,
+        "accepted": 0,
+        "pseudo_label_accuracy": None,
+        "val_accuracy": summary["best_val_accuracy"],
+        "student": summary["student"],
+    }
+
+
+def best_of(baseline: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of the highest val accuracy, the earliest of equals (round 0: the baseline)."""
+    return max([baseline, *rows], key=lambda row: row["val_accuracy"])
+
+
+def best_line(summary: dict[str, Any]) -> str:
+    """The line that says which student to use."""
+    best, baseline = summary["best_round"], summary["baseline"]["val_accuracy"]
+    if best == 0:
+        return (
+            f"best: round 0, the labels-only baseline (val accuracy {baseline:.4f}): no round "
+            f"beat it; its student is {summary['best_student']}"
+        )
+    return (
+        f"best: round {best} (val accuracy {summary['best_val_accuracy']:.4f}, labels only "
+        f"{baseline:.4f}): use {summary['best_student']}"
+    )
+
+
+def accuracy_range(values: list[float], least: float = 0.1) -> tuple[float, float]:
+    """A y range for accuracies: the values with a margin, at least ``least`` wide, inside
+    [0, 1], so that rounds 0.005 apart are not drawn as a cliff."""
+    lo, hi = min(values), max(values)
+    margin = max((hi - lo) * 0.2, (least - (hi - lo)) / 2)
+    lo, hi = lo - margin, hi + margin
+    if hi > 1:
+        lo, hi = lo - (hi - 1), 1.0
+    if lo < 0:
+        lo, hi = 0.0, min(hi - lo, 1.0)
+    return lo, hi
+
+
+def plot_rounds(
+    baseline: dict[str, Any], rows: list[dict[str, Any]], best: dict[str, Any], path: Path
+) -> None:
+    """Val accuracy per round against the labels-only baseline, the best round starred."""
     from kdplug.reports.figures import new_figure, save_figure
 
     fig, ax = new_figure(figsize=(5, 3.5))
-    ax.plot([r["round"] for r in rows], [r["val_accuracy"] for r in rows], marker="o")
+    numbers, values = [r["round"] for r in rows], [r["val_accuracy"] for r in rows]
+    ax.plot(numbers, values, marker="o", label="self-train student")
+    for x, y in zip(numbers, values):
+        ax.annotate(f"{y:.3f}", (x, y), xytext=(0, 6), textcoords="offset points", ha="center")
+    base = baseline["val_accuracy"]
+    ax.axhline(base, color="gray", linestyle="--", label=f"labels only (round 0): {base:.3f}")
+    ax.plot(
+        [best["round"]],
+        [best["val_accuracy"]],
+        marker="*",
+        markersize=14,
+        linestyle="none",
+        color="C3",
+        label=f"best: round {best['round']}",
+    )
+    ax.set_ylim(*accuracy_range([base, *values]))
+    ax.set_xticks([0, *numbers])
     ax.set_xlabel("round")
     ax.set_ylabel("student val accuracy")
-    ax.set_xticks([r["round"] for r in rows])
+    ax.legend(fontsize=8, loc="lower right")
     save_figure(fig, path)
 
 
-@discarding_unstarted_runs()
-def self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) -> list[dict]:
-    """Run ``cfg.rounds`` rounds into ``cfg.out``; return one table row per round."""
+def label_default(name: str) -> Any:
+    """``kdplug label``'s default of option ``name`` (self-train's label step shares it)."""
+    from kdplug.engines.label import LabelConfig
+
+    return next(f.default for f in dataclasses.fields(LabelConfig) if f.name == name)
+
+
+def image_source(spec: str, flag: str, classes: list[str] | None = None) -> Any:
+    """The data of ``--flag``, refused unless it holds images (students are timm models)."""
     from kdplug.data import load_data
-    from kdplug.outputs import prepare_out_dir
+
+    source = load_data(spec, classes)
+    if source.kind != "image":
+        raise UsageError(
+            f"--{flag} {spec}: self-train trains image students; this is tabular "
+            f"(columns: {source.columns})"
+        )
+    return source
+
+
+def check_eval_labels(spec: str, unlabeled: Any, classes: list[str]) -> None:
+    """``--eval-labels``: labeled, and row for row with ``--unlabeled``."""
+    from kdplug.data import load_data
+
+    truth = load_data(spec, classes)
+    if len(truth) != len(unlabeled):
+        raise UsageError(
+            f"--eval-labels {spec} has {len(truth)} rows, --unlabeled has {len(unlabeled)}; "
+            "they must match row for row"
+        )
+    if truth.label_column is None:
+        raise UsageError(f"--eval-labels {spec} has no label column (columns: {truth.columns})")
+
+
+def combiner_fit_rows(cfg: SelfTrainConfig) -> str | None:
+    """The rows a combiner with ``fit`` (auto) is fitted on each round: ``--train``, the
+    only labeled rows self-train has besides ``--val`` (which picks the best round). The
+    teachers may be trained on them; the fit then says so and falls back (kdplug.fitting)."""
+    from kdplug.fitting import can_fit
+    from kdplug.plugins import create
+
+    if not can_fit(create("combiners", cfg.combiner)):
+        return None
+    log.info("combiner %s: fitted each round on the --train rows %s", cfg.combiner, cfg.train)
+    return cfg.train
+
+
+@discarding_unstarted_runs()
+def run_self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) -> dict:
+    """Run the baseline and ``cfg.rounds`` rounds into ``cfg.out``; return self_train.json's
+    content: the config, ``baseline``, ``rounds``, ``best_round`` and ``best_student``."""
+    from kdplug.outputs import check_out, prepare_out_dir
+    from kdplug.plugins import create
 
     if cfg.rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {cfg.rounds}")
     if not cfg.teachers:
         raise UsageError("self-train needs at least one --teacher")
-    train = load_data(cfg.train)
+    cfg = dataclasses.replace(cfg, generator=cfg.generator or label_default("generator"))
+    inputs = [*cfg.teachers, cfg.student, cfg.train, cfg.unlabeled, cfg.val, cfg.eval_labels]
+    check_out(cfg.out, inputs=inputs, overwrite=cfg.overwrite)
+    train = image_source(cfg.train, "train")
     if train.classes is None or (train.labels() < 0).any():
         raise UsageError(f"{cfg.train}: every --train row needs a label")
-    unlabeled = load_data(cfg.unlabeled)
+    unlabeled = image_source(cfg.unlabeled, "unlabeled")
+    image_source(cfg.val, "val", train.classes)
+    create("label-generators", cfg.generator)
+    fit_rows = combiner_fit_rows(cfg)
+    if cfg.eval_labels:
+        check_eval_labels(cfg.eval_labels, unlabeled, train.classes)
     out = prepare_out_dir(
         cfg.out,
         resume=cfg.resume,
         overwrite=cfg.overwrite,
         marker=MARKER,
         config=cfg.record(),
-        inputs=[*cfg.teachers, cfg.student, cfg.train, cfg.unlabeled, cfg.val],
+        inputs=inputs,
     )
     teachers, rows = list(cfg.teachers), []
     for number in range(1, cfg.rounds + 1):
         echo(f"round {number}/{cfg.rounds}: {len(teachers)} teacher(s) label {cfg.unlabeled}")
-        row = run_round(cfg, number, teachers, train, unlabeled, out / f"round-{number}")
+        row = run_round(cfg, number, teachers, train, unlabeled, out / f"round-{number}", fit_rows)
         rows.append(row)
         echo(
             f"round {number}: {row['accepted']} pseudo-labels, student val accuracy "
@@ -221,6 +362,23 @@ def self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) -> l
         )
         student = student_teacher(out / f"round-{number}")
         teachers = [student] if cfg.replace else [*teachers, student]
-    plot_rounds(rows, out / "rounds.png")
-    write_json(out / SUMMARY, {"config": cfg.record(), "rounds": rows})
-    return rows
+    echo("round 0 (the baseline): the same student on the labeled rows alone")
+    baseline = run_baseline(cfg, out / BASELINE)
+    echo(f"round 0: labels only, student val accuracy {baseline['val_accuracy']:.4f}")
+    best = best_of(baseline, rows)
+    plot_rounds(baseline, rows, best, out / "rounds.png")
+    summary = {
+        "config": cfg.record(),
+        "baseline": baseline,
+        "rounds": rows,
+        "best_round": best["round"],
+        "best_student": best["student"],
+        "best_val_accuracy": best["val_accuracy"],
+    }
+    write_json(out / SUMMARY, summary)
+    return summary
+
+
+def self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) -> list[dict]:
+    """Run self-train (``run_self_train``); return one table row per round (1..N)."""
+    return run_self_train(cfg, echo)["rounds"]
