@@ -184,6 +184,13 @@ class LabelGenerator(Protocol):
     """True: only labels and probs are released; per-row teacher statistics (the
     ``agreement`` column) are left out of the dataset."""
 
+    fit: Callable[..., dict[str, Any]] | None = None
+    """``fit(prediction [M, C], labels [M]) -> dict``, called once before the generator
+    with the combined prediction of labeled rows and their labels (``--calibration-data``'s,
+    each from a combiner not fitted on it; else DATA's own labeled rows, never
+    ``--eval-labels``); the JSON-ready dict goes into report.json. ``label`` refuses a run
+    with no such rows. None: nothing to fit."""
+
     def __call__(
         self, target: torch.Tensor, teacher_probs: torch.Tensor, known: torch.Tensor
     ) -> Labels: ...

@@ -42,10 +42,12 @@ from kdplug.cli.options import (
 )
 @click.option(
     "--generator",
-    default="threshold",
+    default="threshold,floor=0.25",
     show_default=True,
     metavar="SPEC",
-    help="Label generator, e.g. threshold,tau=0.9 (see `kdplug list label-generators`).",
+    help="Label generator, e.g. threshold,tau=0.9 or threshold,accuracy=0.98 (picked on "
+    "labeled rows); the default keeps every class's most confident quarter "
+    "(see `kdplug list label-generators`).",
 )
 @calibration_option
 @batch_size_option
@@ -96,14 +98,46 @@ def summary(report: dict, out: str) -> str:
     )
     if report["accepted"] == 0:
         line += "\nno row was accepted: relax the generator (e.g. threshold,tau=0.8)"
+    else:
+        line += empty_classes_line(report)
     evaluation = report.get("eval")
     if evaluation and evaluation["accuracy_accepted"] is not None:
         line += (
             f"\naccuracy of accepted labels {evaluation['accuracy_accepted']:.2%} "
             f"on {evaluation['accepted_labeled_rows']} rows with true labels; "
-            f"all rows {evaluation['accuracy_all']:.2%}"
+            + all_rows_text(evaluation)
         )
+        fit = report["generator"].get("fit")
+        if fit and fit.get("on") == "DATA" and not report.get("eval_labels"):
+            line += " (the generator was fitted on these rows: not a held-out measure)"
     return line
+
+
+def empty_classes_line(report: dict) -> str:
+    """A line naming the classes no row was accepted for ("" when there are none)."""
+    empty = report.get("empty_classes") or []
+    if not empty:
+        return ""
+    shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+    predicted = report.get("predicted_per_class", {})
+    rows = sum(predicted.get(name, 0) for name in empty)
+    line = f"\nno row accepted for {len(empty)} of {len(report['classes'])} classes: {shown}"
+    if not rows:
+        return line + " (no row is predicted as them)"
+    line += f" ({rows} rows are predicted as them"
+    if not report["generator"]["options"].get("floor"):
+        line += "; threshold,floor=0.25 keeps each class's most confident quarter"
+    return line + ")"
+
+
+def all_rows_text(evaluation: dict) -> str:
+    """The accuracy of every row's class, and how many rows have none (unanswered)."""
+    if evaluation["accuracy_all"] is None:
+        return "no row answered"
+    unanswered = evaluation.get("unanswered_labeled_rows", 0)
+    if not unanswered:
+        return f"all rows {evaluation['accuracy_all']:.2%}"
+    return f"answered rows {evaluation['accuracy_all']:.2%} ({unanswered} not answered)"
 
 
 COMMANDS = [label_command]

@@ -56,7 +56,7 @@ class LabelConfig:
     data: str
     out: str
     combiner: str | Spec | None = None  # auto with calibration_data, else mean
-    generator: str = "threshold"
+    generator: str = "threshold,floor=0.25"  # FixMatch's tau = 0.95, no class left empty
     calibration: str | None = None
     batch_size: int = 256
     device: str = "auto"
@@ -94,6 +94,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     )
     teacher_set.check_data(source)
     calibration_rows = calibration_source(cfg, classes, teacher_set)
+    pick_rows = generator_fit_rows(generator, cfg.generator, source, calibration_rows)
     record = run_record(cfg, source, classes, teacher_set)
     record["calibration_data"] = describe_source(calibration_rows, cfg.calibration_data)
     settings = output_settings(cfg)
@@ -131,6 +132,8 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         return {"rank": distributed.rank(), "labeled_rows": sum(len(s.rows) for s in mine)}
     merged = merge_shards(shards)
     checks = check_label_teachers(teacher_set, merged, truth, calibration_rows, cfg, device)
+    where = (combiner, fitted, teacher_set, cfg.batch_size, device)
+    picked = fit_generator(generator, cfg.generator, pick_rows, merged, *where)
     labels = apply_generator(generator, cfg.generator, merged, teacher_set.known.cpu())
     columns = label_columns(labels, merged["teacher_probs"], private=is_private(generator))
     labeled_rows = sum(s.stop - s.start for s in todo)
@@ -144,8 +147,10 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         truth=truth,
         seconds=time.perf_counter() - started,
         labeled_rows=labeled_rows,
+        known_classes=teacher_set.known.cpu().numpy(),
     )
     report["fitted"] = fitted
+    report["generator"]["fit"] = picked
     report["classes_from"] = classes_from
     report["teacher_checks"] = checks
     topk = getattr(generator, "topk", None)
@@ -396,6 +401,92 @@ def merge_shards(shards: list[Shard]) -> dict[str, torch.Tensor]:
         "weights": torch.cat([t["weights"] for t in loaded], dim=1),
         "bad": torch.cat([t["bad"] for t in loaded]),
     }
+
+
+@dataclass
+class PickRows:
+    """The labeled rows a generator with ``fit`` is fitted on: ``--calibration-data``'s
+    (``source``: the teachers run on them) or DATA's own (``source`` None: the shards
+    hold their combined prediction). ``rows`` their positions, ``labels`` their labels."""
+
+    name: str
+    source: DataSource | None
+    rows: np.ndarray
+    labels: np.ndarray
+
+
+def generator_fit_rows(
+    generator: Any, spec: str, source: DataSource, calibration: DataSource | None
+) -> PickRows | None:
+    """Where a generator with ``fit`` (``threshold,accuracy=A``) is fitted: the labeled
+    ``--calibration-data`` rows, else DATA's own labeled rows (never ``--eval-labels``,
+    which stay a measurement); None for a generator without ``fit``. Refused, before any
+    teacher runs, where the run has neither."""
+    if not can_fit(generator):
+        return None
+    if calibration is not None:
+        rows = np.flatnonzero(calibration.labels() >= 0)
+        return PickRows("--calibration-data", calibration, rows, calibration.labels()[rows])
+    labels = source.labels()
+    rows = np.flatnonzero(labels >= 0)
+    if not len(rows):
+        raise UsageError(
+            f"label generator {spec!r} is fitted on labeled rows, and this run has none: "
+            "give --calibration-data DATA2 (labeled rows the teachers were not trained on), "
+            "or DATA with labels (--eval-labels are only measured against)"
+        )
+    return PickRows("DATA", None, rows, labels[rows])
+
+
+def fit_generator(
+    generator: Any,
+    spec: str,
+    pick: PickRows | None,
+    merged: dict[str, torch.Tensor],
+    combiner: Any,
+    fitted: dict[str, Any],
+    teacher_set: TeacherSet,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """Call the generator's ``fit`` with the combined prediction of the rows ``pick`` and
+    their labels; its record, with where the rows came from, for report.json (None without
+    ``fit``). On ``--calibration-data`` rows a combiner fitted there predicts each row out
+    of fold (``kdplug.fitting.held_out_prediction``), as it predicts DATA's rows."""
+    from kdplug.fitting import collect_outputs, held_out_prediction
+
+    if pick is None:
+        return None
+    if pick.source is None:
+        good = ~merged["bad"][pick.rows]
+        prediction = merged["target"][pick.rows][good]
+        labels = torch.from_numpy(pick.labels)[good]
+        log.warning(
+            "label generator %r is fitted on DATA's %d labeled rows, so the report's accuracy "
+            "on them is not a held-out measure; give --calibration-data for one",
+            spec,
+            len(labels),
+        )
+    else:
+        out = collect_outputs(teacher_set, pick.source, pick.rows.tolist(), batch_size, device)
+        logits, known, labels = out
+        record = fitted.get("combiner")
+        if isinstance(record, dict) and record.get("fitted") is not False:
+            prediction = held_out_prediction(combiner, logits, known, labels)
+        else:
+            unlabeled = torch.full_like(labels, -1)
+            prediction = combined_prediction(combiner, logits, known, unlabeled)[1]
+    with running(generator, f"label generator {spec!r}", " while fitting on the labeled rows"):
+        record = generator.fit(prediction.float().cpu(), labels.cpu())
+    record = {"on": pick.name, **(record or {})}
+    log.info(
+        "label generator %r fitted on %d labeled rows of %s: %s",
+        spec,
+        len(labels),
+        pick.name,
+        ", ".join(f"{k}={v}" for k, v in record.items() if k != "on"),
+    )
+    return record
 
 
 def apply_generator(generator: Any, spec: str, merged: dict, known: torch.Tensor) -> Any:

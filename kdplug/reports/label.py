@@ -24,8 +24,22 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def row_class(columns: dict[str, np.ndarray]) -> np.ndarray:
-    """Each row's class: its label, or the argmax of its probs where rejected."""
-    return np.where(columns["accepted"], columns["label"], columns["probs"].argmax(1))
+    """Each row's class: its label, or the argmax of its probs where rejected; -1 (no
+    class: not answered) where a rejected row's probs are uniform (``pate``'s unanswered
+    rows), whose argmax would be class 0 by accident."""
+    probs = columns["probs"]
+    uniform = probs.max(1) <= probs.min(1)
+    rejected = np.where(uniform, -1, probs.argmax(1))
+    return np.where(columns["accepted"], columns["label"], rejected)
+
+
+def known_class_accuracy(
+    votes: np.ndarray, truth: np.ndarray, rows: np.ndarray, known: np.ndarray
+) -> float | None:
+    """Accuracy of one teacher's ``votes [N]`` on the ``rows`` whose true class it knows
+    (``known [C]``): its figure on its own classes, where it was trained on some only."""
+    mine = rows & known[np.clip(truth, 0, None)]
+    return _mean(votes[mine] == truth[mine])
 
 
 def build_report(
@@ -39,11 +53,15 @@ def build_report(
     truth: np.ndarray | None,
     seconds: float,
     labeled_rows: int,
+    known_classes: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """report.json's content (see docs/label.md for every field)."""
+    """report.json's content (see docs/label.md for every field). ``known_classes [K, C]``:
+    which classes each teacher knows (all when None)."""
     label, accepted = columns["label"], columns["accepted"]
     bad = merged["bad"].numpy()
     votes = merged["teacher_probs"].argmax(-1).numpy()  # [K, N]
+    if known_classes is None:
+        known_classes = np.ones((len(votes), len(record["classes"])), dtype=bool)
     weights = merged["weights"].numpy()  # [K, N]
     classes = record["classes"]
     known = None if truth is None else (truth >= 0) & ~bad
@@ -59,13 +77,23 @@ def build_report(
         }
         if known is not None:
             entry["accuracy"] = _mean(votes[k][known] == truth[known])
+            entry["known_classes"] = int(known_classes[k].sum())
+            entry["accuracy_known_classes"] = known_class_accuracy(
+                votes[k], truth, known, known_classes[k]
+            )
         teachers.append(entry)
+    per_class = {name: int((label == i).sum()) for i, name in enumerate(classes)}
+    predicted = merged["target"].argmax(1).numpy()[~bad]
     return {
         "rows": len(label),
         "accepted": int(accepted.sum()),
         "coverage": float(accepted.mean()),
         "bad_rows": int(bad.sum()),
-        "per_class": {name: int((label == i).sum()) for i, name in enumerate(classes)},
+        "per_class": per_class,
+        "empty_classes": [name for name, count in per_class.items() if not count],
+        "predicted_per_class": {
+            name: int((predicted == i).sum()) for i, name in enumerate(classes)
+        },
         "mean_confidence": _mean(columns["confidence"][accepted]),
         "mean_confidence_all": _mean(columns["confidence"][~bad]),
         "classes": classes,
@@ -91,18 +119,21 @@ def build_report(
 def evaluate(columns: dict[str, np.ndarray], truth: np.ndarray, known: np.ndarray) -> dict:
     """Accuracy of the accepted labels, of every row's class, and accuracy vs coverage.
 
-    The curve ranks the rows with a true label by confidence (ties by row order); the
+    Rows without a class (``row_class`` -1: not answered) are counted, not scored. The
+    curve ranks the answered rows with a true label by confidence (ties by row order); the
     point at coverage ``c`` is the accuracy of the ``ceil(c * M)`` most confident rows.
     """
     label, accepted = columns["label"], columns["accepted"]
     judged = accepted & known
     predicted = row_class(columns)
-    order = np.lexsort((columns["index"][known], -columns["confidence"][known]))
-    correct = (predicted[known] == truth[known])[order]
-    confidence = columns["confidence"][known][order]
+    answered = known & (predicted >= 0)
+    unanswered = int((known & (predicted < 0)).sum())
+    order = np.lexsort((columns["index"][answered], -columns["confidence"][answered]))
+    correct = (predicted[answered] == truth[answered])[order]
+    confidence = columns["confidence"][answered][order]
     running = np.cumsum(correct) / np.arange(1, len(correct) + 1)
     curve = []
-    for coverage in COVERAGE_POINTS:
+    for coverage in COVERAGE_POINTS if len(correct) else []:
         n = max(1, math.ceil(coverage * len(correct)))
         curve.append(
             {
@@ -114,6 +145,7 @@ def evaluate(columns: dict[str, np.ndarray], truth: np.ndarray, known: np.ndarra
     return {
         "labeled_rows": int(known.sum()),
         "accepted_labeled_rows": int(judged.sum()),
+        "unanswered_labeled_rows": unanswered,
         "accuracy_accepted": _mean(label[judged] == truth[judged]),
         "accuracy_all": _mean(correct),
         "accuracy_vs_coverage": curve,
@@ -123,8 +155,22 @@ def evaluate(columns: dict[str, np.ndarray], truth: np.ndarray, known: np.ndarra
 def save_report_figure(
     report: dict[str, Any], columns: dict[str, np.ndarray], path: str | os.PathLike
 ) -> None:
-    """report.png: accepted rows per class, confidence histogram, and (with true labels)
-    accuracy vs coverage."""
+    """report.png: see ``report_figure``."""
+    save_figure(report_figure(report, columns), path)
+
+
+def operating_point(evaluation: dict[str, Any]) -> tuple[float, float] | None:
+    """``(coverage, accuracy)`` of the generator's accepted rows among the answered rows
+    with a true label: where it sits on the accuracy-vs-coverage curve (None: none)."""
+    answered = evaluation["labeled_rows"] - evaluation["unanswered_labeled_rows"]
+    if evaluation["accuracy_accepted"] is None or not answered:
+        return None
+    return evaluation["accepted_labeled_rows"] / answered, evaluation["accuracy_accepted"]
+
+
+def report_figure(report: dict[str, Any], columns: dict[str, np.ndarray]):
+    """Accepted rows per class, confidence histogram, and (with true labels) accuracy vs
+    coverage with the generator's operating point marked."""
     panels = 3 if report["eval"] else 2
     fig, axes = new_figure(1, panels, figsize=(4.5 * panels, 3.6))
     names = list(report["per_class"])
@@ -140,8 +186,19 @@ def save_report_figure(
     if report["eval"]:
         curve = report["eval"]["accuracy_vs_coverage"]
         axes[2].plot([p["coverage"] for p in curve], [p["accuracy"] for p in curve], marker="o")
+        point = operating_point(report["eval"])
+        if point is not None:
+            axes[2].plot(
+                *([value] for value in point),
+                marker="*",
+                markersize=14,
+                color="tab:red",
+                linestyle="none",
+                label=f"{report['generator']['name']}: {point[0]:.1%} at {point[1]:.2%}",
+            )
+            axes[2].legend(loc="lower left", fontsize=8)
         axes[2].set_xlabel("coverage (most confident rows first)")
         axes[2].set_ylabel("accuracy")
         axes[2].set_title("accuracy vs coverage")
         axes[2].set_xlim(0, 1.02)
-    save_figure(fig, path)
+    return fig

@@ -23,12 +23,24 @@ def _positive(name: str, option: str, value: float) -> None:
         raise UsageError(f"{name}: {option} must be > 0, got {value}")
 
 
-def threshold(tau: float = 0.95):
-    """Hard label where the combined confidence max p >= tau (FixMatch's tau = 0.95)."""
-    from kdplug_label_generators.confidence import Threshold
+def threshold(
+    tau: float = 0.95, floor: float = 0.0, accuracy: float | None = None, class_rows: int = 30
+):
+    """Hard label where the combined confidence max p >= tau (FixMatch's tau = 0.95); floor:
+    every class keeps its most confident fraction; accuracy: thresholds picked on labeled rows."""
+    from kdplug_label_generators.confidence import PickedThreshold, Threshold
 
     _unit("threshold", "tau", tau)
-    return Threshold(tau)
+    _unit("threshold", "floor", floor)
+    if accuracy is None:
+        return Threshold(tau, floor)
+    if isinstance(accuracy, bool) or not isinstance(accuracy, int | float):
+        raise UsageError(f"threshold: accuracy must be a number, got {accuracy!r}")
+    if not 0.0 < accuracy <= 1.0:
+        raise UsageError(f"threshold: accuracy must be in (0, 1], got {accuracy}")
+    if class_rows < 1:
+        raise UsageError(f"threshold: class_rows must be >= 1, got {class_rows}")
+    return PickedThreshold(float(accuracy), class_rows, floor)
 
 
 def soft(T: float = 0.5):

@@ -6,12 +6,15 @@ The confidence of a row is ``target.max()``, its class ``target.argmax()``.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
 import torch
 
 from kdplug.api import Labels, UsageError
+
+log = logging.getLogger("kdplug")
 
 
 def hard_labels(
@@ -27,14 +30,131 @@ def votes(teacher_probs: torch.Tensor) -> torch.Tensor:
     return teacher_probs.argmax(-1)
 
 
-class Threshold:
-    """Accept a row where its confidence is at least ``tau``."""
+def pick_threshold(confidence: torch.Tensor, correct: torch.Tensor, accuracy: float) -> float:
+    """The lowest confidence ``t`` at which the rows with confidence >= ``t`` are at least
+    ``accuracy`` accurate: the widest coverage that meets it (``inf`` when none does).
 
-    def __init__(self, tau: float):
+    ``confidence [M]``, ``correct [M]`` bool. Rows of equal confidence go in or out
+    together, so ``t`` is always the confidence of the last row of such a run."""
+    if not len(confidence):
+        return math.inf
+    conf, order = confidence.double().sort(descending=True, stable=True)
+    right = correct[order].double().cumsum(0)
+    running = right / torch.arange(1, len(conf) + 1, dtype=torch.float64)
+    last = torch.ones(len(conf), dtype=torch.bool)
+    last[:-1] = conf[1:] < conf[:-1]
+    good = ((running >= accuracy - 1e-12) & last).nonzero().flatten()
+    return float(conf[good[-1]]) if len(good) else math.inf
+
+
+def floored(
+    confidence: torch.Tensor, predicted: torch.Tensor, thresholds: torch.Tensor, floor: float
+) -> torch.Tensor:
+    """``thresholds [C]`` with each class's lowered, where needed, so that at least
+    ``ceil(floor * n_c)`` of the ``n_c`` rows predicted as it reach it: to the confidence
+    of its ``ceil(floor * n_c)``-th most confident row. A class no row is predicted as
+    keeps its threshold."""
+    out = thresholds.clone()
+    for c in predicted.unique().tolist():
+        mine = confidence[predicted == c].sort(descending=True).values
+        keep = math.ceil(floor * len(mine))
+        if keep:
+            out[c] = min(float(out[c]), float(mine[keep - 1]))
+    return out
+
+
+def finite(values: torch.Tensor) -> list[float | None]:
+    """A threshold list for JSON: ``None`` where no threshold is reachable (``inf``)."""
+    return [None if math.isinf(v) else v for v in values.tolist()]
+
+
+class Threshold:
+    """Accept a row where its confidence reaches ``tau``; with ``floor`` > 0, every class
+    keeps at least its most confident ``floor`` fraction of the rows predicted as it."""
+
+    def __init__(self, tau: float, floor: float = 0.0):
         self.tau = tau
+        self.floor = floor
+
+    def class_thresholds(self, C: int) -> torch.Tensor:
+        """The thresholds ``[C]`` before the floor (float64)."""
+        return torch.full((C,), self.tau, dtype=torch.float64)
+
+    def info(self) -> dict:
+        return {}
 
     def __call__(self, target, teacher_probs, known) -> Labels:
-        return hard_labels(target, target.max(1).values >= self.tau)
+        confidence, predicted = target.max(1)
+        confidence = confidence.double()
+        before = self.class_thresholds(target.shape[1])
+        thresholds = before
+        info = self.info()
+        if self.floor > 0:
+            thresholds = floored(confidence, predicted, before, self.floor)
+            lowered = (thresholds < before).nonzero().flatten().tolist()
+            info = {**info, "thresholds": finite(thresholds), "floored": lowered}
+            if lowered:
+                log.info(
+                    "threshold: at classes %s (positions in the run's classes) fewer than "
+                    "%g of the rows predicted as the class reached its threshold; floor=%g "
+                    "lowered those thresholds to %s",
+                    lowered,
+                    self.floor,
+                    self.floor,
+                    ", ".join(f"{float(thresholds[c]):.3f}" for c in lowered),
+                )
+        return hard_labels(target, confidence >= thresholds[predicted], **info)
+
+
+class PickedThreshold(Threshold):
+    """``threshold,accuracy=A``: the thresholds are picked by ``fit`` on labeled rows so
+    that the rows they accept there are at least ``A`` accurate; a class with at least
+    ``class_rows`` labeled rows predicted as it gets its own, the others share one."""
+
+    def __init__(self, accuracy: float, class_rows: int, floor: float = 0.0):
+        super().__init__(tau=math.nan, floor=floor)
+        self.accuracy = accuracy
+        self.class_rows = class_rows
+        self.picked: torch.Tensor | None = None
+
+    def fit(self, prediction: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Pick the thresholds on ``prediction [M, C]`` (the combined prediction of labeled
+        rows) and their ``labels [M]``; returns what was picked (JSON-ready)."""
+        keep = labels >= 0
+        confidence, predicted = prediction[keep].max(1)
+        labels = labels[keep]
+        correct = predicted == labels
+        shared = pick_threshold(confidence, correct, self.accuracy)
+        C = prediction.shape[1]
+        picked = torch.full((C,), shared, dtype=torch.float64)
+        counts = torch.bincount(predicted, minlength=C)
+        own = (counts >= self.class_rows).nonzero().flatten().tolist()
+        for c in own:
+            mine = predicted == c
+            picked[c] = pick_threshold(confidence[mine], correct[mine], self.accuracy)
+        self.picked = picked
+        accepted = confidence.double() >= picked[predicted]
+        return {
+            "accuracy": self.accuracy,
+            "rows": int(keep.sum()),
+            "threshold": None if math.isinf(shared) else shared,
+            "thresholds": finite(picked),
+            "own_threshold": own,
+            "rows_per_class": counts.tolist(),
+            "coverage_there": float(accepted.double().mean()) if len(accepted) else None,
+            "accuracy_there": float(correct[accepted].double().mean()) if accepted.any() else None,
+        }
+
+    def class_thresholds(self, C: int) -> torch.Tensor:
+        if self.picked is None:
+            raise UsageError(
+                f"threshold: accuracy={self.accuracy} picks its thresholds on labeled rows, "
+                "and none were given (kdplug label calls its fit with them)"
+            )
+        return self.picked
+
+    def info(self) -> dict:
+        return {"thresholds": finite(self.picked)}
 
 
 class Soft:
