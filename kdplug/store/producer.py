@@ -68,17 +68,22 @@ class StoreProducer:
         return out
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> TeacherOutputs:
-        """The stored outputs ``[T, B, C]`` of the rows ``idx`` at their picked views."""
+        """The stored outputs ``[T, B, C]`` of the rows ``idx`` at their picked views.
+
+        Read, checked and assembled on the CPU (where the store is), then copied to ``x``'s
+        device once, from pinned memory without blocking on CUDA: the step never waits for
+        the GPU here."""
         rows = idx.cpu().numpy()
-        logits = torch.empty((len(self.names), len(rows), len(self.store.classes)), device=x.device)
-        bad = torch.zeros(len(rows), dtype=torch.bool, device=x.device)
+        logits = torch.empty((len(self.names), len(rows), len(self.store.classes)))
+        bad = torch.zeros(len(rows), dtype=torch.bool)
         for split, positions, split_rows in self._locate(rows):
-            part = torch.from_numpy(positions).to(x.device)
-            values, flagged = self.store.read(
-                split, split_rows, self.view[rows[positions]], x.device
-            )
+            part = torch.from_numpy(positions)
+            values, flagged = self.store.read(split, split_rows, self.view[rows[positions]])
             logits[:, part], bad[part] = values, flagged
-        return TeacherOutputs(logits, self.known, bad if bad.any() else None)
+        flagged = bool(bad.any())  # a CPU tensor: no wait for the GPU
+        if x.device.type == "cuda":
+            logits, bad = (t.pin_memory().to(x.device, non_blocking=True) for t in (logits, bad))
+        return TeacherOutputs(logits, self.known, bad if flagged else None)
 
 
 def store_producer(
