@@ -13,8 +13,15 @@ training step alone, engine and hand loop taking turns batch by batch. Run on CP
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/distill_overhead.py
 
-With CUDA (``--device cuda``) it also reports the engine's images/s (AMP bf16,
-channels-last) for student-only training and for distillation from 1 and 3 teachers.
+(a short check: ``--size 16 --epochs 2 --repeats 1``). The hand loop runs as the engine
+runs on the device: under ``kdplug.device.autocast`` (bfloat16 or float16 on CUDA, with the
+engine's GradScaler for float16; float32 on the CPU), the student in
+``kdplug.device.memory_format`` (channels_last on CUDA), the teacher on the contiguous batch
+with its gradients off, the same timm AdamW. On CUDA every timer reads after
+``torch.cuda.synchronize()``. With CUDA (``--device cuda``) it also reports the engine's
+images/s for student-only training and for distillation from 1 and 3 teachers. Each part is
+written to ``--json`` as soon as it is measured, so a late failure keeps the earlier figures
+(the failure is recorded under ``error``); all are printed at the end.
 """
 
 from __future__ import annotations
@@ -23,11 +30,23 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import kdplug
+
+
+def clock(device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done (CUDA runs
+    asynchronously: an unsynchronized timer measures the queueing, not the work)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def make_data(root: Path, size: int, copies: int) -> str:
@@ -66,45 +85,68 @@ def make_teacher(root: Path, name: str, arch: str, size: int, seed: int) -> str:
 
 
 class HandKD:
-    """A minimal KD step: teacher under no_grad, student, ``0.1 CE + 0.9 T^2 KL``, AdamW."""
+    """A minimal KD step: teacher under no_grad, student, ``0.1 CE + 0.9 T^2 KL``, timm's
+    AdamW; precision and memory format as the engine's on the device (``kdplug.device``).
+    Without a teacher (``teacher=None``) it is a plain timm training step on CE."""
 
-    def __init__(self, data: str, teacher: str, arch: str, device: str, seed: int):
+    def __init__(self, data: str, teacher: str | None, arch: str, device: str, seed: int):
         import timm
         import torch
+        from timm.optim import create_optimizer_v2
 
         from kdplug.data import load_data
-        from kdplug.engines.distill import data_normalization
+        from kdplug.device import grad_scaler, memory_format
+        from kdplug.engines.distill import OPTIMIZER, WEIGHT_DECAY
         from kdplug.model_dir import load_classifier
+        from kdplug.preprocess import data_normalization
 
         self.device = torch.device(device)
         self.source = load_data(data)
-        self.teacher = load_classifier(teacher.split(":", 1)[1]).to(self.device).eval()
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = load_classifier(teacher.split(":", 1)[1]).to(self.device).eval()
+            self.teacher.requires_grad_(False)  # as the engine's: autocast keeps no weight copy
         torch.manual_seed(seed)
-        self.student = timm.create_model(arch, num_classes=10, in_chans=1).to(self.device)
+        self.memory_format = memory_format(self.device)
+        self.student = timm.create_model(
+            arch, num_classes=len(self.source.classes), in_chans=self.source.in_chans
+        ).to(self.device, memory_format=self.memory_format)
         mean, std = data_normalization(self.source)
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=1e-3, weight_decay=0.05)
+        self.optimizer = create_optimizer_v2(
+            self.student, opt=OPTIMIZER, lr=1e-3, weight_decay=WEIGHT_DECAY
+        )
+        self.scaler = grad_scaler(self.device)
 
     def step(self, x, y) -> None:
         import torch
         import torch.nn.functional as F
 
+        from kdplug.device import autocast
+
         T = 4.0
-        x, y = x.to(self.device), y.to(self.device)
-        with torch.no_grad():
-            target = self.teacher(x)
-        logits = self.student((x - self.mean) / self.std)
-        kl = F.kl_div(
-            F.log_softmax(logits / T, 1),
-            F.log_softmax(target / T, 1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * T * T * kl
+        x = x.to(self.device, non_blocking=True)  # contiguous: the teacher's input
+        y = y.to(self.device, non_blocking=True)
+        with autocast(self.device):
+            if self.teacher is not None:
+                with torch.no_grad():
+                    target = self.teacher(x).float()
+            student_x = x.contiguous(memory_format=self.memory_format)
+            logits = self.student((student_x - self.mean) / self.std).float()
+        loss = F.cross_entropy(logits, y)
+        if self.teacher is not None:
+            kl = F.kl_div(
+                F.log_softmax(logits / T, 1),
+                F.log_softmax(target / T, 1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            loss = 0.1 * loss + 0.9 * T * T * kl
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
 
 def hand_loop(data: str, teacher: str, arch: str, args: argparse.Namespace) -> list[float]:
@@ -113,61 +155,73 @@ def hand_loop(data: str, teacher: str, arch: str, args: argparse.Namespace) -> l
 
     hand, times = HandKD(data, teacher, arch, args.device, args.seed), []
     for epoch in range(args.epochs):
-        start = time.perf_counter()
+        start = clock(args.device)
         for x, y, _ in batches(
             hand.source, args.batch_size, shuffle=True, seed=args.seed, epoch=epoch, drop_last=True
         ):
             hand.step(x, y)
-        times.append(time.perf_counter() - start)
+        times.append(clock(args.device) - start)
     return times
 
 
 def step_ratio(data: str, teacher: str, arch: str, args: argparse.Namespace) -> float:
     """Engine step / hand step, median over the same decoded batches, taken turn about
-    (data loading and files left out: the training step alone)."""
+    (data loading and files left out: the training step alone). The engine's parts are
+    placed and fitted as ``distill`` places and fits them (teachers on the device)."""
     import torch
 
     from kdplug.data import batches
-    from kdplug.engines.distill import DistillConfig, Trainer, TrainRows, build_parts
+    from kdplug.engines.distill import (
+        DistillConfig,
+        Trainer,
+        TrainRows,
+        build_parts,
+        fit_on_labeled_rows,
+    )
 
     config = DistillConfig(
         student=f"timm:{arch}",
         train=data,
         teachers=[teacher],
+        loss="kd,T=4",
         out="unused",
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
     )
+    device = torch.device(args.device)
     parts = build_parts(config)
+    parts.producer.to(device)  # as distill does: the teachers run where the batch is
+    fit_on_labeled_rows(parts, config, device)
     rows = TrainRows(parts.train, None)
-    trainer = Trainer(parts, config, torch.device(args.device), len(rows) // args.batch_size)
+    trainer = Trainer(parts, config, device, len(rows) // args.batch_size)
     trainer.begin_epoch(0, args.epochs)
     hand = HandKD(data, teacher, arch, args.device, args.seed)
     hand_s, engine_s = [], []
     for x, y, idx in batches(rows, args.batch_size, shuffle=True, drop_last=True):
-        start = time.perf_counter()
+        start = clock(device)
         hand.step(x, y)
-        middle = time.perf_counter()
+        middle = clock(device)
         trainer.step(x, y, idx)
         hand_s.append(middle - start)
-        engine_s.append(time.perf_counter() - middle)
+        engine_s.append(clock(device) - middle)
     return statistics.median(engine_s) / statistics.median(hand_s)
 
 
 class EpochClock:
     """An event-hook plugin recording when the engine starts and ends each epoch."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
         self.marks: list[float] = []
 
     @kdplug.hookimpl
     def on_fit_start(self, run) -> None:
-        self.marks = [time.perf_counter()]
+        self.marks = [clock(self.device)]
 
     @kdplug.hookimpl
     def on_epoch_end(self, run, epoch, metrics) -> None:
-        self.marks.append(time.perf_counter())
+        self.marks.append(clock(self.device))
 
     def epochs(self) -> list[float]:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
@@ -195,13 +249,15 @@ def engine(
     return distill(config)
 
 
-def overhead(root: Path, args: argparse.Namespace) -> dict:
+def overhead(root: Path, args: argparse.Namespace, save) -> dict:
+    """Epoch times of hand loop and engine, then the step ratio; ``save(results)`` is called
+    with what is measured so far after each part."""
     from kdplug.plugins import get_manager
 
     data = make_data(root, args.size, args.copies)
     teacher = make_teacher(root, "teacher", args.teacher, args.size, seed=1)
-    clock = EpochClock()
-    get_manager().add(clock, "bench-clock")
+    epochs = EpochClock(args.device)
+    get_manager().add(epochs, "bench-clock")
     hand, kdplug_times, ratios = [], [], []
     for repeat in range(args.repeats):
         # the two run back to back, alternating which goes first, and each pair is compared:
@@ -213,11 +269,11 @@ def overhead(root: Path, args: argparse.Namespace) -> dict:
                 hand += timed
             else:
                 engine(data, [teacher], args.student, "kd,T=4", root / f"run{repeat}", args)
-                timed = clock.epochs()[1:]
+                timed = epochs.epochs()[1:]
                 kdplug_times += timed
             median[which] = statistics.median(timed)
         ratios.append(median["kdplug"] / median["hand"])
-    return {
+    result = {
         "hand_epoch_s": [round(t, 3) for t in hand],
         "kdplug_epoch_s": [round(t, 3) for t in kdplug_times],
         "hand_median_s": round(statistics.median(hand), 3),
@@ -225,15 +281,19 @@ def overhead(root: Path, args: argparse.Namespace) -> dict:
         "ratio_per_pair": [round(r, 3) for r in ratios],
         "ratio": round(statistics.median(ratios), 3),
         "ratio_of_fastest_epochs": round(min(kdplug_times) / min(hand), 3),
-        "step_ratio": round(step_ratio(data, teacher, args.student, args), 3),
     }
+    save(result)
+    result["step_ratio"] = round(step_ratio(data, teacher, args.student, args), 3)
+    save(result)
+    return result
 
 
-def throughput(root: Path, args: argparse.Namespace) -> dict:
-    """Engine images/s (AMP on CUDA): student only, and KD from 1 and 3 teachers."""
+def throughput(root: Path, args: argparse.Namespace, save) -> dict:
+    """Engine images/s (AMP on CUDA): student only, and KD from 1 and 3 teachers; ``save``
+    as in ``overhead``. (``samples_per_s`` is read after the epoch's host sync.)"""
     data = make_data(root / "gpu", args.size, args.copies)
     teachers = [make_teacher(root, f"gpu-t{i}", args.teacher, args.size, seed=i) for i in range(3)]
-    rates = {}
+    rates: dict = {}
     for name, chosen, loss in [
         ("student only", [], "ce"),
         ("1 teacher", teachers[:1], "kd,T=4"),
@@ -244,7 +304,33 @@ def throughput(root: Path, args: argparse.Namespace) -> dict:
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rates[name] = round(statistics.median(line["samples_per_s"] for line in lines[1:]), 1)
         rates[f"{name} peak memory GiB"] = round(summary["peak_memory"]["bytes"] / 2**30, 2)
+        save(rates)
     return rates
+
+
+class Results:
+    """The results so far: printed and written to ``path`` (if any) after every part, so a
+    failure later in the run keeps what was measured before it."""
+
+    def __init__(self, path: str | None, header: dict):
+        self.path = Path(path) if path else None
+        self.data = dict(header)
+
+    def part(self, key: str):
+        """A ``save(value)`` callback that records ``value`` under ``key``."""
+
+        def save(value) -> None:
+            self.data[key] = value
+            self.write()
+
+        return save
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        tmp.replace(self.path)
 
 
 def main() -> None:
@@ -265,21 +351,34 @@ def main() -> None:
     import timm
     import torch
 
-    with tempfile.TemporaryDirectory() as tmp:
-        results = {
-            "machine": f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} torch threads",
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "args": vars(args),
-            "overhead": overhead(Path(tmp), args),
-        }
-        if args.device.startswith("cuda"):
-            results["cuda"] = torch.cuda.get_device_name()
-            results["images_per_s"] = throughput(Path(tmp), args)
-    print(json.dumps(results, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    from kdplug.device import autocast_dtype, memory_format
+
+    device = torch.device(args.device)
+    header = {
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads",
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "args": vars(args),
+        "precision": str(autocast_dtype(device) or torch.float32),
+        "student_memory_format": str(memory_format(device)),
+    }
+    if device.type == "cuda":
+        header["cuda"] = torch.cuda.get_device_name(device)
+    results = Results(args.json, header)
+    results.write()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            overhead(Path(tmp), args, results.part("overhead"))
+            if device.type == "cuda":
+                throughput(Path(tmp), args, results.part("images_per_s"))
+    except Exception as exc:  # keep the figures measured so far, and say what failed
+        results.data["error"] = f"{type(exc).__name__}: {exc}"
+        results.write()
+        print(json.dumps(results.data, indent=2))
+        traceback.print_exc()
+        sys.exit(1)
+    print(json.dumps(results.data, indent=2))
 
 
 if __name__ == "__main__":
