@@ -150,8 +150,8 @@ def near_chance_flag(name: str, figures: dict[str, Any], rows: str) -> dict[str,
     message = (
         f"teacher {name} is near chance on {figures['rows']} labeled {rows}: accuracy "
         f"{figures['accuracy']:.3f} against {figures['chance']:.3f} for always answering the "
-        "most frequent class; check what it is fed (the size, mean and std logged above) and "
-        "its class order (--classes, or classes= on the teacher)"
+        "most frequent class; check what it is fed (its size, mean and std) and its class "
+        "order (--classes, or classes=a;b;... on its spec)"
     )
     return {"teacher": name, "check": "near_chance", **figures, "message": message}
 

@@ -541,8 +541,19 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     }
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Train losses and val accuracy per epoch."""
+def losses_that_ran(loss: Any) -> list[str]:
+    """The train losses of ``loss``'s runs: the total, and ``ce`` and ``kd`` where they
+    count in it (a labels-only loss such as ``ce`` runs no kd term)."""
+    ran = ["loss"]
+    if loss.ce_weight > 0:
+        ran.append("ce")
+    if loss.uses_teachers and loss.kd_weight > 0:
+        ran.append("kd")
+    return ran
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, loss: Any) -> None:
+    """The train losses that ran (``losses_that_ran``) and val accuracy per epoch."""
     from matplotlib.ticker import MaxNLocator
 
     from kdplug.reports.figures import new_figure, save_figure
@@ -551,7 +562,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig, (left, right) = new_figure(1, 2, figsize=(10, 4))
     for axes in (left, right):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for key in ("loss", "ce", "kd"):
+    for key in losses_that_ran(loss):
         left.plot(epochs, [h[key] for h in history], marker="o", label=key)
     left.set_xlabel("epoch")
     left.set_title("train loss")
@@ -641,7 +652,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
         if keeps_best(config, parts) and progress["best_state"] is not None:
             trainer.eval_model.load_state_dict(progress["best_state"])
         save_model_dir(out, trainer.eval_model, parts)
-        plot_curves(progress["history"], out / CURVES)
+        plot_curves(progress["history"], out / CURVES, parts.loss)
         from kdplug.outputs import write_json
 
         write_json(out / SUMMARY, summary)

@@ -79,6 +79,17 @@ def scores(logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor) -> d
     }
 
 
+def known_class_accuracy(
+    logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor
+) -> float | None:
+    """Accuracy on the rows whose true class the teacher knows (``known [C]``): the figure
+    of a teacher trained on some of the classes, judged on its own (None: no such row)."""
+    rows = known[labels]
+    if not rows.any():
+        return None
+    return metrics.accuracy(ops.teacher_probs(logits[rows], known), labels[rows])
+
+
 def calibrate(
     specs: Sequence[str],
     data: str,
@@ -202,6 +213,7 @@ def report(
             "fingerprint": fingerprint,
             "known_classes": int(known.sum()),
             **scores(logits, known, labels),
+            "accuracy_known_classes": known_class_accuracy(logits, known, labels),
             "reliability": metrics.reliability(ops.teacher_probs(logits, known), labels),
         }
         if temperatures is not None:
@@ -278,7 +290,8 @@ def short(spec: str, width: int = 32) -> str:
 
 
 def reliability_figure(teacher: dict[str, Any]):
-    """Accuracy against confidence per bin; the calibrated curve too when there is one."""
+    """Accuracy against confidence per bin, each point labeled with its bin's row count; the
+    calibrated curve too when there is one."""
     from kdplug.reports.figures import new_figure
 
     fig, ax = new_figure(figsize=(4.2, 4.2))
@@ -286,15 +299,25 @@ def reliability_figure(teacher: dict[str, Any]):
     curves = [("T=1", teacher)]
     if "calibrated" in teacher:
         curves.append((f"T={teacher['calibrated']['temperature']:.2f}", teacher["calibrated"]))
-    for label, entry in curves:
+    for number, (label, entry) in enumerate(curves):
         table = entry["reliability"]
         used = [i for i, n in enumerate(table["count"]) if n]
-        ax.plot(
+        (line,) = ax.plot(
             [table["confidence"][i] for i in used],
             [table["accuracy"][i] for i in used],
             marker="o",
-            label=f"{label} (ECE {entry['ece']:.3f})",
+            label=f"{label} (ECE {entry['ece']:.3f}; n per bin)",
         )
+        for i in used:  # below the point for the first curve, above it for the second
+            ax.annotate(
+                str(table["count"][i]),
+                (table["confidence"][i], table["accuracy"][i]),
+                xytext=(0, -10 if number == 0 else 6),
+                textcoords="offset points",
+                ha="center",
+                fontsize=6,
+                color=line.get_color(),
+            )
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
     ax.set_title(short(teacher["spec"], 48), fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
@@ -322,13 +345,21 @@ def agreement_figure(matrix: list[list[float]], names: list[str]):
 def format_report(result: dict[str, Any]) -> str:
     """The report as plain-text tables: teachers, ensembles, agreement."""
     calibrated = result["calibration"] is not None
+    classes = len(result.get("classes") or [])
+    partial = any(t.get("known_classes", classes) < classes for t in result["teachers"])
     head = ["#", "teacher", "accuracy", "NLL", "ECE"]
+    if partial:
+        head.insert(3, "on its classes")
     if calibrated:
         head += ["T", "NLL after", "ECE after"]
     rows = [head]
     for k, t in enumerate(result["teachers"]):
         row = [str(k), short(t["spec"]), f"{t['accuracy']:.4f}", f"{t['nll']:.4f}"]
         row.append(f"{t['ece']:.4f}")
+        if partial:
+            own = t.get("accuracy_known_classes")
+            figure = "-" if own is None else f"{own:.4f}"
+            row.insert(3, f"{figure} ({t['known_classes']}/{classes})")
         if calibrated:
             c = t["calibrated"]
             row += [f"{c['temperature']:.3f}", f"{c['nll']:.4f}", f"{c['ece']:.4f}"]
@@ -340,17 +371,13 @@ def format_report(result: dict[str, Any]) -> str:
         _table(rows),
         "",
     ]
-    ensemble = [["combiner", "accuracy", "NLL", "ECE"]]
-    ensemble += [
-        [
-            c["name"] + (" (held out)" if c.get("held_out") else ""),
-            f"{c['accuracy']:.4f}",
-            f"{c['nll']:.4f}",
-            f"{c['ece']:.4f}",
-        ]
-        for c in result["combiners"]
-    ]
+    ensemble = [["combiner", "accuracy", "NLL", "ECE"], *combiner_rows(result["combiners"])]
     title = "ensemble (calibrated teachers)" if calibrated else "ensemble"
+    if len(result["teachers"]) == 1:
+        title += (
+            ": one teacher, so every combiner gives it all the weight and only a calibrating "
+            "one (auto) differs; combiners with the same figures share a row"
+        )
     if result["combiners"]:
         lines += [title, _table(ensemble), ""]
     else:
@@ -361,6 +388,17 @@ def format_report(result: dict[str, Any]) -> str:
     agreement += [[str(i)] + [f"{v:.2f}" for v in row] for i, row in enumerate(result["agreement"])]
     lines += ["", "agreement (fraction of rows with the same argmax)", _table(agreement)]
     return "\n".join(lines)
+
+
+def combiner_rows(combiners: list[dict[str, Any]]) -> list[list[str]]:
+    """The ensemble table's rows: combiners with the same figures (all of them but a
+    calibrating one, with one teacher) share one row that names them all."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for c in combiners:
+        figures = tuple(f"{c[key]:.4f}" for key in ("accuracy", "nll", "ece"))
+        name = c["name"] + (" (held out)" if c.get("held_out") else "")
+        groups.setdefault(figures, []).append(name)
+    return [[", ".join(names), *figures] for figures, names in groups.items()]
 
 
 def format_selection(selection: dict[str, Any] | None) -> list[str]:
