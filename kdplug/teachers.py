@@ -114,6 +114,7 @@ class TeacherSet:
         self.known = torch.stack(
             [torch.ones(C, dtype=torch.bool) if i is None else i >= 0 for i in self.index]
         )
+        self.columns = [None if i is None else _columns(i) for i in self.index]
         self.batches_seen = 0
         own = [getattr(teacher, "classes", None) for teacher in self.teachers]
         self.class_notes = class_notes(self.names, own, self.classes)
@@ -128,10 +129,13 @@ class TeacherSet:
         return len(self.teachers)
 
     def to(self, device: torch.device | str) -> TeacherSet:
+        """Move the teachers, and the class-alignment indexes every batch uses, to ``device``."""
         for teacher in self.teachers:
             if isinstance(teacher, torch.nn.Module):
                 teacher.to(device)
                 teacher.eval()
+        self.known = self.known.to(device)
+        self.columns = [None if c is None else tuple(t.to(device) for t in c) for c in self.columns]
         return self
 
     def fingerprints(self) -> list[str | None]:
@@ -173,7 +177,7 @@ class TeacherSet:
         out = torch.full(
             (len(self.teachers), B, C), IMPOSSIBLE, dtype=torch.float32, device=x.device
         )
-        bad = torch.zeros(B, dtype=torch.bool, device=x.device)
+        nonfinite = torch.zeros((len(self.teachers), B), dtype=torch.bool, device=x.device)
         for k, (teacher, name, columns, temperature) in enumerate(
             zip(self.teachers, self.names, self.index, self.temperatures)
         ):
@@ -181,27 +185,32 @@ class TeacherSet:
             wanted = C if columns is None else len(teacher.classes)  # columns: it has classes
             if z.dim() != 2 or z.shape[0] != B or z.shape[1] != wanted:
                 raise UsageError(self._shape_error(name, tuple(z.shape), B, wanted, columns))
-            finite = torch.isfinite(z).all(dim=1)
-            if not finite.all():
-                if not self.skip_bad_rows:
-                    rows = (~finite).nonzero().flatten()[:5].tolist()
-                    raise UsageError(
-                        f"teacher {name} returned NaN or Inf logits in batch "
-                        f"{self.batches_seen} (rows {rows} of the batch); pass "
-                        "--skip-bad-rows to drop such rows and count them"
-                    )
-                bad |= ~finite
-                z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=IMPOSSIBLE)
-            z = z.clamp_min(IMPOSSIBLE)
+            nonfinite[k] = ~torch.isfinite(z).all(dim=1)
+            z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=IMPOSSIBLE).clamp_min(IMPOSSIBLE)
             if temperature != 1.0:
                 z = apply_temperature(z, temperature)
-            if columns is None:
+            if self.columns[k] is None:
                 out[k] = z
             else:
-                have = columns >= 0
-                out[k][:, have.to(x.device)] = z[:, columns[have].to(x.device)]
+                ours, theirs = self.columns[k]
+                out[k].index_copy_(1, ours, z.index_select(1, theirs))
         self.batches_seen += 1
-        return TeacherOutputs(out, self.known.to(x.device), bad if bad.any() else None)
+        bad = nonfinite.any(0)
+        if not bad.any():  # the batch's one wait for the device
+            return TeacherOutputs(out, self.known_on(x.device), None)
+        if not self.skip_bad_rows:
+            k = int(nonfinite.any(1).nonzero()[0])
+            rows = nonfinite[k].nonzero().flatten()[:5].tolist()
+            raise UsageError(
+                f"teacher {self.names[k]} returned NaN or Inf logits in batch "
+                f"{self.batches_seen - 1} (rows {rows} of the batch); pass "
+                "--skip-bad-rows to drop such rows and count them"
+            )
+        return TeacherOutputs(out, self.known_on(x.device), bad)
+
+    def known_on(self, device: torch.device) -> torch.Tensor:
+        """``known`` on ``device`` (moved by ``to``, so copied only for another device)."""
+        return self.known if self.known.device == device else self.known.to(device)
 
     def _run(
         self, teacher: Any, name: str, x: torch.Tensor, index: torch.Tensor | None
@@ -232,6 +241,13 @@ class TeacherSet:
                 "use data with the same classes"
             )
         return f"teacher {name} returned {shape[1]} logits but names {wanted} classes"
+
+
+def _columns(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(run columns, the teacher's columns)`` of the classes a teacher has, from its
+    alignment index (``alignment``: the teacher's column per run class, -1 where it lacks it)."""
+    have = index >= 0
+    return have.nonzero().flatten(), index[have]
 
 
 def create_teachers(specs: Sequence[str | Spec]) -> list[Any]:

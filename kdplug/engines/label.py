@@ -364,32 +364,37 @@ def label_rows(
 ) -> dict[str, torch.Tensor]:
     """The tensors of the batches ``rows`` (``(x, y, idx)``): ``teacher_probs [K, R, C]``,
     ``target [R, C]`` (the combined prediction), ``weights [K, R]`` and ``bad [R]`` (a
-    teacher gave NaN/Inf)."""
+    teacher gave NaN/Inf).
+
+    The batches' results stay on ``device`` until the last one, then come to the host
+    together and are checked there: a batch waits for the device only in the teacher set."""
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("teacher_probs", "target", "weights")}
-    bad_parts = []
+    bad_parts, row_parts = [], []
     for x, _, idx in rows:
-        x, idx = x.to(device, non_blocking=True), idx.to(device)
+        x = x.to(device, non_blocking=True)
         with autocast(device):
-            out = teacher_set(x, idx)
+            out = teacher_set(x, idx.to(device))
         logits = out.logits.float()
         unlabeled = torch.full((x.shape[0],), -1, dtype=torch.long, device=device)
         batch = f" on batch {teacher_set.batches_seen - 1}"
         with running(combiner, "the combiner", batch):
             weights, target = combined_prediction(combiner, logits, out.known, unlabeled)
-        refuse_invalid(combiner, "the combiner", "weights", weights.T, idx, finite_only=True)
-        refuse_invalid(combiner, "the combiner", "probabilities", target, idx)
-        parts["teacher_probs"].append(teacher_probs(logits, out.known).cpu())
-        parts["target"].append(target.float().cpu())
-        parts["weights"].append(weights.float().cpu())
-        bad = out.bad_rows if out.bad_rows is not None else torch.zeros(x.shape[0], dtype=bool)
-        bad_parts.append(bad.cpu())
+        parts["teacher_probs"].append(teacher_probs(logits, out.known))
+        parts["target"].append(target.float())
+        parts["weights"].append(weights.float())
+        bad = out.bad_rows if out.bad_rows is not None else torch.zeros_like(unlabeled, dtype=bool)
+        bad_parts.append(bad)
+        row_parts.append(idx)
         bar.update(1)
-    return {
-        "teacher_probs": torch.cat(parts["teacher_probs"], dim=1),
-        "target": torch.cat(parts["target"]),
-        "weights": torch.cat(parts["weights"], dim=1),
-        "bad": torch.cat(bad_parts),
-    }
+    dims = {"teacher_probs": 1, "target": 0, "weights": 1}
+    merged = {key: torch.cat(values, dim=dims[key]).cpu() for key, values in parts.items()}
+    merged["bad"] = torch.cat(bad_parts).cpu()
+    data_rows = torch.cat(row_parts)
+    refuse_invalid(
+        combiner, "the combiner", "weights", merged["weights"].T, data_rows, finite_only=True
+    )
+    refuse_invalid(combiner, "the combiner", "probabilities", merged["target"], data_rows)
+    return merged
 
 
 def merge_shards(shards: list[Shard]) -> dict[str, torch.Tensor]:
