@@ -63,6 +63,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "Preprocess": "kdplug.preprocess:Preprocess",
             "fixed_batch": "kdplug.teacher_io:fixed_batch",
             "run_in_batches": "kdplug.teacher_io:run_in_batches",
+            "to_device": "kdplug.teacher_io:to_device",
             "probs_to_logits": "kdplug.teacher_io:probs_to_logits",
             "looks_like_probs": "kdplug.teacher_io:looks_like_probs",
             "PICKLE_SUFFIXES": "kdplug.teacher_io:PICKLE_SUFFIXES",

@@ -56,7 +56,7 @@ class Teacher(Protocol):
 
     uses_row_index: bool = False
     """True: called as ``teacher(x, index)``, ``index [B]`` int64 the rows' positions in
-    their dataset (precomputed outputs); refused by ``cache --views`` > 1 and by
+    their dataset (precomputed outputs), on the CPU; refused by ``cache --views`` > 1 and by
     ``label --calibration-data``."""
 
     num_rows: int | None = None

@@ -138,6 +138,14 @@ def fixed_batch(dim: Any, source: str) -> int | None:
     return dim
 
 
+def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor (a teacher's outputs computed on the host) on ``device``: on CUDA copied
+    from pinned memory without blocking, so the step does not wait for the copy."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def run_in_batches(
     run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int | None
 ) -> torch.Tensor:

@@ -360,7 +360,7 @@ def view_entries(
     """What the store keeps of the teachers' outputs on one view ``x`` of a batch, on the CPU:
     ``values [b, T, k]`` (``indices [b, T, k]`` and ``tail [b, T]`` for top-k), ``bad [b]``."""
     with autocast(device):
-        out = teacher_set(x.to(device), idx.to(device))
+        out = teacher_set(x.to(device), idx)  # row positions stay on the host
     log_probs = masked_log_softmax(out.logits.float(), out.known).clamp_min(2 * IMPOSSIBLE)
     dtype = getattr(torch, cfg.dtype)
     entries = {}

@@ -373,7 +373,7 @@ def label_rows(
     for x, _, idx in rows:
         x = x.to(device, non_blocking=True)
         with autocast(device):
-            out = teacher_set(x, idx.to(device))
+            out = teacher_set(x, idx)  # row positions stay on the host, where files are read
         logits = out.logits.float()
         unlabeled = torch.full((x.shape[0],), -1, dtype=torch.long, device=device)
         batch = f" on batch {teacher_set.batches_seen - 1}"

@@ -18,6 +18,7 @@ from kdplug.api import (
     pickle_allowed,
     probs_to_logits,
     refuse_pickle,
+    to_device,
 )
 
 
@@ -46,7 +47,7 @@ class EstimatorTeacher:
         try:
             if self.probs:
                 out = np.asarray(self.estimator.predict_proba(rows), np.float32)
-                return probs_to_logits(torch.from_numpy(out)).to(x.device)
+                return to_device(probs_to_logits(torch.from_numpy(out)), x.device)
             scores = np.asarray(self.estimator.decision_function(rows), dtype=np.float32)
         except ValueError:
             missing = np.flatnonzero(~np.isfinite(rows).all(axis=1))
@@ -60,7 +61,7 @@ class EstimatorTeacher:
             ) from None
         if scores.ndim == 1:
             scores = np.stack([np.zeros_like(scores), scores], axis=1)
-        return torch.from_numpy(scores).to(x.device)
+        return to_device(torch.from_numpy(scores), x.device)
 
 
 def load_estimator(ref: str, allow_pickle: bool, trusted: Any, classes: Any) -> EstimatorTeacher:

@@ -20,6 +20,7 @@ from kdplug.api import (
     looks_like_probs,
     probability_flag,
     probs_to_logits,
+    to_device,
 )
 
 SUFFIXES = ".npy, .safetensors, .parquet or a saved dataset directory"
@@ -53,8 +54,7 @@ class LogitsTeacher:
                 "asked for; row i of the file must be row i of the data"
             )
         values = torch.from_numpy(np.asarray(self.array[rows], dtype=np.float32))
-        values = values.to(x.device)
-        return probs_to_logits(values) if self.probs else values
+        return to_device(probs_to_logits(values) if self.probs else values, x.device)
 
 
 def load_logits(ref: str, key: Any, column: Any, probs: Any, classes: Any) -> LogitsTeacher:
