@@ -354,6 +354,8 @@ class Trainer:
 
         self.device, self.cuda = device, device.type == "cuda"
         self.memory_format = memory_format(device)
+        if self.cuda:  # fixed input sizes: let cuDNN pick its fastest kernels once
+            torch.backends.cudnn.benchmark = True
         self.model = parts.model.to(device, memory_format=self.memory_format)
         self.normalize = Preprocess(
             mean=parts.mean, std=parts.std, in_chans=parts.train.in_chans
@@ -775,6 +777,8 @@ def train_epoch(
             totals[key] = totals[key] + value if key in totals else value
     trainer.check_targets(epoch)
     trainer.end_epoch(epoch)
+    if trainer.cuda:  # the epoch's GPU work is done before its time is read
+        torch.cuda.synchronize(trainer.device)
     train_time = time.perf_counter() - start
     if distributed.world_size() > 1:
         totals = reduce_totals(totals, len(names), trainer.device)
