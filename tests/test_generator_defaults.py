@@ -89,7 +89,7 @@ def test_accuracy_picks_a_threshold_per_class_where_the_classes_differ():
     out = generator(target, target[None], known(1, 3))
     hand = confidence.double() >= torch.tensor(thresholds, dtype=torch.float64)[predicted]
     assert out.accepted.tolist() == hand.tolist()
-    assert record["accuracy_there"] >= 0.98
+    assert record["accuracy_on_fit_rows"] >= 0.98
 
 
 def test_accuracy_is_refused_without_fitting_and_out_of_range():

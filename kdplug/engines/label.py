@@ -489,9 +489,16 @@ def fit_generator(
         spec,
         len(labels),
         pick.name,
-        ", ".join(f"{k}={v}" for k, v in record.items() if k != "on"),
+        ", ".join(f"{k}={rounded(v)}" for k, v in record.items() if k != "on"),
     )
     return record
+
+
+def rounded(value: Any) -> Any:
+    """``value`` with its floats (also in a list) to 4 significant digits, for a log line."""
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
 def apply_generator(generator: Any, spec: str, merged: dict, known: torch.Tensor) -> Any:

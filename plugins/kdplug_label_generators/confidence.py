@@ -141,8 +141,10 @@ class PickedThreshold(Threshold):
             "thresholds": finite(picked),
             "own_threshold": own,
             "rows_per_class": counts.tolist(),
-            "coverage_there": float(accepted.double().mean()) if len(accepted) else None,
-            "accuracy_there": float(correct[accepted].double().mean()) if accepted.any() else None,
+            "coverage_on_fit_rows": float(accepted.double().mean()) if len(accepted) else None,
+            "accuracy_on_fit_rows": float(correct[accepted].double().mean())
+            if accepted.any()
+            else None,
         }
 
     def class_thresholds(self, C: int) -> torch.Tensor:
