@@ -320,7 +320,7 @@ def reliability_figure(teacher: dict[str, Any]):
             )
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
     ax.set_title(short(teacher["spec"], 48), fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)  # clear of the points and their counts
     return fig
 
 
