@@ -317,14 +317,16 @@ def describe_inputs(name: str, inputs: Any, data: Any) -> str:
         if data.in_chans == 1 and inputs["in_chans"] > 1:
             channels = f", grayscale repeated to {inputs['in_chans']} channels"
     mean, std = inputs["mean"], inputs["std"]
-    if where["mean"] == where["std"]:
-        normalized = f"mean {mean} and std {std} ({where['mean']})"
+    if where["size"] == where["mean"] == where["std"]:
+        fed = f"{size} images{channels}, normalized with mean {mean} and std {std} (all: "
+        fed += f"{where['size']})"
+    elif where["mean"] == where["std"]:
+        fed = f"{size} images ({where['size']}{channels}), normalized with mean {mean} and "
+        fed += f"std {std} ({where['mean']})"
     else:
-        normalized = f"mean {mean} ({where['mean']}) and std {std} ({where['std']})"
-    return (
-        f"teacher {name} is fed {size} images ({where['size']}{channels}), normalized with "
-        f"{normalized}; set size=, mean=, std= on its spec to change them"
-    )
+        fed = f"{size} images ({where['size']}{channels}), normalized with mean {mean} "
+        fed += f"({where['mean']}) and std {std} ({where['std']})"
+    return f"teacher {name} is fed {fed}; set size=, mean=, std= on its spec to change them"
 
 
 def classes_from_teachers(teachers: Sequence[Any], names: Sequence[str]) -> list[str] | None:
