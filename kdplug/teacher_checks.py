@@ -105,8 +105,13 @@ def flag_teachers(
     unknown; None: no labels). ``named[k]``: teacher k names its classes; ``classes``: the
     run's, in order; ``rows`` says which rows these are; ``compare=False`` leaves out the
     disagreement check (done on other rows)."""
-    scores, known = scores.detach().float().cpu(), known.cpu()
-    predicted = scores.masked_fill(~known[:, None, :], float("-inf")).argmax(-1)  # [K, N]
+    known = known.cpu()
+    predicted = torch.stack(  # [K, N]: each teacher's class among those it knows
+        [
+            scores[k].detach().cpu().float().masked_fill(~known[k], float("-inf")).argmax(-1)
+            for k in range(len(names))
+        ]
+    )
     flags, fine = [], set()
     if labels is not None:
         labels = torch.as_tensor(labels).long().cpu()
