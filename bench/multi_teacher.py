@@ -44,14 +44,15 @@ TEACHER_ROWS = {
 SHIFTED = 0.45  # fraction of the bad teacher's training labels moved to the next class
 
 
-def make_splits(root: Path) -> dict[str, str]:
-    """The digits saved to disk in four disjoint splits; DATA specs at SIZE x SIZE."""
+def make_splits(root: Path, seed: int = 0) -> dict[str, str]:
+    """The digits saved to disk in four disjoint splits (a ``seed``-ed shuffle); DATA specs
+    at SIZE x SIZE."""
     import numpy as np
 
     from kdplug.data import load_data
 
     dataset = load_data("sklearn:digits").dataset
-    order = np.random.default_rng(0).permutation(len(dataset))
+    order = np.random.default_rng(seed).permutation(len(dataset))
     specs, start = {}, 0
     for name, count in [*SPLITS.items(), ("test", len(dataset) - sum(SPLITS.values()))]:
         rows = sorted(order[start : start + count].tolist())
@@ -71,12 +72,12 @@ def load_arrays(spec: str):
     return x, y
 
 
-def train_cnn(x, y, path: Path, epochs: int = 40) -> None:
+def train_cnn(x, y, path: Path, epochs: int = 40, seed: int = 0) -> None:
     """A two-layer CNN trained with Adam on ``x``, saved as TorchScript."""
     import torch
     from torch import nn
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
         nn.ReLU(),
@@ -97,25 +98,29 @@ def train_cnn(x, y, path: Path, epochs: int = 40) -> None:
     torch.jit.save(torch.jit.trace(net, x[:2]), str(path))
 
 
-def make_teachers(root: Path, splits: dict[str, str]) -> dict[str, str]:
-    """The four teachers, trained on the teacher split; name -> teacher spec."""
+def make_teachers(
+    root: Path, splits: dict[str, str], setup: str | None = None, seed: int = 0
+) -> dict[str, str]:
+    """The four teachers, trained on the teacher split (``setup``: a key of TEACHER_ROWS,
+    default ``--teachers``; ``seed`` picks their rows and initializations); name -> spec."""
     import numpy as np
     import skops.io
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
 
     x, y = load_arrays(splits["teacher"])
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     cnn, forest, logreg, bad = (
-        rng.choice(len(x), rows, replace=False) for rows in TEACHER_ROWS[ARGS.teachers].values()
+        rng.choice(len(x), rows, replace=False)
+        for rows in TEACHER_ROWS[setup or ARGS.teachers].values()
     )
-    train_cnn(x[cnn], y[cnn], root / "cnn.pt")
+    train_cnn(x[cnn], y[cnn], root / "cnn.pt", seed=seed)
     rows, labels = x.flatten(1).numpy(), y.numpy()
     shifted = labels.copy()
     moved = rng.random(len(labels)) < SHIFTED
     shifted[moved] = (shifted[moved] + 1) % 10
     estimators = {
-        "forest": RandomForestClassifier(n_estimators=100, random_state=0).fit(
+        "forest": RandomForestClassifier(n_estimators=100, random_state=seed).fit(
             rows[forest], labels[forest]
         ),
         "logreg": LogisticRegression(max_iter=1000).fit(rows[logreg], labels[logreg]),

@@ -206,7 +206,8 @@ def dawid_skene_one_step(votes: np.ndarray, C: int, smoothing: float) -> np.ndar
 def test_dawid_skene_one_step_matches_a_loop_implementation():
     votes = np.array([[0, 1, 2, 2, 1, 0], [0, 1, 1, 2, 1, 2], [1, 1, 2, 0, 0, 0]])
     probs = torch.nn.functional.one_hot(torch.tensor(votes), 3).float() * 0.7 + 0.1
-    out = generator("dawid-skene,max_iter=1,smoothing=0.5")(probs.mean(0), probs, all_known(3, 3))
+    spec = "dawid-skene,soft=false,init=vote,max_iter=1,smoothing=0.5"
+    out = generator(spec)(probs.mean(0), probs, all_known(3, 3))
     expected = dawid_skene_one_step(votes, 3, 0.5)
     assert np.allclose(out.probs.numpy(), expected, atol=1e-5)
     assert out.label.tolist() == expected.argmax(1).tolist()

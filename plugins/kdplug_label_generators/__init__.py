@@ -102,21 +102,24 @@ def agreement(min_agree: int = 2):
 
 
 def dawid_skene(
-    soft: bool = False,
+    soft: bool = True,
     max_iter: int = 100,
     tol: float = 1e-4,
     smoothing: float = 0.01,
     tau: float = 0.0,
+    init: str = "vote",
 ):
     """Dawid-Skene EM over per-teacher confusion matrices; needs no ground truth."""
-    from kdplug_label_generators.dawid_skene_em import DawidSkene
+    from kdplug_label_generators.dawid_skene_em import INITS, DawidSkene
 
     if max_iter < 1:
         raise UsageError(f"dawid-skene: max_iter must be >= 1, got {max_iter}")
     _positive("dawid-skene", "tol", tol)
     _positive("dawid-skene", "smoothing", smoothing)
     _unit("dawid-skene", "tau", tau)
-    return DawidSkene(soft, max_iter, tol, smoothing, tau)
+    if init not in INITS:
+        raise UsageError(f"dawid-skene: init must be vote or mean, got {init!r}")
+    return DawidSkene(soft, max_iter, tol, smoothing, tau, init)
 
 
 def pate(
