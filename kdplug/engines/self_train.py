@@ -256,6 +256,7 @@ def plot_rounds(
         ax.annotate(f"{y:.3f}", (x, y), xytext=(0, 6), textcoords="offset points", ha="center")
     base = baseline["val_accuracy"]
     ax.axhline(base, color="gray", linestyle="--", label=f"labels only (round 0): {base:.3f}")
+    ax.plot([0], [base], marker="s", color="gray", linestyle="none")
     ax.plot(
         [best["round"]],
         [best["val_accuracy"]],
@@ -267,9 +268,10 @@ def plot_rounds(
     )
     ax.set_ylim(*accuracy_range([base, *values]))
     ax.set_xticks([0, *numbers])
+    ax.set_xlim(-0.5, max(numbers) + 0.5)
     ax.set_xlabel("round")
     ax.set_ylabel("student val accuracy")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     save_figure(fig, path)
 
 
