@@ -217,9 +217,8 @@ class Report:
             said = row.get("error") or row.get("why") or ""
             figures = "; ".join(f"{k}={v}" for k, v in row["figures"].items())
             text = "; ".join(part for part in (said, figures) if part).replace("|", "/")
-            lines.append(
-                f"| {row['check']} | {row['status']} | {row['seconds'] or ''} | {util} | {text} |"
-            )
+            seconds = "" if row["seconds"] is None else row["seconds"]
+            lines.append(f"| {row['check']} | {row['status']} | {seconds} | {util} | {text} |")
         return "\n".join(lines) + "\n"
 
 
