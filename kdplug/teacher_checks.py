@@ -33,18 +33,19 @@ MIN_ROWS = 20  # fewer rows than this say too little to flag anything
 def check_teachers(
     producer: Any,
     scores: torch.Tensor,
+    known: torch.Tensor,
     labels: torch.Tensor | None,
     rows: str,
     compare: bool = True,
 ) -> list[dict[str, Any]]:
     """``flag_teachers`` for the teachers of ``producer`` (a ``kdplug.teachers.TeacherSet``,
     which says which teachers name their classes, or any ``Producer``) on their outputs
-    ``scores [K, N, C]`` for ``rows``."""
+    ``scores [K, N, C]`` and ``known [K, C]`` for ``rows``."""
     teacher_set = live_teachers(producer)
     return flag_teachers(
         producer.names,
         scores,
-        producer.known,
+        known,
         labels,
         named=teacher_set.named if teacher_set else None,
         classes=teacher_set.classes if teacher_set else None,
@@ -76,8 +77,8 @@ def check_on_rows(
 
     if not len(indices):
         return []
-    logits, _, labels = collect_outputs(producer, source, indices, batch_size, device)
-    return check_teachers(producer, logits, labels, rows, compare)
+    logits, known, labels = collect_outputs(producer, source, indices, batch_size, device)
+    return check_teachers(producer, logits, known, labels, rows, compare)
 
 
 def record(producer: Any, flags: list[dict[str, Any]]) -> dict[str, Any]:

@@ -110,10 +110,12 @@ def test_a_producer_replaces_the_live_teachers(digits_splits, tmp_path):
         ),
         producer=producer,
     )
-    rows = torch.cat(producer.seen)
-    # every row once: train rows are 0..149, then the unlabeled rows 150..596
+    # first the labeled train rows, checked before training (kdplug.teacher_checks)
+    assert producer.seen[0].tolist() == list(range(150))
+    rows = torch.cat(producer.seen[1:])
+    # then every row once: train rows are 0..149, then the unlabeled rows 150..596
     assert sorted(rows.tolist()) == list(range(597))
-    assert [len(batch) for batch in producer.seen] == [199, 199, 199]
+    assert [len(batch) for batch in producer.seen[1:]] == [199, 199, 199]
     assert summary["teachers"] == [{"spec": "table", "fingerprint": "table-v1"}]
 
 

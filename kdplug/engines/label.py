@@ -249,7 +249,8 @@ def check_label_teachers(
     good = ~merged["bad"]
     labels = None if truth is None else torch.from_numpy(truth)[good]
     probs = merged["teacher_probs"][:, good]
-    flags = teacher_checks.check_teachers(teacher_set, probs, labels, "rows of DATA")
+    known = teacher_set.known.cpu()
+    flags = teacher_checks.check_teachers(teacher_set, probs, known, labels, "rows of DATA")
     if truth is None and calibration_rows is not None:
         labeled = np.flatnonzero(calibration_rows.labels() >= 0).tolist()
         flags += teacher_checks.check_on_rows(

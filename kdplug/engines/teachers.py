@@ -107,7 +107,7 @@ def calibrate(
     )
     found = collect(teacher_set, source, batch_size, torch.device(device), "calibrate")
     flags = teacher_checks.check_teachers(
-        teacher_set, found.logits, found.labels, f"rows of {data}"
+        teacher_set, found.logits, found.known, found.labels, f"rows of {data}"
     )
     entries = []
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
@@ -203,7 +203,7 @@ def report(
         temperatures = load_temperatures(calibration, specs, teacher_set.fingerprints())
     found = collect(teacher_set, source, batch_size, torch.device(device), "report")
     flags = teacher_checks.check_teachers(
-        teacher_set, found.logits, found.labels, f"rows of {data}"
+        teacher_set, found.logits, found.known, found.labels, f"rows of {data}"
     )
     labels, entries, calibrated = found.labels, [], []
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
