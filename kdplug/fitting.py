@@ -9,6 +9,11 @@ labels) -> (weights, probs)``, its prediction where that differs from its target
 temperature 1 (``auto``: calibrated teachers); ``combined_prediction`` calls it.
 Held-out evaluation of a fitted combiner (``held_out_targets``, ``held_out_prediction``)
 and the choice of the distillation temperature live here too.
+
+A fit is meant for rows the teachers did not see. ``check_fit_rows`` reads teachers that
+are near-perfect on the fit rows as teachers trained on them (``NEAR_PERFECT``); then no
+combiner is fitted there (it is fitted on no rows: ``auto`` combines like ``mean``) and a
+loss that fits (``T=auto``) is refused.
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ from typing import Any
 import torch
 
 from kdplug import metrics, ops
-from kdplug.errors import running
+from kdplug.errors import UsageError, origin, running
 
 log = logging.getLogger("kdplug")
 
 # the distillation temperatures T=auto chooses from: KD softens targets, never sharpens
 TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 FOLDS = 5
+# the fit rows look like the teachers' training rows when every teacher is at least this
+# accurate on them, or when one teacher is right on every row (calibrating it there would
+# sharpen it to the temperature clamp, kdplug.calibration.T_MIN: sharper only scores better)
+NEAR_PERFECT = 0.99
+HINT = "give labeled rows the teachers did not see with --calibration-data"
 
 
 @contextlib.contextmanager
@@ -169,27 +179,77 @@ def choose_temperature(
     }
 
 
+def check_fit_rows(
+    logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, rows: str
+) -> dict[str, Any] | None:
+    """Each teacher's accuracy on the labeled rows (``logits [K, N, C]``, ``labels [N]``),
+    and whether they look like the teachers' training rows (``near_perfect``, with
+    ``why``): every teacher at least ``NEAR_PERFECT`` accurate there, or one teacher right
+    on every row (its temperature fitted there would fall to the clamp: sharper only
+    scores better). None with no labeled row. ``rows`` names the rows in messages."""
+    usable = labels >= 0
+    if not usable.any():
+        return None
+    probs = ops.teacher_probs(logits[:, usable].float(), known)
+    accuracy = [metrics.accuracy(p, labels[usable]) for p in probs]
+    perfect = [k for k, a in enumerate(accuracy) if a == 1.0]
+    why = None
+    if all(a >= NEAR_PERFECT for a in accuracy):
+        why = f"every teacher is at least {NEAR_PERFECT} accurate there"
+    elif perfect:
+        why = f"teacher {perfect[0]} is right on every one of them"
+    return {
+        "rows": int(usable.sum()),
+        "source": rows,
+        "teacher_accuracy": [round(a, 4) for a in accuracy],
+        "near_perfect": why is not None,
+        "why": why,
+    }
+
+
 def fit_components(
     combiner: Any,
     loss: Any,
     logits: torch.Tensor,
     known: torch.Tensor,
     labels: torch.Tensor,
+    rows: str = "labeled rows",
 ) -> dict[str, Any]:
     """Call ``combiner.fit`` and then ``loss.fit`` (those that exist) on the labeled rows.
 
     ``logits [K, N, C]`` are the teachers' outputs as the engine hands them to the combiner
     (standardized here when the loss standardizes), ``labels [N]`` (-1 rows are ignored by
-    the fits). ``loss`` may be None (labeling). Returns ``{"combiner": ..., "loss": ...}``
-    with the entries of the components that fitted, and logs one line for each.
+    the fits). ``loss`` may be None (labeling); ``rows`` names the rows in messages.
+    Returns ``{"fit_rows": ..., "combiner": ..., "loss": ...}`` (``check_fit_rows``, and the
+    entries of the components that fitted) and logs one line for each. Where the teachers
+    look trained on the rows, the combiner is fitted on no rows (one warning says so and
+    what it does instead) and a loss that fits is refused.
     """
+    if not can_fit(combiner) and not (loss is not None and can_fit(loss)):
+        return {}
     if loss is not None and loss.standardize:
         logits = ops.standardize(logits, known)
     record: dict[str, Any] = {}
     with one_thread():
+        record["fit_rows"] = check_fit_rows(logits, known, labels, rows)
+        seen = bool(record["fit_rows"] and record["fit_rows"]["near_perfect"])
+        if seen and loss is not None and can_fit(loss):
+            raise UsageError(
+                f"{named(loss, 'the loss')} is fitted on labeled rows (T=auto), and "
+                f"{seen_rows(record['fit_rows'])}: a T chosen there would not carry to other "
+                f"rows; {HINT}, or give a number for T"
+            )
         if can_fit(combiner):
+            fit_rows = slice(0, 0) if seen else slice(None)
             with running(combiner, "the combiner", " while fitting on the labeled rows"):
-                record["combiner"] = combiner.fit(logits, known, labels)
+                fitted = combiner.fit(logits[:, fit_rows], known, labels[fit_rows])
+            record["combiner"] = fitted
+            unfitted = isinstance(fitted, dict) and fitted.get("fitted") is False
+            if seen or unfitted:
+                reason = seen_rows(record["fit_rows"]) if seen else f"no {rows}"
+                if isinstance(fitted, dict):
+                    fitted["reason"] = reason
+                log.warning("%s", unfitted_line(combiner, fitted, reason, seen))
         if loss is not None and can_fit(loss):
             with running(loss, "the loss", " while fitting on the labeled rows"):
                 record["loss"] = loss.fit(logits, known, labels, combiner)
@@ -197,6 +257,35 @@ def fit_components(
     for line in describe(record):
         log.info("%s", line)
     return record
+
+
+def named(component: Any, what: str) -> str:
+    """How messages name a component: ``combiner 'auto'`` when a registry built it."""
+    found = origin(component)
+    return found[1] if found else what
+
+
+def seen_rows(check: dict[str, Any]) -> str:
+    """The near-perfect finding of ``check_fit_rows`` with its figures, in words."""
+    accuracy = ", ".join(f"{a:.3f}" for a in check["teacher_accuracy"])
+    return (
+        f"the teachers look trained on the {check['rows']} {check['source']} ({check['why']}; "
+        f"teacher accuracy {accuracy})"
+    )
+
+
+def unfitted_line(combiner: Any, record: Any, reason: str, seen: bool) -> str:
+    """One warning: why the combiner is not fitted and what it does instead (its record's
+    ``fallback``, when it says)."""
+    name = named(combiner, "the combiner")
+    said = isinstance(record, dict) and "fallback" in record
+    instead = f"it combines {record['fallback']}" if said else "it was fitted on no rows"
+    if seen:
+        return (
+            f"{reason}: a fit there would not carry to other rows, so {name} is not fitted; "
+            f"{instead} ({HINT})"
+        )
+    return f"{name} is not fitted: {reason}; {instead}"
 
 
 @torch.inference_mode()
@@ -234,19 +323,52 @@ def fit_on_rows(
     indices: Sequence[int],
     batch_size: int,
     device: torch.device,
+    rows: str = "labeled rows",
 ) -> dict[str, Any]:
     """``fit_components`` on the producer's outputs for the labeled rows ``indices`` of
-    ``source``; nothing is run when neither component can fit."""
+    ``source`` (``rows`` names them in messages); nothing is run when neither component
+    can fit."""
     if not can_fit(combiner) and not (loss is not None and can_fit(loss)):
         return {}
     logits, known, labels = collect_outputs(producer, source, indices, batch_size, device)
-    return fit_components(combiner, loss, logits, known, labels)
+    return fit_components(combiner, loss, logits, known, labels, rows)
+
+
+def calibration_rows(spec: str, classes: list[str], producer: Any, data: str) -> Any:
+    """``--calibration-data``: the DataSource of ``spec`` in the run's ``classes``, with a
+    labeled row. Refused where a teacher of ``producer`` reads precomputed outputs by row
+    index: its rows belong to ``data`` (named in the message), not to these."""
+    from kdplug.data import load_data
+
+    for name, teacher in zip(producer.names, producer.teachers):
+        if getattr(teacher, "uses_row_index", False):
+            raise UsageError(
+                f"--calibration-data: teacher {name} reads precomputed outputs by row index, "
+                f"and its rows belong to {data}; give its outputs on the calibration rows as "
+                "another teacher, or leave out --calibration-data"
+            )
+    rows = load_data(spec, classes)
+    if not (rows.labels() >= 0).any():
+        raise UsageError(
+            f"--calibration-data {spec}: no row is labeled with one of the run's classes "
+            f"{classes[:20]}"
+        )
+    return rows
 
 
 def describe(record: dict[str, Any]) -> list[str]:
-    """One readable line per fitted component of a ``fit_components`` record."""
-    return [
-        f"{part} fitted on labeled rows: "
-        + ", ".join(f"{key}={value}" for key, value in fitted.items() if value is not None)
-        for part, fitted in record.items()
-    ]
+    """One readable line for the fit rows and each fitted component of a
+    ``fit_components`` record (an unfitted combiner has had its warning)."""
+    lines = []
+    for part, fitted in record.items():
+        if part == "fit_rows":
+            if fitted["near_perfect"]:
+                continue  # the warning gave the figures
+            accuracy = ", ".join(f"{a:.3f}" for a in fitted["teacher_accuracy"])
+            lines.append(
+                f"fit rows: {fitted['rows']} {fitted['source']} (teacher accuracy {accuracy})"
+            )
+        elif fitted.get("fitted") is not False:
+            values = ", ".join(f"{k}={v}" for k, v in fitted.items() if v is not None)
+            lines.append(f"{part} fitted on labeled rows: {values}")
+    return lines

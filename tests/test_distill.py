@@ -200,7 +200,7 @@ def test_augment_mixup_ema_dkd_and_fitted_components_run(digits_splits, teachers
     assert all(np.isfinite(line[key]) for key in ("loss", "ce", "kd", "val_accuracy"))
     assert summary["kept"] == "best"
     # auto and T=auto were fitted on the labeled train rows before training, and recorded
-    assert set(summary["fitted"]) == {"combiner", "loss"}
+    assert set(summary["fitted"]) == {"fit_rows", "combiner", "loss"}
     assert summary["fitted"]["loss"]["T"] > 0
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from kdplug_combiners.fitted import Fitted
+from kdplug_combiners.fitted import UNFITTED, Fitted
 
 from kdplug import UsageError, metrics
 from kdplug.fitting import (
@@ -202,21 +202,24 @@ def test_probability_zeros_stay_zero_at_every_temperature(spec):
         torch.testing.assert_close(target.sum(-1), torch.ones(len(y)))
 
 
-def test_without_labeled_rows_auto_warns_and_falls_back_to_best(caplog):
+def test_without_labeled_rows_auto_says_so_and_combines_like_mean(caplog):
     y = labels_for(50, 8)
     logits = torch.stack([teacher(y, 0.9, 1.0, 9), teacher(y, 0.6, 3.0, 10)])
     combiner = create("combiners", "auto")
     unlabeled = torch.full_like(y, -1)
+    record = combiner.fit(logits, full(2), unlabeled)  # its record says what it does
+    assert record == {"fitted": False, "rows": 0, "fallback": UNFITTED}
+    mean_weights, mean_target = create("combiners", "mean")(logits, full(2), unlabeled, 2.0)
+    weights, target = combiner(logits, full(2), unlabeled, 2.0)
+    torch.testing.assert_close(weights, mean_weights)
+    torch.testing.assert_close(target, mean_target)
+    mean_prediction = create("combiners", "mean")(logits, full(2), unlabeled, 1.0)[1]
+    torch.testing.assert_close(combiner.predict(logits, full(2), unlabeled)[1], mean_prediction)
+    never_fitted = create("combiners", "auto")  # a caller that never calls fit is told once
     with caplog.at_level(logging.WARNING, logger="kdplug"):
-        record = combiner.fit(logits, full(2), unlabeled)
-        weights, target = combiner(logits, full(2), unlabeled, 2.0)
-    assert record == {"fitted": False, "fallback": "best", "rows": 0}
-    assert "falling back to `best`" in caplog.text
-    best_weights, best_target = create("combiners", "best")(logits, full(2), unlabeled, 2.0)
-    torch.testing.assert_close(weights, best_weights)
-    torch.testing.assert_close(target, best_target)
-    best_prediction = create("combiners", "best")(logits, full(2), unlabeled, 1.0)[1]
-    torch.testing.assert_close(combiner.predict(logits, full(2), unlabeled)[1], best_prediction)
+        never_fitted(logits, full(2), unlabeled)
+        never_fitted(logits, full(2), unlabeled)
+    assert caplog.text.count(f"auto: not fitted on labeled rows; it combines {UNFITTED}") == 1
 
 
 def test_a_teacher_that_knows_no_labeled_class_keeps_temperature_one():
@@ -307,7 +310,7 @@ def test_fit_components_standardizes_for_a_standardizing_loss():
     record = fit_components(
         Spy(), create("losses", "kd,standardize=true"), logits, full(2), labels_for(10, 16)
     )
-    assert record == {"combiner": {"ok": True}}
+    assert record["combiner"] == {"ok": True}
     row = seen["logits"][0, 0]
     assert abs(float(row.mean())) < 1e-4 and float(row.std()) == pytest.approx(1, abs=1e-3)
 

@@ -31,7 +31,14 @@ from kdplug.cli.options import (
 @click.option(
     "--combiner",
     metavar="SPEC",
-    help="Multi-teacher combiner (default auto, fitted on the labeled --train rows).",
+    help="Multi-teacher combiner (default auto, fitted on the labeled --train rows, or on "
+    "--calibration-data).",
+)
+@click.option(
+    "--calibration-data",
+    metavar="DATA",
+    help="Labeled rows the teachers were not trained on: auto and T=auto fit on them "
+    "instead of the --train rows.",
 )
 @click.option("--epochs", type=int, help="Epochs (default 10).")
 @click.option("--batch-size", type=int, help="Rows per batch (default 128).")

@@ -82,6 +82,8 @@ class DistillConfig:
     device: str = "auto"
     seed: int = 0
     calibration: str | None = None
+    # labeled rows held out from the teachers' training: auto and T=auto fit on them
+    calibration_data: str | None = None
     keep: str = "best"
     ema: bool = False
     augment: str | None = None
@@ -146,7 +148,7 @@ class DistillConfig:
             if not isinstance(getattr(self, key), bool):
                 raise UsageError(f"{source}: {key} must be true or false")
         keys = ("unlabeled", "val", "calibration", "augment", "loss", "combiner", "device", "store")
-        for key in keys:
+        for key in (*keys, "calibration_data"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str | Spec):
                 raise UsageError(f"{source}: {key} must be a string, got {value!r}")
@@ -231,6 +233,7 @@ class Parts:
     combiner: Any
     producer: Any
     augment: tuple[Any, Any] | None
+    calibration_data: DataSource | None = None  # the rows fits use instead of --train's
 
 
 def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
@@ -249,8 +252,9 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
         )
     if config.store:
         check_store_options(config)
-    if not loss.uses_teachers and config.unlabeled:
-        raise UsageError(f"loss {config.loss} uses labels only: --unlabeled rows would be unused")
+    for key, flag in (("unlabeled", "--unlabeled"), ("calibration_data", "--calibration-data")):
+        if not loss.uses_teachers and getattr(config, key):
+            raise UsageError(f"loss {config.loss} uses labels only: {flag} rows would be unused")
 
     train = load_data(config.train)
     if train.kind != "image":
@@ -296,6 +300,9 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
         )
     if not loss.uses_teachers and config.teachers:
         log.warning("loss %s uses no teachers; the --teacher specs are not run", config.loss)
+    calibration = (
+        fit_rows_source(config, classes, train, producer) if producer is not None else None
+    )
 
     return Parts(
         train=train,
@@ -310,7 +317,26 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
         combiner=combiner,
         producer=producer,
         augment=augment,
+        calibration_data=calibration,
     )
+
+
+def fit_rows_source(
+    config: DistillConfig, classes: list[str], train: DataSource, producer: Any
+) -> DataSource | None:
+    """``--calibration-data``: labeled images of --train's shape (``kdplug.fitting``)."""
+    if not config.calibration_data:
+        return None
+    from kdplug.fitting import calibration_rows
+
+    rows = calibration_rows(config.calibration_data, classes, producer, "--train and --unlabeled")
+    if rows.kind != "image" or tuple(rows.input_shape) != tuple(train.input_shape):
+        shape = list(rows.input_shape) if rows.kind == "image" else "tabular"
+        raise UsageError(
+            f"--calibration-data rows are {shape} but --train images are "
+            f"{list(train.input_shape)} (use image_size=N on both data specs)"
+        )
+    return rows
 
 
 def check_store_options(config: DistillConfig) -> None:
@@ -318,6 +344,11 @@ def check_store_options(config: DistillConfig) -> None:
     for key, flag in (("teachers", "--teacher"), ("calibration", "--calibration")):
         if getattr(config, key):
             raise UsageError(f"--store replaces {flag}: the store holds the teachers' outputs")
+    if config.calibration_data:
+        raise UsageError(
+            "--calibration-data needs the live teachers: a store holds their outputs on the "
+            "--train and --unlabeled rows only (give --teacher SPEC instead of --store)"
+        )
     if config.augment is not None:
         raise UsageError(
             "--store trains on the store's own views; --augment would change the inputs the "
@@ -610,6 +641,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
                 written(config.unlabeled),
                 config.val,
                 config.calibration,
+                config.calibration_data,
             ],
         )
     distributed.barrier()
@@ -689,15 +721,27 @@ def check_teachers(parts: Parts, config: DistillConfig, device: torch.device) ->
 
 def fit_on_labeled_rows(parts: Parts, config: DistillConfig, device: torch.device) -> dict:
     """Fit the combiner and loss that can fit (``kdplug.fitting``, e.g. ``auto``,
-    ``kd,T=auto``) on the teachers' outputs for the train rows with labels; what they
-    fitted (JSON-ready) goes into summary.json."""
+    ``kd,T=auto``) on the teachers' outputs for the labeled ``--calibration-data`` rows,
+    else the train rows with labels; what they fitted (JSON-ready) goes into summary.json."""
     if not parts.loss.uses_teachers:
         return {}
-    from kdplug.fitting import fit_on_rows
+    from kdplug.fitting import can_fit, fit_on_rows
 
-    labeled = np.flatnonzero(parts.train.labels() >= 0).tolist()
+    source, flag = parts.train, "--train"
+    if parts.calibration_data is not None:
+        source, flag = parts.calibration_data, "--calibration-data"
+        if not can_fit(parts.combiner) and not can_fit(parts.loss):
+            log.warning("--calibration-data is unused: neither the combiner nor the loss fits")
+    labeled = np.flatnonzero(source.labels() >= 0).tolist()
     return fit_on_rows(
-        parts.combiner, parts.loss, parts.producer, parts.train, labeled, config.batch_size, device
+        parts.combiner,
+        parts.loss,
+        parts.producer,
+        source,
+        labeled,
+        config.batch_size,
+        device,
+        f"labeled {flag} rows",
     )
 
 
@@ -909,6 +953,7 @@ def make_summary(
             "train": _describe(parts.train, config.train),
             "unlabeled": _describe(parts.unlabeled, config.unlabeled),
             "val": _describe(parts.val, config.val),
+            "calibration_data": _describe(parts.calibration_data, config.calibration_data),
         },
         "config": config.record(),
         "versions": {**versions(), "torch": torch.__version__, "timm": timm.__version__},

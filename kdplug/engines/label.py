@@ -30,7 +30,13 @@ from kdplug import distributed, teacher_checks
 from kdplug.data import DataSource, batches, default_workers, load_data
 from kdplug.device import autocast, pick_device
 from kdplug.errors import PluginError, UsageError, component_name, running
-from kdplug.fitting import can_fit, combined_prediction, fit_on_rows, invalid_rows
+from kdplug.fitting import (
+    calibration_rows,
+    can_fit,
+    combined_prediction,
+    fit_on_rows,
+    invalid_rows,
+)
 from kdplug.ops import entropy, teacher_probs
 from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
 from kdplug.plugins import create, get_manager
@@ -169,20 +175,7 @@ def calibration_source(
     """``--calibration-data``: labeled rows in the run's classes, or None."""
     if not cfg.calibration_data:
         return None
-    for name, teacher in zip(teacher_set.names, teacher_set.teachers):
-        if getattr(teacher, "uses_row_index", False):
-            raise UsageError(
-                f"--calibration-data: teacher {name} reads precomputed outputs by row index, "
-                "and its rows belong to DATA; give its outputs on the calibration rows as "
-                "another teacher, or leave out --calibration-data"
-            )
-    rows = load_data(cfg.calibration_data, classes)
-    if not (rows.labels() >= 0).any():
-        raise UsageError(
-            f"--calibration-data {cfg.calibration_data}: no row is labeled with one of the "
-            f"run's classes {classes[:20]}"
-        )
-    return rows
+    return calibration_rows(cfg.calibration_data, classes, teacher_set, "DATA")
 
 
 def describe_source(source: DataSource | None, spec: str | None) -> dict[str, Any] | None:
@@ -205,13 +198,15 @@ def fit_combiner(
     device: torch.device,
 ) -> dict[str, Any]:
     """Fit a combiner that has ``fit`` (``auto``) on the teachers' outputs for the labeled
-    calibration rows (none without ``--calibration-data``: it then says how it falls back)."""
+    calibration rows (none without ``--calibration-data``, or where the teachers look
+    trained on them: ``kdplug.fitting.fit_components`` then says what it does instead)."""
     if not can_fit(combiner):
         if rows is not None:
             log.warning("--calibration-data is unused: this combiner has no fit step")
         return {}
     labeled = [] if rows is None else np.flatnonzero(rows.labels() >= 0).tolist()
-    return fit_on_rows(combiner, None, teacher_set, rows, labeled, batch_size, device)
+    names = "labeled --calibration-data rows"
+    return fit_on_rows(combiner, None, teacher_set, rows, labeled, batch_size, device, names)
 
 
 def run_classes(cfg: LabelConfig, source: DataSource, teachers: list[Any]) -> tuple[list[str], str]:

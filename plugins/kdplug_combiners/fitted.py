@@ -46,11 +46,13 @@ from kdplug.api import (
     one_thread,
     split_folds,
 )
-from kdplug_combiners.confidence import Best
+from kdplug_combiners.equal import Mean
 
 log = logging.getLogger("kdplug")
 
 POOLS = ("linear", "log")
+# what auto does until it is fitted (no labeled rows, or rows kdplug does not fit on)
+UNFITTED = "like `mean`: equal weights on the teachers' own probabilities"
 
 
 def tempered_log_probs(
@@ -195,7 +197,7 @@ def choose_pool(losses: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
 
 
 class Auto:
-    """Calibrated, fitted combination of the teachers; ``best`` until ``fit`` is called."""
+    """Calibrated, fitted combination of the teachers; ``mean`` until it is fitted."""
 
     def __init__(self, per_class: bool, pool: str, folds: int, reg: float):
         if pool not in ("cv", *POOLS):
@@ -209,14 +211,16 @@ class Auto:
         self.folds = folds
         self.reg = float(reg)
         self.fitted: Fitted | None = None
-        self.fallback = Best()
-        self.warned = False
+        self.fallback = Mean()
+        self.warned = False  # said that it is not fitted (fit on no rows says it in its record)
 
     # -- fitting -------------------------------------------------------------------------
 
     def fit(self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor) -> dict:
         """Fit on the labeled rows of ``logits [K, N, C]`` (labels ``[N]``, -1 ignored);
-        return the fitted parameters and the cross-validation scores (JSON-ready)."""
+        return the fitted parameters and the cross-validation scores (JSON-ready). With no
+        labeled row it stays unfitted and says in the record what it does then (the caller
+        tells the user: ``kdplug.fitting``)."""
         with one_thread():
             return self._fit(logits, known, labels)
 
@@ -226,9 +230,8 @@ class Auto:
         K, N, C = logits.shape
         known = known.bool()
         if N == 0:
-            self.fitted = None
-            log.warning("auto: no labeled rows to fit on; falling back to `best`")
-            return {"fitted": False, "fallback": "best", "rows": 0}
+            self.fitted, self.warned = None, True
+            return {"fitted": False, "rows": 0, "fallback": UNFITTED}
         temperatures = self._temperatures(logits, known, labels)
         log_p = tempered_log_probs(logits, known, temperatures)
         veto = self.pool == "cv" and vetoes(log_p, known)
@@ -351,7 +354,7 @@ class Auto:
         """Row weights and the target at ``temperature``, or the prediction for None."""
         if self.fitted is None:
             if not self.warned:
-                log.warning("auto: not fitted on labeled rows; falling back to `best`")
+                log.warning("auto: not fitted on labeled rows; it combines %s", UNFITTED)
                 self.warned = True
             return self.fallback(logits, known, labels, 1.0 if temperature is None else temperature)
         fitted, known = self.fitted, known.bool()
