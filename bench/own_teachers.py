@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -514,6 +515,24 @@ def table_head(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |\n" + "|---" * len(cells) + "|"
 
 
+def code_version() -> dict:
+    """Which kdplug ran: its folder, and the commit and changed tracked files of its tree."""
+    import kdplug
+
+    root = Path(kdplug.__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        run = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return run.stdout.strip() if run.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "kdplug": str(root),
+        "commit": git("rev-parse", "HEAD"),
+        "changed_files": None if changed is None else changed.splitlines(),
+    }
+
+
 def main() -> None:
     import torch
 
@@ -524,6 +543,7 @@ def main() -> None:
     seeds = [run_seed(out, seed) for seed in range(ARGS.seeds)]
     results = {
         "command": "python bench/own_teachers.py " + " ".join(ARGS.argv),
+        "code": code_version(),
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
