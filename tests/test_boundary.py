@@ -497,7 +497,8 @@ def test_a_hook_refusing_after_a_finished_run_is_a_warning_and_exit_0(tiny, tmp_
     result = run_cli(*args, env={"PYTHONPATH": str(site)})
     assert result.returncode == 0, result.stderr
     assert not [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    # (the random logits teacher is also flagged near chance: kdplug.teacher_checks)
+    warnings = [line for line in result.stderr.splitlines() if "WARNING: plugin" in line]
     assert len(warnings) == 1 and "'picky'" in warnings[0] and "on_labels_written" in warnings[0]
     assert "the listener wanted another --out" in warnings[0]
     assert json.loads((out / "report.json").read_text())["rows"] == 30
