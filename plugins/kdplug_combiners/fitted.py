@@ -20,6 +20,10 @@ accurate on the labeled rows than the best single teacher (when their confidence
 differ so much that a sharp weak teacher outvotes a flat good one), the target pools the
 calibrated teachers instead.
 
+Until it is fitted (a fit on no labeled rows: the engines give it none where the teachers
+look trained on the rows, ``kdplug.fitting.check_fit_rows``) ``auto`` combines like
+``mean`` and says so in its record (``UNFITTED``).
+
 Exact zeros (a probability teacher's ``log p`` at ``IMPOSSIBLE``, classes a teacher
 does not know) are carried as ``-inf``: no temperature or weight gives them mass. In the
 log pool a class that a weighted teacher gives probability 0 gets 0.
