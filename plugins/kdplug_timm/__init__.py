@@ -52,7 +52,10 @@ def timm_teacher(
     std: float | list[float] | None = None,
     size: int | list[int] | None = None,
 ):
-    """A timm model from checkpoint=PATH (safetensors or state dict) or pretrained=true."""
+    """A timm model from checkpoint=PATH (safetensors or state dict) or pretrained=true.
+
+    Fed size/mean/std as given, else as the checkpoint records them, else as timm's
+    pretrained_cfg says (pretrained=true only), else at the data's size and mean/std."""
     from kdplug_timm.models import build_teacher
 
     return build_teacher(
