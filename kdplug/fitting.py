@@ -296,13 +296,16 @@ def collect_outputs(
     ``x, y, idx``; None with no rows): logits ``[K, N, C]`` and ``known [K, C]`` on the CPU,
     labels ``[N]``.
     Rows where a teacher gave NaN/Inf (``bad_rows``) are left out; with no rows, ``known``
-    is the producer's ``known`` attribute."""
+    is the producer's ``known`` attribute. The teachers run under the device's autocast,
+    as in training, label and cache, so what is fitted is applied to the same outputs."""
     from kdplug.data import batches
+    from kdplug.device import autocast
 
     logits, labels, known = [], [], None
     loader = batches(source, batch_size, indices=list(indices)) if len(indices) else []
     for x, y, idx in loader:
-        out = producer(x.to(device), idx.to(device))
+        with autocast(device):
+            out = producer(x.to(device), idx)
         keep = torch.ones(len(y), dtype=torch.bool)
         if out.bad_rows is not None:
             keep = ~out.bad_rows.cpu()

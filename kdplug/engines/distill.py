@@ -429,11 +429,15 @@ class Trainer:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Teacher weights ``[K, B]``, target ``[B, C]`` and the rows to drop (or None)."""
         with torch.inference_mode():
-            out = self.producer(x, idx)
-            logits = out.logits
+            out = self.producer(x, idx)  # under the step's autocast, as in label and cache
+            logits = out.logits.float()
             if self.loss.standardize:
                 logits = standardize(logits, out.known)
-            with running(self.combiner, "the combiner"):
+            # the combiner in float32, as where it was fitted (kdplug.fitting)
+            with (
+                running(self.combiner, "the combiner"),
+                torch.autocast(x.device.type, enabled=False),
+            ):
                 weights, target = self.combiner(logits, out.known, labels, self.loss.temperature)
             target = target.float()
             self.invalid_targets += invalid_rows(target).sum()

@@ -31,6 +31,7 @@ log pool a class that a weighted teacher gives probability 0 gets 0.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -154,6 +155,16 @@ class Fitted:
     weights: torch.Tensor
     pool: str  # "linear", "log" or "single" (all weight on one teacher)
     calibrated_target: bool = False
+    single: int | None = None  # the one teacher of the "single" pool (set from weights)
+
+    def __post_init__(self) -> None:
+        if self.pool == "single" and self.single is None:
+            self.single = int(self.weights[:, 0].argmax())
+
+    def to(self, device: torch.device) -> Fitted:
+        """The same fit with its tensors on ``device`` (moved once, not per batch)."""
+        moved = {"temperatures": self.temperatures.to(device), "weights": self.weights.to(device)}
+        return dataclasses.replace(self, **moved)
 
     def log_prediction(self, logits: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
         """The prediction's log-probabilities ``[N, C]`` for ``logits [K, N, C]``: each
@@ -172,11 +183,10 @@ class Fitted:
     def _pool(
         self, logits: torch.Tensor, known: torch.Tensor, temperatures: torch.Tensor
     ) -> torch.Tensor:
-        log_p = tempered_log_probs(logits, known, temperatures.to(logits.device))
-        weights = self.weights.to(device=logits.device, dtype=log_p.dtype)
-        if self.pool == "single":
-            return log_p[int(weights[:, 0].argmax())]
-        return pool_log_probs(log_p, weights, known, self.pool)
+        log_p = tempered_log_probs(logits, known, temperatures)
+        if self.single is not None:
+            return log_p[self.single]
+        return pool_log_probs(log_p, self.weights.to(log_p.dtype), known, self.pool)
 
 
 def vetoes(log_p: torch.Tensor, known: torch.Tensor) -> bool:
@@ -361,12 +371,14 @@ class Auto:
                 log.warning("auto: not fitted on labeled rows; it combines %s", UNFITTED)
                 self.warned = True
             return self.fallback(logits, known, labels, 1.0 if temperature is None else temperature)
+        if self.fitted.weights.device != logits.device:
+            self.fitted = self.fitted.to(logits.device)
         fitted, known = self.fitted, known.bool()
         K = logits.shape[0]
         if fitted.weights.shape[0] != K:
             raise UsageError(f"auto: fitted on {fitted.weights.shape[0]} teachers, called with {K}")
         prediction = fitted.log_prediction(logits.float(), known).exp()
-        weights = class_weights(fitted.weights.to(logits.device), known)
+        weights = class_weights(fitted.weights, known)
         row_weights = normalize_weights(torch.einsum("kc,bc->kb", weights, prediction), dim=0)
         if temperature is None:
             return row_weights, prediction
