@@ -65,7 +65,7 @@ NOT_COMPONENTS = {
     ("kdplug/device.py", "torch.backends", "mps"): "older torch builds have no mps backend",
     ("kdplug/engines/distill.py", "self", "*"): "DistillConfig's own fields",
     ("kdplug/engines/distill.py", "config", "*"): "DistillConfig's own fields",
-    ("kdplug/engines/distill.py", "teacher", "requires_grad_"): "a teacher that is a torch.nn.Module (checked)",
+    ("kdplug/engines/distill.py", "teacher", "requires_grad_"): "a teacher that is an nn.Module",
     (
         "kdplug/engines/label.py",
         "decided",
