@@ -716,7 +716,7 @@ def check_teachers(parts: Parts, config: DistillConfig, device: torch.device) ->
     if not parts.loss.uses_teachers:
         return None
     labeled = np.flatnonzero(parts.train.labels() >= 0).tolist()
-    rows = "labeled --train rows"
+    rows = "--train rows"  # the message reads "near chance on N labeled --train rows"
     flags = teacher_checks.check_on_rows(
         parts.producer, parts.train, labeled, config.batch_size, device, rows
     )
