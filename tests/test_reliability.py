@@ -284,10 +284,10 @@ def test_self_train_round_data_is_written_whole_or_not_at_all(digits_splits, tmp
 
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        write_round_data(source, np.arange(10), out)
+        write_round_data(source, np.arange(10), out, digits_splits["labeled"])
     assert not out.exists() and leftovers(tmp_path) == []  # --resume writes it again
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
-    assert write_round_data(source, np.arange(10), out).ref == str(out)
+    assert write_round_data(source, np.arange(10), out, digits_splits["labeled"]).ref == str(out)
     assert len(datasets.load_from_disk(str(out))) == 10
 
 

@@ -276,3 +276,15 @@ def test_rounds_png_draws_val_accuracy_against_the_baseline_on_a_readable_range(
     at_top = [{"round": 1, "val_accuracy": 1.0}]
     plot_rounds(baseline | {"val_accuracy": 0.995}, at_top, at_top[0], tmp_path / "r.png")
     assert drawn[1].axes[0].get_ylim() == pytest.approx((0.9, 1.0))
+
+
+def test_a_rounds_rows_are_read_as_the_pool_is_read(digits_splits, tmp_path):
+    """The pool's data options (here image_size=16) reach the round's saved rows, so distill
+    sees them at the size the labeled rows have (it refused 8x8 against 16x16)."""
+    from kdplug.engines.self_train import write_round_data
+
+    pool = f"{digits_splits['unlabeled']},image_size=16"
+    spec = write_round_data(load_data(pool), np.arange(5), tmp_path / "pseudo", pool)
+    rows = load_data(spec)
+    assert len(rows) == 5 and tuple(rows.input_shape) == tuple(load_data(pool).input_shape)
+    assert tuple(rows.input_shape) == (1, 16, 16)

@@ -92,13 +92,22 @@ def pseudo_rows(labels_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return index[accepted], probs[accepted]
 
 
-def write_round_data(unlabeled: Any, rows: np.ndarray, out: Path) -> Spec:
+def write_round_data(unlabeled: Any, rows: np.ndarray, out: Path, pool: str) -> Spec:
     """Save the accepted unlabeled rows as a dataset (atomically); return its data spec."""
     from kdplug.outputs import atomic_path
 
     with atomic_path(out, directory=True) as tmp:
         unlabeled.dataset.select(rows.tolist()).save_to_disk(str(tmp))
-    return Spec.of("disk", str(out))
+    return round_data(out, pool)
+
+
+def round_data(path: Path, pool: str) -> Spec:
+    """The data spec of a round's saved rows, read as the pool ``pool`` is read: with its
+    data options (``image_size=``, ``image_mode=``, ``image_column=``, ...) as written."""
+    from kdplug.data import DATA_OPTIONS
+
+    written = parse_spec(pool).raw or {}
+    return Spec.of("disk", str(path), **{k: written[k] for k in DATA_OPTIONS if k in written})
 
 
 def write_targets(
@@ -156,9 +165,9 @@ def run_round(
             f"round {number}: the generator {cfg.generator} accepted no row; lower its threshold"
         )
     if not cfg.resume or not (root / "pseudo").exists():
-        pseudo = write_round_data(unlabeled, rows, root / "pseudo")
+        pseudo = write_round_data(unlabeled, rows, root / "pseudo", cfg.unlabeled)
     else:
-        pseudo = Spec.of("disk", str(root / "pseudo"))
+        pseudo = round_data(root / "pseudo", cfg.unlabeled)
     target = write_targets(train.labels(), probs, train.classes, root / "targets.npy")
     summary = train_student(
         cfg, number, root / "distill", teachers=[target], unlabeled=pseudo, loss=TARGET_LOSS
