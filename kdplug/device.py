@@ -72,6 +72,14 @@ def autocast(device: Any) -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
+def full_precision(device: Any) -> Any:
+    """A context where ``autocast`` is off: float32 math inside a mixed-precision step
+    (the combiner, as where it was fitted)."""
+    import torch
+
+    return torch.autocast(device.type, enabled=False)
+
+
 def memory_format(device: Any) -> Any:
     """The student's memory format on ``device``: channels_last on CUDA (faster convolutions
     under autocast), else contiguous. Teachers always get contiguous inputs: a saved program

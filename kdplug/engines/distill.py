@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kdplug import distributed, teacher_checks
 from kdplug.data import DataSource, batch_count, batches, load_data
-from kdplug.device import autocast, grad_scaler, memory_format
+from kdplug.device import autocast, full_precision, grad_scaler, memory_format
 from kdplug.errors import PluginError, UsageError, component_name, running
 from kdplug.fitting import invalid_rows
 from kdplug.ops import standardize
@@ -436,7 +436,7 @@ class Trainer:
             # the combiner in float32, as where it was fitted (kdplug.fitting)
             with (
                 running(self.combiner, "the combiner"),
-                torch.autocast(x.device.type, enabled=False),
+                full_precision(x.device),
             ):
                 weights, target = self.combiner(logits, out.known, labels, self.loss.temperature)
             target = target.float()
