@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -153,12 +151,7 @@ def main(args: argparse.Namespace) -> None:
             print(f"{setup} seed {seed}: {json.dumps(run['labels'])}", flush=True)
     results = {
         "command": "python bench/dawid_skene.py " + " ".join(sys.argv[1:]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "torch_threads": args.threads,
-            "torch": torch.__version__,
-        },
+        "machine": multi_teacher.machine(args.threads),
         "rows": multi_teacher.SPLITS["unlabeled"],
         "setups": args.setups,
         "seeds": list(range(args.seeds)),
@@ -166,10 +159,7 @@ def main(args: argparse.Namespace) -> None:
         "runs": runs,
         "seconds": time.perf_counter() - started,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
-    print(markdown(results))
-    print(f"total {results['seconds']:.0f} s; wrote {out}/results.json, results.md")
+    multi_teacher.save_results(out, results, markdown(results))
 
 
 def parse_args() -> argparse.Namespace:

@@ -307,13 +307,7 @@ def main() -> None:
     temperatures = auto_temperatures(splits, setups)
     results = {
         "command": "python bench/multi_teacher.py " + " ".join(ARGS.argv),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": ARGS.threads,
-            "torch": torch.__version__,
-        },
+        "machine": machine(ARGS.threads),
         "student": ARGS.student,
         "epochs": ARGS.epochs,
         "seeds": seeds,
@@ -328,13 +322,30 @@ def main() -> None:
         "fits": fits,
         "seconds": time.perf_counter() - started,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
+    save_results(out, results, markdown(results))
     figure(results, out / "multi_teacher.png")
-    print(markdown(results))
-    print(
-        f"total {results['seconds']:.0f} s; wrote {out}/results.json, results.md, multi_teacher.png"
-    )
+    print(f"and {out}/multi_teacher.png")
+
+
+def machine(threads: int) -> dict:
+    """The machine a benchmark ran on, as results.json records it."""
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": threads,
+        "torch": torch.__version__,
+    }
+
+
+def save_results(out: Path, results: dict, table: str) -> None:
+    """Write ``results.json`` and ``results.md`` (``table``) to ``out`` and print the table."""
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(table)
+    print(table)
+    print(f"total {results['seconds']:.0f} s; wrote {out}/results.json and results.md")
 
 
 def parse_args() -> argparse.Namespace:

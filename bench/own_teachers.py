@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multi_teacher import SIZE, load_arrays, train_cnn  # noqa: E402
+from multi_teacher import SIZE, load_arrays, machine, save_results, train_cnn  # noqa: E402
 
 SPLITS = {"labeled": 300, "val": 200, "unlabeled": 900}  # the remaining 397 rows: test
 TIMM_ARCH = "test_resnet"  # timm's tiny ResNet: resnet10t fed at 176x176 costs too much CPU
@@ -544,13 +542,7 @@ def main() -> None:
     results = {
         "command": "python bench/own_teachers.py " + " ".join(ARGS.argv),
         "code": code_version(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": ARGS.threads,
-            "torch": torch.__version__,
-        },
+        "machine": machine(ARGS.threads),
         "student": ARGS.student,
         "epochs": ARGS.epochs,
         "batch_size": ARGS.batch_size,
@@ -562,10 +554,7 @@ def main() -> None:
         "kdplug_commands": COMMANDS,
         "seconds": time.perf_counter() - started,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown(results))
-    print(markdown(results))
-    print(f"total {results['seconds']:.0f} s; wrote {out}/results.json and results.md")
+    save_results(out, results, markdown(results))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
