@@ -204,3 +204,23 @@ def test_teachers_get_contiguous_input_and_no_grad_when_the_student_is_channels_
     )
     summary = engine.distill(config)
     assert summary["epochs"] == 1 and seen and not any(seen)
+
+
+def test_a_fit_collects_at_most_fit_rows_rows(digits_splits, tmp_path, monkeypatch, caplog):
+    """auto's fit and the teacher checks keep [K, N, C] outputs in memory: at most FIT_ROWS
+    rows of them (a fixed random choice), on every rank, whatever N is."""
+    import numpy as np
+
+    from kdplug import fitting
+    from kdplug.data import load_data
+    from kdplug.teachers import build_teacher_set
+
+    source = load_data(digits_splits["labeled"])
+    np.save(tmp_path / "t.npy", np.random.default_rng(0).normal(size=(150, 10)).astype("float32"))
+    teachers = build_teacher_set([f"logits:{tmp_path / 't.npy'}"], source.classes, data=source)
+    monkeypatch.setattr(fitting, "FIT_ROWS", 40)
+    with caplog.at_level("INFO", logger="kdplug"):
+        first = fitting.collect_outputs(teachers, source, list(range(150)), 64, torch.device("cpu"))
+        again = fitting.collect_outputs(teachers, source, list(range(150)), 64, torch.device("cpu"))
+    assert first[0].shape == (1, 40, 10) and torch.equal(first[0], again[0])
+    assert "fitting on a random 40 of the 150 labeled rows" in caplog.text
