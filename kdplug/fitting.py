@@ -312,7 +312,10 @@ def collect_outputs(
         order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))
         indices = [indices[i] for i in sorted(order[:FIT_ROWS].tolist())]
     logits, labels, known = [], [], None
-    loader = batches(source, batch_size, indices=list(indices)) if len(indices) else []
+    pin = device.type == "cuda"
+    loader = (
+        batches(source, batch_size, indices=list(indices), pin_memory=pin) if len(indices) else []
+    )
     for x, y, idx in loader:
         with autocast(device):
             out = producer(x.to(device), idx)

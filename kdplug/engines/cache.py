@@ -334,7 +334,8 @@ def cache_rows(
     seeds = torch.from_numpy(params.seeds)
     index_type = getattr(torch, index_dtype(len(record["classes"])).name)
     parts: dict[str, list[torch.Tensor]] = {}
-    for x, _, idx in batches(source, cfg.batch_size, indices=list(shard.rows)):
+    pin = device.type == "cuda"
+    for x, _, idx in batches(source, cfg.batch_size, indices=list(shard.rows), pin_memory=pin):
         local = idx - shard.start
         views = []
         for v in range(V):

@@ -57,7 +57,7 @@ def collect(
     teacher_set.to(device)
     rows = np.flatnonzero(source.labels() >= 0).tolist()
     logits, labels, skipped = [], [], 0
-    loader = batches(source, batch_size, indices=rows)
+    loader = batches(source, batch_size, indices=rows, pin_memory=device.type == "cuda")
     for x, y, idx in tqdm(loader, desc=desc, unit="batch", disable=None, file=sys.stderr):
         out = teacher_set(x.to(device), idx)
         keep = torch.ones(len(y), dtype=torch.bool)
