@@ -141,6 +141,26 @@ def all_reduce_sum(tensor: Any) -> Any:
     return total
 
 
+def gather_rows(tensor: Any, device: Any) -> Any:
+    """Every rank's ``tensor`` (rows of any count, the rest of the shape the same) joined
+    along dim 0 in rank order, on the CPU; ``tensor`` itself in a single process. The
+    transfer goes through ``device`` (NCCL moves CUDA tensors only)."""
+    import torch
+
+    dist = _group()
+    if dist is None:
+        return tensor
+    count = torch.tensor([len(tensor)], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world_size())]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[: len(tensor)] = tensor.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]).cpu()
+
+
 def all_reduce_mean(tensor: Any) -> Any:
     """The mean of ``tensor`` (floating point) over the ranks."""
     return all_reduce_sum(tensor) / world_size()

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kdplug import metrics, ops
+from kdplug import distributed, metrics, ops
 from kdplug.errors import UsageError, origin, running
 
 log = logging.getLogger("kdplug")
@@ -294,7 +294,12 @@ def unfitted_line(combiner: Any, record: Any, reason: str, seen: bool) -> str:
 
 @torch.inference_mode()
 def collect_outputs(
-    producer: Any, source: Any, indices: Sequence[int], batch_size: int, device: torch.device
+    producer: Any,
+    source: Any,
+    indices: Sequence[int],
+    batch_size: int,
+    device: torch.device,
+    shared: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The producer's outputs on rows ``indices`` of ``source`` (``batch(indices)`` ->
     ``x, y, idx``; None with no rows): logits ``[K, N, C]`` and ``known [K, C]`` on the CPU,
@@ -303,7 +308,9 @@ def collect_outputs(
     is the producer's ``known`` attribute. The teachers run under the device's autocast,
     as in training, label and cache, so what is fitted is applied to the same outputs.
     More than ``FIT_ROWS`` rows: a random ``FIT_ROWS`` of them (the same on every run), said
-    in one line."""
+    in one line. ``shared`` (every rank calls it, as distill's fit): each rank runs the
+    teachers on its share of the rows and every rank gets all of them, in the order of one
+    process, so every rank fits the same tensors."""
     from kdplug.data import batches
     from kdplug.device import autocast
 
@@ -311,11 +318,11 @@ def collect_outputs(
         log.info("fitting on a random %d of the %d labeled rows (FIT_ROWS)", FIT_ROWS, len(indices))
         order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))
         indices = [indices[i] for i in sorted(order[:FIT_ROWS].tolist())]
-    logits, labels, known = [], [], None
+    rank, world = (distributed.rank(), distributed.world_size()) if shared else (0, 1)
+    mine = list(indices)[rank::world]
+    logits, labels, positions, known, seen = [], [], [], None, 0
     pin = device.type == "cuda"
-    loader = (
-        batches(source, batch_size, indices=list(indices), pin_memory=pin) if len(indices) else []
-    )
+    loader = batches(source, batch_size, indices=mine, pin_memory=pin) if mine else []
     for x, y, idx in loader:
         with autocast(device):
             out = producer(x.to(device), idx)
@@ -324,11 +331,19 @@ def collect_outputs(
             keep = ~out.bad_rows.cpu()
         logits.append(out.logits.float().cpu()[:, keep])
         labels.append(y[keep])
+        positions.append((seen + torch.arange(len(y)))[keep])
+        seen += len(y)
         known = out.known.cpu()
-    if known is None:
-        known = producer.known.cpu()
-        return torch.zeros(*known.shape[:1], 0, known.shape[1]), known, torch.zeros(0).long()
-    return torch.cat(logits, 1), known, torch.cat(labels)
+    known = producer.known.cpu() if known is None else known
+    K, C = known.shape
+    rows = torch.cat(logits, 1).transpose(0, 1) if logits else torch.zeros(0, K, C)
+    truth = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    if world > 1:  # rank r's row i is row r + world * i of one process
+        position = torch.cat(positions) * world + rank if positions else torch.zeros(0).long()
+        order = distributed.gather_rows(position, device).argsort()
+        rows = distributed.gather_rows(rows.contiguous(), device)[order]
+        truth = distributed.gather_rows(truth, device)[order]
+    return rows.transpose(0, 1), known, truth
 
 
 def fit_on_rows(
@@ -340,13 +355,15 @@ def fit_on_rows(
     batch_size: int,
     device: torch.device,
     rows: str = "labeled rows",
+    shared: bool = False,
 ) -> dict[str, Any]:
     """``fit_components`` on the producer's outputs for the labeled rows ``indices`` of
-    ``source`` (``rows`` names them in messages); nothing is run when neither component
-    can fit."""
+    ``source`` (``rows`` names them in messages; ``shared``: every rank fits, each running
+    the teachers on its share, see ``collect_outputs``); nothing is run when neither
+    component can fit."""
     if not can_fit(combiner) and not (loss is not None and can_fit(loss)):
         return {}
-    logits, known, labels = collect_outputs(producer, source, indices, batch_size, device)
+    logits, known, labels = collect_outputs(producer, source, indices, batch_size, device, shared)
     return fit_components(combiner, loss, logits, known, labels, rows)
 
 

@@ -109,3 +109,18 @@ def test_a_rank_whose_whole_batch_is_dropped_keeps_in_step(digits_splits, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["bad_rows"] > 0.7 * rows
+
+
+def test_two_processes_fit_auto_as_one_process_does(teacher, digits_splits, tmp_path):
+    """Each rank runs the teachers on its share of the fit rows and every rank fits all of
+    them, in one process's order: the fit is the one-process fit (and the same on every
+    rank, so every rank's targets agree)."""
+    fits = {}
+    for name, extra in (("one", []), ("two", ["--nproc-per-node", "2"])):
+        args = distill_args(teacher, digits_splits, tmp_path / name, 1)
+        args[args.index("mean")] = "auto"
+        extra += ["--calibration-data", digits_splits["labeled"], "--batch-size", "32"]
+        run_cli(*args, *extra, check=True, timeout=TIMEOUT)
+        fits[name] = json.loads((tmp_path / name / "summary.json").read_text())["fitted"]
+    assert fits["one"]["combiner"]["fitted"] is True
+    assert fits["two"] == fits["one"]

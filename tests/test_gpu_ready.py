@@ -224,3 +224,30 @@ def test_a_fit_collects_at_most_fit_rows_rows(digits_splits, tmp_path, monkeypat
         again = fitting.collect_outputs(teachers, source, list(range(150)), 64, torch.device("cpu"))
     assert first[0].shape == (1, 40, 10) and torch.equal(first[0], again[0])
     assert "fitting on a random 40 of the 150 labeled rows" in caplog.text
+
+
+def test_each_rank_runs_the_teachers_on_its_share_of_the_fit_rows(digits_splits, monkeypatch):
+    """Rank 1 of 2 runs the teachers on every other fit row; the gather (stubbed here: the
+    two-process test checks the real one) joins the ranks' rows in one process's order."""
+    from kdplug import distributed, fitting
+    from kdplug.data import load_data
+    from kdplug.teachers import TeacherOutputs
+
+    source = load_data(digits_splits["labeled"])
+    seen = []
+
+    class Producer:
+        known = torch.ones(1, 10, dtype=torch.bool)
+
+        def __call__(self, x, idx):
+            seen.extend(idx.tolist())
+            return TeacherOutputs(torch.zeros(1, len(x), 10), self.known, None)
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "gather_rows", lambda tensor, device: tensor)
+    rows = list(range(0, 40, 2))
+    logits, _, labels = fitting.collect_outputs(
+        Producer(), source, rows, 8, torch.device("cpu"), shared=True
+    )
+    assert seen == rows[1::2] and logits.shape == (1, 10, 10) and len(labels) == 10

@@ -746,6 +746,7 @@ def fit_on_labeled_rows(parts: Parts, config: DistillConfig, device: torch.devic
         config.batch_size,
         device,
         f"labeled {flag} rows",
+        shared=True,  # every rank runs the teachers on its share; all fit the same rows
     )
 
 
