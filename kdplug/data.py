@@ -557,6 +557,12 @@ def default_workers(rows: int) -> int:
     return 0 if rows < 20_000 else min(4, os.cpu_count() or 1)
 
 
+def batches_of(rows: list[int], batch_size: int, drop_last: bool) -> list[list[int]]:
+    """``rows`` cut into batches of ``batch_size`` (``batch_count`` of them)."""
+    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    return chunks[: batch_count(len(rows), batch_size, drop_last)]
+
+
 def batch_count(rows: int, batch_size: int, drop_last: bool) -> int:
     """How many batches ``batches`` makes of ``rows`` rows: with ``drop_last`` a last
     partial batch is dropped, unless it is the only one."""
@@ -575,16 +581,24 @@ def batches(
     workers: int | None = None,
     pin_memory: bool = False,
     drop_last: bool = False,
+    groups: list[list[int]] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``source`` (or the rows ``indices``) yielding ``(x, y, idx)``."""
+    """A DataLoader over ``source`` (or the rows ``indices``) yielding ``(x, y, idx)``.
+
+    ``groups`` (instead of ``indices``): row lists batched one after another, no batch
+    crossing from one group into the next (label's shards: one loader, one set of workers,
+    for all of them)."""
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
-    rows = list(range(len(source))) if indices is None else list(indices)
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        rows = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
-    chunks = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
-    chunks = chunks[: batch_count(len(rows), batch_size, drop_last)]
+    if groups is not None:
+        chunks = [c for rows in groups for c in batches_of(rows, batch_size, drop_last)]
+        rows = [row for rows in groups for row in rows]
+    else:
+        rows = list(range(len(source))) if indices is None else list(indices)
+        if shuffle:
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            rows = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+        chunks = batches_of(rows, batch_size, drop_last)
     workers = default_workers(len(rows)) if workers is None else workers
     return _Loader(
         _Batches(source),

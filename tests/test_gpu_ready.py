@@ -251,3 +251,33 @@ def test_each_rank_runs_the_teachers_on_its_share_of_the_fit_rows(digits_splits,
         Producer(), source, rows, 8, torch.device("cpu"), shared=True
     )
     assert seen == rows[1::2] and logits.shape == (1, 10, 10) and len(labels) == 10
+
+
+def test_label_reads_every_shard_through_one_loader(digits_splits, tmp_path, monkeypatch):
+    """One DataLoader (one set of workers) for a run's shards, with no batch crossing a
+    shard's edge (so a resumed shard computes its rows in the same batches)."""
+    import numpy as np
+
+    from kdplug.engines import label as engine
+
+    np.save(tmp_path / "t.npy", np.random.default_rng(0).normal(size=(150, 10)).astype("float32"))
+    loaders = []
+    real_batches = engine.batches
+
+    def batches(*args, **kwargs):
+        loaders.append(kwargs.get("groups"))
+        return real_batches(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "batches", batches)
+    config = engine.LabelConfig(
+        teachers=[f"logits:{tmp_path / 't.npy'}"],
+        data=digits_splits["labeled"],
+        out=str(tmp_path / "labels"),
+        shard_size=64,
+        batch_size=40,
+        device="cpu",
+        progress=False,
+    )
+    engine.run_label(config)
+    assert [len(group) for group in loaders[0]] == [64, 64, 22] and len(loaders) == 1
+    assert (tmp_path / "labels" / "report.json").exists()

@@ -14,9 +14,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kdplug import distributed, teacher_checks
-from kdplug.data import DataSource, batches, default_workers, load_data
+from kdplug.data import DataSource, batch_count, batches, default_workers, load_data
 from kdplug.device import autocast, pick_device
 from kdplug.errors import PluginError, UsageError, component_name, running
 from kdplug.fitting import (
@@ -346,11 +346,19 @@ def label_shards(
     its shard runs in the first attempt or after a resume (identical floats)."""
     from tqdm.auto import tqdm
 
-    loader = {"workers": default_workers(len(source)), "pin_memory": device.type == "cuda"}
-    total = sum(math.ceil((s.stop - s.start) / batch_size) for s in shards)
-    with tqdm(total=total, unit="batch", desc="label", disable=not progress) as bar:
-        for shard in shards:
-            rows = batches(source, batch_size, indices=list(shard.rows), **loader)
+    groups = [list(shard.rows) for shard in shards]
+    counts = [batch_count(len(rows), batch_size, False) for rows in groups]
+    loader = batches(
+        source,
+        batch_size,
+        groups=groups,
+        workers=default_workers(len(source)),
+        pin_memory=device.type == "cuda",
+    )
+    stream = iter(loader)  # one loader (and one set of workers) for every shard
+    with tqdm(total=sum(counts), unit="batch", desc="label", disable=not progress) as bar:
+        for shard, count in zip(shards, counts):
+            rows = itertools.islice(stream, count)
             write_shard(shard, label_rows(rows, teacher_set, combiner, device, bar))
 
 
