@@ -118,20 +118,23 @@ def quote_list(values: list[str]) -> str:
     return joined if len(values) > 1 else f"{joined};"
 
 
+def _text(value: Any) -> str:
+    """One option value (not a list) as a user would write it."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _written(value: Any) -> str:
     """An option value as spec text that types back to ``value``."""
     if isinstance(value, list | tuple):
-        return quote_list([str(v) for v in value])
-    if isinstance(value, bool):
-        return str(value).lower()
-    return quote(str(value))
+        return quote_list([_text(v) for v in value])
+    return quote(_text(value))
 
 
 def _raw(value: Any) -> Raw:
     """A Python value as ``Spec.raw`` holds what a user wrote (quoted, so never guessed)."""
     if isinstance(value, list | tuple):
-        return [Quoted(v) for v in map(str, value)]
-    return Quoted(str(value).lower() if isinstance(value, bool) else str(value))
+        return [Quoted(_text(v)) for v in value]
+    return Quoted(_text(value))
 
 
 def _split(text: str, sep: str, spec: str, maxsplit: int = -1) -> list[str]:

@@ -137,22 +137,23 @@ class Store:
         )
 
     def read(
-        self, split: Split, rows: np.ndarray, views: np.ndarray, device: torch.device | str = "cpu"
+        self, split: Split, rows: np.ndarray, views: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher log-probabilities ``[T, B, C]`` (float32, rebuilt from top-k where the store
-        holds top-k) of ``rows [B]`` at ``views [B]``, and the bad-view mask ``[B]``."""
+        holds top-k) of ``rows [B]`` at ``views [B]``, and the bad-view mask ``[B]``, on the
+        CPU where the store is (callers copy them to their device once)."""
         values = torch.from_numpy(np.asarray(split.arrays["values"][rows, views]))
         self._refuse(split, "values", rows, ~torch.isfinite(values) | (values > MAX_LOG_PROB))
         indices, tail = None, None
         if "indices" in split.arrays:
             indices = torch.from_numpy(np.asarray(split.arrays["indices"][rows, views]))
             self._refuse(split, "indices", rows, (indices < 0) | (indices >= len(self.classes)))
-            indices = indices.to(device).permute(1, 0, 2)
+            indices = indices.permute(1, 0, 2)
             tail = torch.from_numpy(np.asarray(split.arrays["tail"][rows, views]))
             self._refuse(split, "tail", rows, ~torch.isfinite(tail) | (tail > MAX_LOG_PROB))
-            tail = tail.to(device).permute(1, 0)
-        logits = full_log_probs(values.to(device).permute(1, 0, 2), indices, tail, self.known)
-        bad = torch.from_numpy(np.asarray(split.arrays["bad"][rows, views])).to(device)
+            tail = tail.permute(1, 0)
+        logits = full_log_probs(values.permute(1, 0, 2), indices, tail, self.known)
+        bad = torch.from_numpy(np.asarray(split.arrays["bad"][rows, views]))
         return logits, bad
 
     def _refuse(self, split: Split, name: str, rows: np.ndarray, wrong: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ import hashlib
 import numpy as np
 import torch
 
-from kdplug.api import STORE_FILE, Split, Store, UsageError, open_store
+from kdplug.api import STORE_FILE, Split, Store, UsageError, open_store, to_device
 
 
 class StoreTeacher:
@@ -45,7 +45,7 @@ class StoreTeacher:
                 f"{int(rows.max())} was asked for; use it with the data it was cached from"
             )
         logits, _ = self.store.read(self.split, rows, np.zeros(len(rows), dtype=np.int64))
-        return logits[self.teacher][:, self.columns].to(x.device)
+        return to_device(logits[self.teacher][:, self.columns], x.device)
 
 
 def load_store_teacher(ref: str, teacher: int, split: int | None, force: bool) -> StoreTeacher:
