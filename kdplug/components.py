@@ -173,27 +173,61 @@ class Labels:
 
 
 class LabelGenerator(Protocol):
-    """``generator(target [N, C], teacher_probs [K, N, C], known [K, C]) -> Labels``, called
-    once by ``label`` on all rows (those where no teacher gave NaN/Inf)."""
+    """Contract version 2 (streaming): ``label`` calls ``prepare(shards)`` once, then
+    ``decide(rows)`` once per shard in row order, then ``summary()``; the rows are those of
+    DATA where no teacher gave NaN/Inf (``kdplug.label_shards``). Memory stays one shard's.
+
+    Version 1, a generator with only ``__call__`` on all rows, still works: ``label`` runs
+    it through ``kdplug.label_shards.AllRows``, which holds every row's target and teacher
+    probabilities in memory at once. ``kdplug.api.StreamingGenerator`` is a base with every
+    default below and ``__call__`` built from ``prepare`` and ``decide``."""
 
     topk: int | None = None
     """k: the labeled dataset holds each row's k most probable classes (``topk_indices``,
-    ``topk_values``) instead of ``probs``. None: all of ``probs``."""
+    ``topk_values``) instead of ``probs``, unless ``--probs`` says otherwise. None: as
+    ``--probs auto`` decides."""
 
     private: bool = False
     """True: only labels and probs are released; per-row teacher statistics (the
     ``agreement`` column) are left out of the dataset."""
 
+    teacher_probs: bool = False
+    """True: ``rows.teacher_probs [K, R, C]`` is filled (the shards then store them: ``K``
+    times the disk of the target); False: None, and ``rows.votes`` is all of the teachers."""
+
     fit: Callable[..., dict[str, Any]] | None = None
-    """``fit(prediction [M, C], labels [M]) -> dict``, called once before the generator
+    """``fit(prediction [M, C], labels [M]) -> dict``, called once before ``prepare``
     with the combined prediction of labeled rows and their labels (``--calibration-data``'s,
     each from a combiner not fitted on it; else DATA's own labeled rows, never
     ``--eval-labels``); the JSON-ready dict goes into report.json. ``label`` refuses a run
     with no such rows. None: nothing to fit."""
 
+    @optional
+    def prepare(self, shards: Any) -> None:
+        """Gather what ``decide`` needs over all rows: ``shards`` (a ``LabelShards``) yields
+        each shard's ``ShardRows`` when iterated, as many times as the generator needs;
+        ``shards.scores()`` gives every row's confidence and class. Default: nothing."""
+
+    @optional
+    def decide(self, rows: Any) -> Labels:
+        """``Labels`` for one shard's ``rows`` (a ``ShardRows``: ``index [R]``, ``target
+        [R, C]``, ``votes [K, R]``, ``known [K, C]``, ``teacher_probs``); its ``info`` is
+        not read (``summary`` is). Without it the generator is version 1: ``__call__``."""
+        ...
+
+    @optional
+    def summary(self) -> dict[str, Any]:
+        """The generator's figures for the report (``generator.info``), after the last
+        ``decide``. Default: none."""
+        return {}
+
+    @optional
     def __call__(
         self, target: torch.Tensor, teacher_probs: torch.Tensor, known: torch.Tensor
-    ) -> Labels: ...
+    ) -> Labels:
+        """Version 1: ``Labels`` for all rows at once (``target [N, C]``, ``teacher_probs
+        [K, N, C]``, ``known [K, C]``), used where there is no ``decide``."""
+        ...
 
 
 class Producer(Protocol):

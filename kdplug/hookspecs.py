@@ -86,9 +86,12 @@ def register_combiners(register: Register) -> None:
 def register_label_generators(register: Register) -> None:
     """Register pseudo-label generators: ``factory(**options) -> LabelGenerator``.
 
-    A ``kdplug.components.LabelGenerator``: ``generator(target [N, C], teacher_probs
-    [K, N, C], known [K, C]) -> kdplug.Labels``, called once by ``label`` on all rows;
-    optional ``topk`` and ``private`` (docs/plugins.md, "LabelGenerator").
+    A ``kdplug.components.LabelGenerator``, contract version 2 (kdplug 0.2, streaming):
+    ``prepare(shards)`` once, ``decide(rows) -> kdplug.Labels`` once per shard of rows, then
+    ``summary()``; optional ``topk``, ``private``, ``teacher_probs`` and ``fit``. A version-1
+    generator (``generator(target [N, C], teacher_probs [K, N, C], known [K, C])`` called
+    once on all rows) still works, holding every row in memory (docs/plugins.md,
+    "LabelGenerator").
 
     :param register: Call ``register(name, factory)`` once per label generator.
     """

@@ -39,11 +39,14 @@ def plan_shards(rows: int, size: int, directory: str | Path) -> list[Shard]:
     return shards
 
 
-def write_shard(shard: Shard, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the shard's tensors (first dim or second dim sized to its rows) atomically."""
+def write_shard(
+    shard: Shard, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write the shard's tensors (first dim or second dim sized to its rows) atomically,
+    with ``metadata`` (text) beside its range."""
     from safetensors.torch import save
 
-    meta = {"start": str(shard.start), "stop": str(shard.stop)}
+    meta = {**(metadata or {}), "start": str(shard.start), "stop": str(shard.stop)}
     data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
     with atomic_path(shard.path) as tmp:
         # bytes written by Python: a full disk is an OSError that atomic_path reports
@@ -53,20 +56,26 @@ def write_shard(shard: Shard, tensors: dict[str, torch.Tensor]) -> None:
 
 def is_finished(shard: Shard) -> bool:
     """Whether the shard's file exists, is readable and covers the shard's rows."""
-    from safetensors import safe_open
-
     if not shard.path.is_file():
         return False
     try:
-        with safe_open(str(shard.path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        meta = read_shard_metadata(shard)
     except Exception:  # a foreign or damaged file: the shard is redone
         return False
     return meta.get("start") == str(shard.start) and meta.get("stop") == str(shard.stop)
 
 
-def read_shard(shard: Shard) -> dict[str, torch.Tensor]:
-    """All tensors of a finished shard."""
-    from safetensors.torch import load_file
+def read_shard(shard: Shard, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` (None: all) of a finished shard."""
+    from safetensors import safe_open
 
-    return load_file(str(shard.path))
+    with safe_open(str(shard.path), framework="pt") as fh:
+        return {key: fh.get_tensor(key) for key in (fh.keys() if keys is None else keys)}
+
+
+def read_shard_metadata(shard: Shard) -> dict[str, str]:
+    """The metadata a finished shard was written with."""
+    from safetensors import safe_open
+
+    with safe_open(str(shard.path), framework="pt") as fh:
+        return dict(fh.metadata() or {})

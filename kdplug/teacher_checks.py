@@ -54,6 +54,28 @@ def check_teachers(
     )
 
 
+def check_votes(
+    producer: Any,
+    votes: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor | None,
+    rows: str,
+) -> list[dict[str, Any]]:
+    """``check_teachers`` on each teacher's class ``votes [K, N]`` (its most probable class
+    among those it knows) instead of its outputs."""
+    teacher_set = live_teachers(producer)
+    return flag_teachers(
+        producer.names,
+        None,
+        known,
+        labels,
+        named=teacher_set.named if teacher_set else None,
+        classes=teacher_set.classes if teacher_set else None,
+        rows=rows,
+        predicted=votes,
+    )
+
+
 def live_teachers(producer: Any) -> Any:
     """``producer`` when it is the live teachers (a ``kdplug.teachers.TeacherSet``), else
     None (a store)."""
@@ -100,19 +122,22 @@ def flag_teachers(
     classes: Sequence[str] | None = None,
     rows: str = "rows",
     compare: bool = True,
+    predicted: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """The flags of the teachers ``names`` on their outputs ``scores [K, N, C]`` (logits or
     probabilities, aligned to the run's classes), ``known [K, C]`` and ``labels [N]`` (-1
     unknown; None: no labels). ``named[k]``: teacher k names its classes; ``classes``: the
     run's, in order; ``rows`` says which rows these are; ``compare=False`` leaves out the
-    disagreement check (done on other rows)."""
+    disagreement check (done on other rows). ``predicted [K, N]``: each teacher's class
+    among those it knows, given instead of ``scores``."""
     known = known.cpu()
-    predicted = torch.stack(  # [K, N]: each teacher's class among those it knows
-        [
-            scores[k].detach().cpu().float().masked_fill(~known[k], float("-inf")).argmax(-1)
-            for k in range(len(names))
-        ]
-    )
+    if predicted is None:
+        predicted = torch.stack(
+            [
+                scores[k].detach().cpu().float().masked_fill(~known[k], float("-inf")).argmax(-1)
+                for k in range(len(names))
+            ]
+        )
     flags, fine = [], set()
     if labels is not None:
         labels = torch.as_tensor(labels).long().cpu()

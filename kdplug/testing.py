@@ -6,6 +6,9 @@
   return its ``PluginInfo`` (``.error`` is set when it failed).
 - ``create_component(kind, spec, *args, **options)``: build a registered component.
 
+And for memory tests and benchmarks: ``run_measured(command)`` runs a process and returns
+its wall time and the peak anonymous memory of its process tree.
+
 Example::
 
     class MyPlugin:
@@ -20,7 +23,10 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -55,3 +61,46 @@ def create_component(kdplug_manager: plugins.PluginManager) -> Callable[..., Any
         return kdplug_manager.create(kind, spec, *args, **options)
 
     return create
+
+
+def anonymous_kib(pid: int) -> int:
+    """Anonymous resident memory (``RssAnon``, KiB) of ``pid`` and all its descendants: what
+    the process itself allocated, without the page cache of files it maps."""
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/status") as fh:
+                total += next(
+                    (int(line.split()[1]) for line in fh if line.startswith("RssAnon:")), 0
+                )
+            with open(f"/proc/{current}/task/{current}/children") as fh:
+                todo += [int(child) for child in fh.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+def run_measured(
+    command: Sequence[str], interval: float = 0.05, **popen: Any
+) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Run ``command`` to its end, sampling its tree's anonymous memory every ``interval``
+    seconds: ``(wall seconds, peak GB, the completed process with its output)``."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
+    peak = [0]
+
+    def sample() -> None:
+        while process.poll() is None:
+            peak[0] = max(peak[0], anonymous_kib(process.pid))
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = process.communicate()
+    seconds = time.perf_counter() - started
+    sampler.join()
+    done = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return seconds, peak[0] * 1024 / 1e9, done

@@ -63,6 +63,14 @@ from kdplug.cli.options import (
 )
 @click.option("--with-inputs", is_flag=True, help="Copy DATA's input columns into OUT.")
 @click.option(
+    "--probs",
+    default="auto",
+    show_default=True,
+    metavar="full|topk=K|none|auto",
+    help="How each row's soft label is written: all C probabilities, the top K, or none. "
+    "auto: the generator's top-k if it has one, else full up to 100 classes and topk=10 above.",
+)
+@click.option(
     "--eval-labels",
     default=None,
     metavar="DATA",

@@ -1,19 +1,23 @@
-"""The labeling engine: teachers over DATA in shards, then one generator over all rows.
+"""The labeling engine: teachers over DATA in shards, then the generator shard by shard.
 
 1. Each shard (a fixed row range, kdplug.shards) runs the teachers batch by batch and is
-   written atomically to ``OUT/.shards/``: per-teacher probabilities ``[K, R, C]``, the
-   combined prediction ``[R, C]`` (``kdplug.fitting.combined_prediction``, stored as
-   ``target``) and weights ``[K, R]``, and the bad-row mask ``[R]``.
+   written atomically to ``OUT/.shards/``: the combined prediction ``[R, C]``
+   (``kdplug.fitting.combined_prediction``, stored as ``target``), each teacher's vote and
+   weight ``[K, R]``, the bad-row mask ``[R]`` and, for a generator that asks for them
+   (``teacher_probs = True``), the teachers' probabilities ``[K, R, C]``.
    ``resume`` skips every finished shard, whichever process wrote it. Under
    torch.distributed (``kdplug.distributed``) rank ``r`` of ``W`` takes the unfinished shards
    ``r, r + W, ...``; a lost rank's shards are redone on ``--resume`` by any number of ranks.
-2. Rank 0 merges the shards and the label generator decides every row at once.
+2. Rank 0 streams over the shards (``kdplug.label_shards``): the generator's ``prepare``,
+   then its ``decide`` per shard, whose rows go straight into the labeled dataset
+   (``kdplug.label_dataset``) and the report's tally: memory is bounded by a shard, not N.
 3. The labeled dataset, ``report.json`` and ``report.png`` are built in a temporary
    directory that replaces ``OUT`` whole, so an interrupted run never looks complete.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -37,13 +41,29 @@ from kdplug.fitting import (
     fit_on_rows,
     invalid_rows,
 )
-from kdplug.ops import entropy, teacher_probs
+from kdplug.label_dataset import (
+    DatasetWriter,
+    arrow_table,
+    describe_mode,
+    probs_mode,
+    shard_columns,
+)
+from kdplug.label_dataset import features as label_features
+from kdplug.label_shards import LabelShards, ShardRows, streaming
+from kdplug.ops import teacher_probs
 from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
 from kdplug.plugins import create, get_manager
 from kdplug.registry import typed_options
-from kdplug.reports.label import build_report, save_report_figure
+from kdplug.reports.label import LabelTally, save_report_figure
 from kdplug.run import Run
-from kdplug.shards import Shard, is_finished, plan_shards, read_shard, write_shard
+from kdplug.shards import (
+    Shard,
+    is_finished,
+    plan_shards,
+    read_shard,
+    read_shard_metadata,
+    write_shard,
+)
 from kdplug.spec import Spec, parse_spec
 from kdplug.teachers import TeacherSet, build_teacher_set, classes_from_teachers, create_teachers
 
@@ -51,6 +71,7 @@ log = logging.getLogger("kdplug")
 
 MARKER = "run.json"
 SHARDS = ".shards"
+PROBS_KEY = "teacher_probs"  # shard metadata: whether it holds the teachers' probabilities
 
 
 @dataclass
@@ -75,6 +96,7 @@ class LabelConfig:
     skip_bad_rows: bool = False
     progress: bool = True
     calibration_data: str | None = None  # labeled rows a combiner with fit (auto) is fitted on
+    probs: str = "auto"  # how each row's soft label is written (kdplug.label_dataset)
 
 
 @discarding_unstarted_runs()
@@ -90,7 +112,9 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     if cfg.combiner is None:
         cfg.combiner = "auto" if cfg.calibration_data else "mean"
     combiner = create("combiners", cfg.combiner)
-    generator = create("label-generators", cfg.generator)
+    made = create("label-generators", cfg.generator)
+    generator = streaming(made)  # a version-1 generator runs through AllRows
+    keep_probs = bool(getattr(generator, "teacher_probs", False))
     source = load_data(cfg.data, cfg.classes)
     teachers = create_teachers(cfg.teachers)
     classes, classes_from = run_classes(cfg, source, teachers)
@@ -132,36 +156,50 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     distributed.barrier()  # every rank has its todo list before any rank adds a shard
     mine = todo[distributed.rank() :: distributed.world_size()]
     show = cfg.progress and distributed.is_main()
-    label_shards(source, teacher_set, combiner, mine, cfg.batch_size, device, show)
+    label_shards(source, teacher_set, combiner, mine, cfg.batch_size, device, show, keep_probs)
     distributed.barrier()
     if not distributed.is_main():
         return {"rank": distributed.rank(), "labeled_rows": sum(len(s.rows) for s in mine)}
-    merged = merge_shards(shards)
-    checks = check_label_teachers(teacher_set, merged, truth, calibration_rows, cfg, device)
+    reader = ShardReader(shards, teacher_set.known.cpu(), keep_probs)
+    survey = reader.survey(None if pick_rows is None or pick_rows.source else pick_rows.rows)
+    checks = check_label_teachers(teacher_set, survey, truth, calibration_rows, cfg, device)
     where = (combiner, fitted, teacher_set, cfg.batch_size, device)
-    picked = fit_generator(generator, cfg.generator, pick_rows, merged, *where)
-    labels = apply_generator(generator, cfg.generator, merged, teacher_set.known.cpu())
-    columns = label_columns(labels, merged["teacher_probs"], private=is_private(generator))
+    picked = fit_generator(generator, cfg.generator, pick_rows, survey, *where)
+    name = f"label generator {cfg.generator!r}"
+    with running(generator, name, " while preparing over the shards"):
+        generator.prepare(reader.label_shards())
+    mode, k = probs_mode(cfg.probs, getattr(generator, "topk", None), len(classes))
     labeled_rows = sum(s.stop - s.start for s in todo)
-    report = build_report(
-        record=record,
-        settings=settings,
-        columns=columns,
-        merged=merged,
-        info=labels.info,
-        generator_options=generator_options(cfg.generator),
-        truth=truth,
-        seconds=time.perf_counter() - started,
-        labeled_rows=labeled_rows,
-        known_classes=teacher_set.known.cpu().numpy(),
-    )
-    report["fitted"] = fitted
-    report["generator"]["fit"] = picked
-    report["classes_from"] = classes_from
-    report["teacher_checks"] = checks
-    topk = getattr(generator, "topk", None)
-    dataset = build_dataset(source if cfg.with_inputs else None, classes, columns, topk)
-    write_run(out, dataset, report, columns)
+    with atomic_path(out, directory=True) as tmp:
+        tally = write_dataset(
+            tmp,
+            reader,
+            generator,
+            name,
+            source if cfg.with_inputs else None,
+            classes,
+            (mode, k),
+            truth,
+        )
+        with running(generator, name, " in its summary"):
+            info = dict(generator.summary() or {})
+        report = tally.report(
+            record=record,
+            settings=settings,
+            info=info,
+            generator_options=generator_options(cfg.generator),
+            seconds=time.perf_counter() - started,
+            labeled_rows=labeled_rows,
+        )
+        report["probs"] = {"spec": cfg.probs, "written": describe_mode(mode, k)}
+        report["fitted"] = fitted
+        report["generator"]["fit"] = picked
+        report["generator"]["contract"] = 2 if generator is made else 1
+        report["classes_from"] = classes_from
+        report["teacher_checks"] = checks
+        write_json(tmp / "report.json", report)
+        save_report_figure(report, tmp / "report.png")
+        shutil.copy2(out / MARKER, tmp / MARKER)
     run = Run(
         {**record, **settings}, out, {"shards": len(shards), "labeled_this_time": labeled_rows}
     )
@@ -232,7 +270,7 @@ def run_classes(cfg: LabelConfig, source: DataSource, teachers: list[Any]) -> tu
 
 def check_label_teachers(
     teacher_set: TeacherSet,
-    merged: dict[str, torch.Tensor],
+    survey: Survey,
     truth: np.ndarray | None,
     calibration_rows: DataSource | None,
     cfg: LabelConfig,
@@ -241,11 +279,9 @@ def check_label_teachers(
     """``kdplug.teacher_checks`` on DATA's rows (near chance on those with a label in DATA
     or ``--eval-labels``, disagreement on all), else near chance on the labeled
     ``--calibration-data`` rows; the report's ``teacher_checks``."""
-    good = ~merged["bad"]
-    labels = None if truth is None else torch.from_numpy(truth)[good]
-    probs = merged["teacher_probs"][:, good]
+    labels = None if truth is None else torch.from_numpy(truth)[survey.good]
     known = teacher_set.known.cpu()
-    flags = teacher_checks.check_teachers(teacher_set, probs, known, labels, "rows of DATA")
+    flags = teacher_checks.check_votes(teacher_set, survey.votes, known, labels, "rows of DATA")
     if truth is None and calibration_rows is not None:
         labeled = np.flatnonzero(calibration_rows.labels() >= 0).tolist()
         flags += teacher_checks.check_on_rows(
@@ -311,13 +347,15 @@ def output_settings(cfg: LabelConfig) -> dict[str, Any]:
         "generator": cfg.generator,
         "with_inputs": cfg.with_inputs,
         "eval_labels": cfg.eval_labels,
+        "probs": cfg.probs,
     }
 
 
 def finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """The report of the finished run in ``out``, resumed with the same output settings."""
     report = json.loads((out / "report.json").read_text())
-    done = {key: report[key]["spec"] if key == "generator" else report[key] for key in settings}
+    spec_of = ("generator", "probs")
+    done = {key: report[key]["spec"] if key in spec_of else report[key] for key in settings}
     changed = [
         f"{key} {done[key]!r} (now {settings[key]!r})"
         for key in settings
@@ -339,8 +377,10 @@ def label_shards(
     batch_size: int,
     device: torch.device,
     progress: bool,
+    keep_probs: bool,
 ) -> None:
-    """Run the teachers and the combiner over ``shards``, writing each when it is done.
+    """Run the teachers and the combiner over ``shards``, writing each when it is done
+    (with the teachers' probabilities where ``keep_probs``).
 
     Batches never cross a shard's edge, so a row is computed in the same batch whether
     its shard runs in the first attempt or after a resume (identical floats)."""
@@ -359,20 +399,27 @@ def label_shards(
     with tqdm(total=sum(counts), unit="batch", desc="label", disable=not progress) as bar:
         for shard, count in zip(shards, counts):
             rows = itertools.islice(stream, count)
-            write_shard(shard, label_rows(rows, teacher_set, combiner, device, bar))
+            tensors = label_rows(rows, teacher_set, combiner, device, bar, keep_probs)
+            write_shard(shard, tensors, {PROBS_KEY: str(keep_probs)})
 
 
 @torch.inference_mode()
 def label_rows(
-    rows: Any, teacher_set: TeacherSet, combiner: Any, device: torch.device, bar: Any
+    rows: Any,
+    teacher_set: TeacherSet,
+    combiner: Any,
+    device: torch.device,
+    bar: Any,
+    keep_probs: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of the batches ``rows`` (``(x, y, idx)``): ``teacher_probs [K, R, C]``,
-    ``target [R, C]`` (the combined prediction), ``weights [K, R]`` and ``bad [R]`` (a
-    teacher gave NaN/Inf).
+    """The tensors of the batches ``rows`` (``(x, y, idx)``): ``target [R, C]`` (the
+    combined prediction), ``votes`` and ``weights [K, R]``, ``bad [R]`` (a teacher gave
+    NaN/Inf) and, with ``keep_probs``, ``teacher_probs [K, R, C]``.
 
     The batches' results stay on ``device`` until the last one, then come to the host
     together and are checked there: a batch waits for the device only in the teacher set."""
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("teacher_probs", "target", "weights")}
+    keys = ("target", "votes", "weights", *(("teacher_probs",) if keep_probs else ()))
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
     bad_parts, row_parts = [], []
     for x, _, idx in rows:
         x = x.to(device, non_blocking=True)
@@ -383,14 +430,17 @@ def label_rows(
         batch = f" on batch {teacher_set.batches_seen - 1}"
         with running(combiner, "the combiner", batch):
             weights, target = combined_prediction(combiner, logits, out.known, unlabeled)
-        parts["teacher_probs"].append(teacher_probs(logits, out.known))
+        known = out.known.unsqueeze(1)  # a vote is a class the teacher knows
+        parts["votes"].append(logits.masked_fill(~known, float("-inf")).argmax(-1))
+        if keep_probs:
+            parts["teacher_probs"].append(teacher_probs(logits, out.known))
         parts["target"].append(target.float())
         parts["weights"].append(weights.float())
         bad = out.bad_rows if out.bad_rows is not None else torch.zeros_like(unlabeled, dtype=bool)
         bad_parts.append(bad)
         row_parts.append(idx)
         bar.update(1)
-    dims = {"teacher_probs": 1, "target": 0, "weights": 1}
+    dims = {"teacher_probs": 1, "target": 0, "weights": 1, "votes": 1}
     merged = {key: torch.cat(values, dim=dims[key]).cpu() for key, values in parts.items()}
     merged["bad"] = torch.cat(bad_parts).cpu()
     data_rows = torch.cat(row_parts)
@@ -401,15 +451,81 @@ def label_rows(
     return merged
 
 
-def merge_shards(shards: list[Shard]) -> dict[str, torch.Tensor]:
-    """All shards' tensors joined in row order."""
-    loaded = [read_shard(s) for s in shards]
-    return {
-        "teacher_probs": torch.cat([t["teacher_probs"] for t in loaded], dim=1),
-        "target": torch.cat([t["target"] for t in loaded]),
-        "weights": torch.cat([t["weights"] for t in loaded], dim=1),
-        "bad": torch.cat([t["bad"] for t in loaded]),
-    }
+@dataclass
+class Survey:
+    """What one pass over the finished shards gathers before the generator: which rows are
+    good (``good [N]``), the teachers' votes on them (``votes [K, G]``) and the combined
+    prediction of the rows a generator is fitted on (``fit_target [M, C]``, their mask
+    among those rows ``fit_good [M]``)."""
+
+    good: torch.Tensor
+    votes: torch.Tensor
+    fit_target: torch.Tensor | None
+    fit_good: torch.Tensor | None
+
+
+class ShardReader:
+    """The finished shards of a run, read one at a time (``known [K, C]``; ``keep_probs``:
+    the generator reads the teachers' probabilities, which every shard must then hold)."""
+
+    def __init__(self, shards: list[Shard], known: torch.Tensor, keep_probs: bool):
+        self.shards, self.known, self.keep_probs = shards, known, keep_probs
+        self.good_rows = 0
+
+    def read(self, shard: Shard) -> dict[str, torch.Tensor]:
+        keys = ["target", "votes", "weights", "bad"]
+        if self.keep_probs:
+            if read_shard_metadata(shard).get(PROBS_KEY) != "True":
+                raise UsageError(
+                    f"{shard.path.parent.parent}: its shards were written for a generator that "
+                    "does not read the teachers' probabilities, and this one does; label again "
+                    "with --overwrite (or resume with the first run's generator)"
+                )
+            keys.append("teacher_probs")
+        return read_shard(shard, keys)
+
+    def rows(self, shard: Shard, tensors: dict[str, torch.Tensor] | None = None) -> ShardRows:
+        """The shard's good rows as a generator sees them."""
+        tensors = self.read(shard) if tensors is None else tensors
+        good = ~tensors["bad"]
+        probs = tensors.get("teacher_probs")
+        return ShardRows(
+            torch.arange(shard.start, shard.stop)[good],
+            tensors["target"][good],
+            tensors["votes"][:, good],
+            self.known,
+            None if probs is None else probs[:, good],
+        )
+
+    def label_shards(self) -> LabelShards:
+        loaders = [functools.partial(self.rows, shard) for shard in self.shards]
+        return LabelShards(loaders, self.good_rows, self.known)
+
+    def survey(self, fit_rows: np.ndarray | None) -> Survey:
+        """One pass: the good rows, their votes, and the target of the rows ``fit_rows``
+        (positions in DATA; None: none gathered)."""
+        good, votes, targets, goods = [], [], [], []
+        wanted = None if fit_rows is None else torch.from_numpy(fit_rows)
+        for shard in self.shards:
+            tensors = read_shard(
+                shard, ["votes", "bad", *(["target"] if wanted is not None else [])]
+            )
+            ok = ~tensors["bad"]
+            good.append(ok)
+            votes.append(tensors["votes"][:, ok])
+            if wanted is not None:
+                mine = wanted[(wanted >= shard.start) & (wanted < shard.stop)] - shard.start
+                targets.append(tensors["target"][mine])
+                goods.append(ok[mine])
+        self.good_rows = int(sum(int(g.sum()) for g in good))
+        if not self.good_rows:
+            raise UsageError("every row had NaN or Inf teacher outputs; nothing to label")
+        return Survey(
+            torch.cat(good),
+            torch.cat(votes, dim=1),
+            torch.cat(targets) if wanted is not None else None,
+            torch.cat(goods) if wanted is not None else None,
+        )
 
 
 @dataclass
@@ -451,7 +567,7 @@ def fit_generator(
     generator: Any,
     spec: str,
     pick: PickRows | None,
-    merged: dict[str, torch.Tensor],
+    survey: Survey,
     combiner: Any,
     fitted: dict[str, Any],
     teacher_set: TeacherSet,
@@ -467,8 +583,8 @@ def fit_generator(
     if pick is None:
         return None
     if pick.source is None:
-        good = ~merged["bad"][pick.rows]
-        prediction = merged["target"][pick.rows][good]
+        good = survey.fit_good
+        prediction = survey.fit_target[good]
         labels = torch.from_numpy(pick.labels)[good]
         log.warning(
             "label generator %r is fitted on DATA's %d labeled rows, so the report's accuracy "
@@ -505,40 +621,99 @@ def rounded(value: Any) -> Any:
     return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
-def apply_generator(generator: Any, spec: str, merged: dict, known: torch.Tensor) -> Any:
-    """Run the generator on the good rows and spread its decision over all rows
-    (bad rows: label -1, not accepted, uniform probs). Returns a ``kdplug.Labels``."""
-    from kdplug import Labels
+def write_dataset(
+    directory: Path,
+    reader: ShardReader,
+    generator: Any,
+    name: str,
+    source: DataSource | None,
+    classes: list[str],
+    probs: tuple[str, int | None],
+    truth: np.ndarray | None,
+) -> LabelTally:
+    """Decide every shard with ``generator`` (``name`` names it) and write its rows into
+    the dataset at ``directory`` (the inputs first, when ``source`` is given) and the
+    report's tally, one shard at a time."""
+    import pyarrow as pa
 
-    good = ~merged["bad"]
-    if not good.any():
-        raise UsageError("every row had NaN or Inf teacher outputs; nothing to label")
-    target, probs = merged["target"][good], merged["teacher_probs"][:, good]
-    with running(generator, f"label generator {spec!r}"):
-        decided = generator(target, probs, known)
-    n, C = target.shape
-    what = component_name(generator, f"label generator {spec!r}")
-    for attr, shape in (("label", (n,)), ("accepted", (n,)), ("probs", (n, C))):
+    mode, k = probs
+    private = is_private(generator)
+    ours = label_features(classes, mode, k, private)
+    feats, renamed = with_input_features(ours, source)
+    writer = DatasetWriter(directory, feats, len(reader.shards))
+    tally = LabelTally(len(reader.known), len(classes), reader.known.numpy())
+    for shard in reader.shards:
+        tensors = reader.read(shard)
+        rows = reader.rows(shard, tensors)
+        with running(generator, name, f" on rows {shard.start}..{shard.stop - 1}"):
+            decided = generator.decide(rows)
+        label, accepted, soft = spread(generator, name, decided, rows, tensors["bad"])
+        columns = shard_columns(shard.start, label, accepted, soft, tensors["votes"], private)
+        table = arrow_table(columns, ours, mode, k)
+        if source is not None:
+            inputs = input_table(source, shard, renamed)
+            table = pa.Table.from_arrays(inputs.columns + table.columns, schema=feats.arrow_schema)
+        writer.write(table)
+        tally.add(
+            columns,
+            tensors["votes"].numpy(),
+            tensors["weights"].numpy(),
+            tensors["bad"].numpy(),
+            tensors["target"].argmax(1).numpy(),
+            None if truth is None else truth[shard.start : shard.stop],
+        )
+    writer.close()
+    return tally
+
+
+def spread(
+    generator: Any, name: str, decided: Any, rows: ShardRows, bad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check a generator's decision on a shard's good ``rows`` and spread it over all the
+    shard's rows (bad rows: label -1, not accepted, uniform probs)."""
+    R, C = len(rows), rows.target.shape[1]
+    what = component_name(generator, name)
+    for attr, shape in (("label", (R,)), ("accepted", (R,)), ("probs", (R, C))):
         value = getattr(decided, attr, None)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise PluginError(f"{what} returned {attr} of shape {got}, expected {shape}")
-    rows = good.nonzero().flatten()
-    refuse_invalid(generator, what, "probabilities", decided.probs.float(), rows)
+    refuse_invalid(generator, what, "probabilities", decided.probs.float(), rows.index)
     outside = decided.accepted.bool() & ((decided.label < 0) | (decided.label >= C))
     if outside.any():
         raise PluginError(
-            f"{what} accepted rows {rows[outside][:5].tolist()} with labels "
+            f"{what} accepted rows {rows.index[outside][:5].tolist()} with labels "
             f"{decided.label[outside][:5].tolist()}, outside the {C} classes 0..{C - 1}"
         )
-    N = len(good)
-    label = torch.full((N,), -1, dtype=torch.long)
-    accepted = torch.zeros(N, dtype=torch.bool)
-    soft = torch.full((N, C), 1.0 / C, dtype=torch.float32)
-    label[good] = torch.where(decided.accepted, decided.label.long(), -1)
+    good = ~bad
+    label = torch.full((len(bad),), -1, dtype=torch.long)
+    accepted = torch.zeros(len(bad), dtype=torch.bool)
+    soft = torch.full((len(bad), C), 1.0 / C, dtype=torch.float32)
+    label[good] = torch.where(decided.accepted.bool(), decided.label.long(), -1)
     accepted[good] = decided.accepted.bool()
     soft[good] = decided.probs.float()
-    return Labels(label, accepted, soft, dict(decided.info))
+    return label, accepted, soft
+
+
+def with_input_features(ours: Any, source: DataSource | None) -> tuple[Any, dict[str, str]]:
+    """The dataset's features: DATA's input columns first (renamed ``input_NAME`` where a
+    name is one of ours) when ``source`` is given, then ours; and the renaming."""
+    import datasets
+
+    if source is None:
+        return ours, {}
+    inputs = {c: source.dataset.features[c] for c in source.input_columns}
+    renamed = {c: f"input_{c}" if c in ours else c for c in inputs}
+    merged = {renamed[c]: feature for c, feature in inputs.items()}
+    return datasets.Features({**merged, **ours}), renamed
+
+
+def input_table(source: DataSource, shard: Shard, renamed: dict[str, str]) -> Any:
+    """DATA's input columns for the shard's rows, renamed, as a ``pyarrow.Table``."""
+    table = source.dataset.select_columns(list(renamed)).with_format("arrow")[
+        shard.start : shard.stop
+    ]
+    return table.rename_columns([renamed[c] for c in table.column_names])
 
 
 def refuse_invalid(
@@ -577,82 +752,3 @@ def generator_options(spec: str) -> dict[str, Any]:
     accepted = component.options() or {}
     defaults = {name: p.default for name, p in accepted.items() if p.default is not p.empty}
     return {**defaults, **typed_options(component.factory, parsed.raw or {}, parsed.name)}
-
-
-def label_columns(labels: Any, probs_k: torch.Tensor, private: bool) -> dict[str, np.ndarray]:
-    """The dataset's columns as arrays (``probs`` [N, C]; the rest [N]).
-
-    ``agreement`` is the fraction of teachers whose argmax is the row's class: its label,
-    or the argmax of its probs where rejected. Private generators get no agreement column.
-    """
-    probs = labels.probs
-    row_class = torch.where(labels.accepted, labels.label, probs.argmax(1))
-    columns = {
-        "index": np.arange(len(probs), dtype=np.int64),
-        "label": labels.label.numpy(),
-        "accepted": labels.accepted.numpy(),
-        "confidence": probs.max(1).values.numpy(),
-        "entropy": entropy(probs).float().numpy(),
-        "agreement": (probs_k.argmax(-1) == row_class).float().mean(0).numpy(),
-        "probs": probs.numpy(),
-    }
-    if private:
-        del columns["agreement"]
-    return columns
-
-
-def build_dataset(
-    source: DataSource | None, classes: list[str], columns: dict[str, np.ndarray], topk: int | None
-) -> Any:
-    """The output ``datasets.Dataset``: our columns, as top-k pairs when ``topk``, and the
-    input columns first when ``source`` is given."""
-    import datasets
-
-    columns = dict(columns)
-    C = len(classes)
-    features = {
-        "index": datasets.Value("int64"),
-        "label": datasets.ClassLabel(names=classes),
-        "accepted": datasets.Value("bool"),
-        "confidence": datasets.Value("float32"),
-        "entropy": datasets.Value("float32"),
-        "agreement": datasets.Value("float32"),
-    }
-    if topk is None:
-        features["probs"] = datasets.Sequence(datasets.Value("float32"), length=C)
-    else:
-        k = min(topk, C)
-        values, indices = torch.from_numpy(columns.pop("probs")).topk(k, dim=1)
-        columns["topk_indices"], columns["topk_values"] = indices.numpy(), values.numpy()
-        features["topk_indices"] = datasets.Sequence(datasets.Value("int64"), length=k)
-        features["topk_values"] = datasets.Sequence(datasets.Value("float32"), length=k)
-    features = datasets.Features({k: v for k, v in features.items() if k in columns})
-    ours = datasets.Dataset.from_dict(columns, features=features)
-    if source is None:
-        return ours
-    inputs = source.dataset.select_columns(source.input_columns).flatten_indices()
-    taken = set(ours.column_names)
-    inputs = inputs.rename_columns({c: f"input_{c}" for c in inputs.column_names if c in taken})
-    return datasets.concatenate_datasets([inputs, ours], axis=1)
-
-
-def write_run(
-    out: Path,
-    dataset: Any,
-    report: dict[str, Any],
-    columns: dict[str, np.ndarray],
-) -> None:
-    """Replace ``out`` whole by the dataset, report.json, report.png and run.json."""
-    import datasets
-
-    with atomic_path(out, directory=True) as tmp:
-        progress = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
-        try:
-            dataset.save_to_disk(str(tmp))
-        finally:
-            if progress:
-                datasets.enable_progress_bars()
-        write_json(tmp / "report.json", report)
-        save_report_figure(report, columns, tmp / "report.png")
-        shutil.copy2(out / MARKER, tmp / MARKER)

@@ -157,6 +157,7 @@ def run_round(
             progress=False,
             eval_labels=cfg.eval_labels,
             calibration_data=fit_rows,
+            probs="full",  # the rounds train on the accepted rows' soft labels
         )
     )
     rows, probs = pseudo_rows(root / "labels")

@@ -18,9 +18,15 @@ def class_weights(weights: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
 
 
 def mixture(weights: torch.Tensor, probs: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Target ``[B, C]``: the per-class weighted mixture of ``probs`` ``[K, B, C]``, each row
-    renormalized to sum to 1."""
-    target = (class_weights(weights, known) * probs).sum(0)
+    """Target ``[B, C]``: the per-class weighted mixture of ``probs`` ``[K, B, C]`` (0 where
+    a teacher does not know the class), each row renormalized to sum to 1.
+
+    ``sum_k class_weights * probs`` computed as ``sum_k w_k p_k / sum_k w_k known_k`` per
+    class: one pass over ``probs`` (a batched product), the denominator a ``[B, K] x [K, C]``
+    product."""
+    summed = torch.einsum("kb,kbc->bc", weights.to(probs.dtype), probs)
+    total = weights.T.to(probs.dtype) @ known.to(probs.dtype)
+    target = torch.where(total > 0, summed / total.clamp_min(1e-30), torch.zeros_like(summed))
     return normalize_weights(target, dim=-1)
 
 

@@ -1,7 +1,9 @@
 """Generators that decide from the combined target's confidence (and the teachers' votes).
 
-Shapes: ``target`` [N, C] (rows sum to 1), ``teacher_probs`` [K, N, C], ``known`` [K, C].
-The confidence of a row is ``target.max()``, its class ``target.argmax()``.
+Each is a streaming generator (``kdplug.api.StreamingGenerator``): ``decide(rows)`` labels
+one shard's rows (``rows.target [R, C]``, ``rows.votes [K, R]``); those that need figures
+over all rows (a class's rows, counts) gather them in ``prepare(shards)`` from
+``shards.scores()``, each row's confidence ``target.max()`` and class ``target.argmax()``.
 """
 
 from __future__ import annotations
@@ -12,22 +14,9 @@ import math
 import numpy as np
 import torch
 
-from kdplug.api import Labels, UsageError
+from kdplug.api import Labels, LabelShards, ShardRows, StreamingGenerator, UsageError, hard_labels
 
 log = logging.getLogger("kdplug")
-
-
-def hard_labels(
-    target: torch.Tensor, accepted: torch.Tensor, probs: torch.Tensor | None = None, **info
-) -> Labels:
-    """Labels with the argmax of ``target`` where ``accepted`` [N] and -1 elsewhere."""
-    label = torch.where(accepted, target.argmax(1), torch.full_like(accepted, -1, dtype=torch.long))
-    return Labels(label, accepted, target if probs is None else probs, info)
-
-
-def votes(teacher_probs: torch.Tensor) -> torch.Tensor:
-    """Each teacher's argmax ``[K, N]`` (unknown classes have probability 0, so never win)."""
-    return teacher_probs.argmax(-1)
 
 
 def pick_threshold(confidence: torch.Tensor, correct: torch.Tensor, accuracy: float) -> float:
@@ -55,12 +44,26 @@ def floored(
     of its ``ceil(floor * n_c)``-th most confident row. A class no row is predicted as
     keeps its threshold."""
     out = thresholds.clone()
-    for c in predicted.unique().tolist():
-        mine = confidence[predicted == c].sort(descending=True).values
-        keep = math.ceil(floor * len(mine))
-        if keep:
-            out[c] = min(float(out[c]), float(mine[keep - 1]))
+    C = len(thresholds)
+    ranked = kth_confidence(confidence, predicted, C)
+    counts = torch.bincount(predicted, minlength=C)
+    keep = torch.ceil(floor * counts.double()).long()
+    has = keep > 0
+    out[has] = torch.minimum(out[has], ranked(keep[has] - 1, has))
     return out
+
+
+def kth_confidence(confidence: torch.Tensor, predicted: torch.Tensor, C: int):
+    """``ranked(k [M], classes [C] bool) -> [M]``: for each chosen class, the confidence of its
+    ``k``-th most confident row (0-based); rows sorted once by class, then confidence."""
+    order = np.lexsort((-confidence.double().numpy(), predicted.numpy()))
+    sorted_conf = confidence.double()[torch.from_numpy(order)]
+    first = torch.searchsorted(predicted[torch.from_numpy(order)], torch.arange(C))
+
+    def ranked(k: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return sorted_conf[first[classes] + k]
+
+    return ranked
 
 
 def finite(values: torch.Tensor) -> list[float | None]:
@@ -68,42 +71,48 @@ def finite(values: torch.Tensor) -> list[float | None]:
     return [None if math.isinf(v) else v for v in values.tolist()]
 
 
-class Threshold:
+class Threshold(StreamingGenerator):
     """Accept a row where its confidence reaches ``tau``; with ``floor`` > 0, every class
     keeps at least its most confident ``floor`` fraction of the rows predicted as it."""
 
     def __init__(self, tau: float, floor: float = 0.0):
         self.tau = tau
         self.floor = floor
+        self.thresholds: torch.Tensor | None = None
+        self.info: dict = {}
 
     def class_thresholds(self, C: int) -> torch.Tensor:
         """The thresholds ``[C]`` before the floor (float64)."""
         return torch.full((C,), self.tau, dtype=torch.float64)
 
-    def info(self) -> dict:
+    def prepare(self, shards: LabelShards) -> None:
+        before = self.class_thresholds(shards.classes)
+        self.thresholds, self.info = before, self.picked_info()
+        if self.floor <= 0:
+            return
+        self.thresholds = floored(*shards.scores(), before, self.floor)
+        lowered = (self.thresholds < before).nonzero().flatten().tolist()
+        self.info = {**self.info, "thresholds": finite(self.thresholds), "floored": lowered}
+        if lowered:
+            log.info(
+                "threshold: at classes %s (positions in the run's classes) fewer than "
+                "%g of the rows predicted as the class reached its threshold; floor=%g "
+                "lowered those thresholds to %s",
+                lowered[:20],
+                self.floor,
+                self.floor,
+                ", ".join(f"{float(self.thresholds[c]):.3f}" for c in lowered[:20]),
+            )
+
+    def picked_info(self) -> dict:
         return {}
 
-    def __call__(self, target, teacher_probs, known) -> Labels:
-        confidence, predicted = target.max(1)
-        confidence = confidence.double()
-        before = self.class_thresholds(target.shape[1])
-        thresholds = before
-        info = self.info()
-        if self.floor > 0:
-            thresholds = floored(confidence, predicted, before, self.floor)
-            lowered = (thresholds < before).nonzero().flatten().tolist()
-            info = {**info, "thresholds": finite(thresholds), "floored": lowered}
-            if lowered:
-                log.info(
-                    "threshold: at classes %s (positions in the run's classes) fewer than "
-                    "%g of the rows predicted as the class reached its threshold; floor=%g "
-                    "lowered those thresholds to %s",
-                    lowered,
-                    self.floor,
-                    self.floor,
-                    ", ".join(f"{float(thresholds[c]):.3f}" for c in lowered),
-                )
-        return hard_labels(target, confidence >= thresholds[predicted], **info)
+    def decide(self, rows: ShardRows) -> Labels:
+        confidence, predicted = rows.target.max(1)
+        return hard_labels(rows.target, confidence.double() >= self.thresholds[predicted])
+
+    def summary(self) -> dict:
+        return self.info
 
 
 class PickedThreshold(Threshold):
@@ -155,74 +164,92 @@ class PickedThreshold(Threshold):
             )
         return self.picked
 
-    def info(self) -> dict:
+    def picked_info(self) -> dict:
         return {"thresholds": finite(self.picked)}
 
 
-class Soft:
+class Soft(StreamingGenerator):
     """Keep every row; the soft label is ``p^(1/T)`` renormalized (T < 1 sharpens)."""
 
     def __init__(self, T: float):
         self.T = T
 
-    def __call__(self, target, teacher_probs, known) -> Labels:
+    def decide(self, rows: ShardRows) -> Labels:
+        target = rows.target
         sharpened = torch.softmax(torch.log(target.double()) / self.T, dim=1).to(target.dtype)
-        accepted = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
-        return hard_labels(sharpened, accepted)
+        return hard_labels(sharpened, torch.ones(len(rows), dtype=torch.bool))
 
 
-class TopK:
+class TopK(StreamingGenerator):
     """Keep every row with its ``k`` most likely classes, renormalized; written as top-k."""
 
     def __init__(self, k: int):
         self.topk = k
+        self.mass = torch.zeros((), dtype=torch.float64)
+        self.rows = 0
 
-    def __call__(self, target, teacher_probs, known) -> Labels:
+    def prepare(self, shards: LabelShards) -> None:
+        self.mass, self.rows = torch.zeros((), dtype=torch.float64), 0
+
+    def decide(self, rows: ShardRows) -> Labels:
+        target = rows.target
         k = min(self.topk, target.shape[1])
         values, indices = target.topk(k, dim=1)
         kept = torch.zeros_like(target).scatter_(1, indices, values)
         kept = kept / kept.sum(1, keepdim=True).clamp_min(1e-30)
-        accepted = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
-        return hard_labels(kept, accepted, mass_kept=float(values.sum(1).mean()))
+        self.mass += values.sum(1).double().sum()
+        self.rows += len(rows)
+        return hard_labels(kept, torch.ones(len(rows), dtype=torch.bool))
+
+    def summary(self) -> dict:
+        return {"mass_kept": float(self.mass / max(self.rows, 1))}
 
 
-class ClassBalanced:
+class ClassBalanced(StreamingGenerator):
     """Noisy Student's balancing: drop rows below ``min_confidence``, then keep the most
     confident ``per_class`` rows (or top ``quantile`` fraction) of each predicted class.
 
     With neither option, every class keeps as many rows as the smallest non-empty class.
+    Ties are broken by row order, so ``prepare`` ranks every row (16 bytes a row).
     """
 
     def __init__(self, per_class: int | None, quantile: float | None, min_confidence: float):
         self.per_class = per_class
         self.quantile = quantile
         self.min_confidence = min_confidence
+        self.accepted = torch.zeros(0, dtype=torch.bool)
+        self.info: dict = {}
+        self.offset = 0
 
-    def __call__(self, target, teacher_probs, known) -> Labels:
-        confidence, predicted = target.max(1)
+    def prepare(self, shards: LabelShards) -> None:
+        confidence, predicted = shards.scores()
         candidate = confidence >= self.min_confidence
-        C = target.shape[1]
+        C = shards.classes
         counts = torch.bincount(predicted[candidate], minlength=C)
         if self.per_class is not None:
             limits = torch.full((C,), self.per_class, dtype=torch.long)
         elif self.quantile is not None:
-            limits = torch.tensor([math.ceil(self.quantile * int(n)) for n in counts])
+            limits = torch.ceil(self.quantile * counts.double()).long()
         else:
             smallest = int(counts[counts > 0].min()) if (counts > 0).any() else 0
             limits = torch.full((C,), smallest, dtype=torch.long)
         # within each class, most confident first; ties broken by row order (deterministic)
         rows = torch.arange(len(confidence))[candidate]
-        order = np.lexsort(
-            (rows.numpy(), -confidence[rows].double().numpy(), predicted[rows].numpy())
-        )
+        order = np.lexsort((rows.numpy(), -confidence[rows].numpy(), predicted[rows].numpy()))
         rows, classes = rows[order], predicted[rows][order]
         first = torch.searchsorted(classes, torch.arange(C))
         rank = torch.arange(len(rows)) - first[classes]
-        accepted = torch.zeros_like(candidate)
-        accepted[rows[rank < limits[classes]]] = True
-        return hard_labels(
-            target, accepted, candidates_per_class=counts.tolist(), limit_per_class=limits.tolist()
-        )
+        self.accepted = torch.zeros_like(candidate)
+        self.accepted[rows[rank < limits[classes]]] = True
+        self.info = {"candidates_per_class": counts.tolist(), "limit_per_class": limits.tolist()}
+        self.offset = 0
+
+    def decide(self, rows: ShardRows) -> Labels:
+        start, self.offset = self.offset, self.offset + len(rows)
+        return hard_labels(rows.target, self.accepted[start : self.offset])
+
+    def summary(self) -> dict:
+        return self.info
 
 
 def flexmatch_thresholds(
@@ -239,7 +266,7 @@ def flexmatch_thresholds(
     return beta / (2.0 - beta) * tau, sigma.long()
 
 
-class Adaptive:
+class Adaptive(StreamingGenerator):
     """Accept a row where its confidence reaches its class's FlexMatch threshold, which is
     never below ``min_tau``."""
 
@@ -247,28 +274,35 @@ class Adaptive:
         self.tau = tau
         self.min_tau = min_tau
         self.warmup = warmup
+        self.thresholds = torch.zeros(0, dtype=torch.float64)
+        self.sigma = torch.zeros(0, dtype=torch.long)
 
-    def __call__(self, target, teacher_probs, known) -> Labels:
-        confidence, predicted = target.max(1)
-        flex, sigma = flexmatch_thresholds(
-            confidence.double(), predicted, target.shape[1], self.tau, self.warmup
+    def prepare(self, shards: LabelShards) -> None:
+        confidence, predicted = shards.scores()
+        flex, self.sigma = flexmatch_thresholds(
+            confidence, predicted, shards.classes, self.tau, self.warmup
         )
-        thresholds = flex.clamp_min(self.min_tau)
-        accepted = confidence.double() >= thresholds[predicted]
-        return hard_labels(
-            target, accepted, thresholds=thresholds.tolist(), confident_per_class=sigma.tolist()
-        )
+        self.thresholds = flex.clamp_min(self.min_tau)
+
+    def decide(self, rows: ShardRows) -> Labels:
+        confidence, predicted = rows.target.max(1)
+        return hard_labels(rows.target, confidence.double() >= self.thresholds[predicted])
+
+    def summary(self) -> dict:
+        return {"thresholds": self.thresholds.tolist(), "confident_per_class": self.sigma.tolist()}
 
 
-class Agreement:
+class Agreement(StreamingGenerator):
     """Accept a row where at least ``min_agree`` teachers' argmax equals its class."""
 
     def __init__(self, min_agree: int):
         self.min_agree = min_agree
 
-    def __call__(self, target, teacher_probs, known) -> Labels:
-        K = teacher_probs.shape[0]
+    def prepare(self, shards: LabelShards) -> None:
+        K = len(shards.known)
         if self.min_agree > K:
             raise UsageError(f"agreement: min_agree={self.min_agree} but the run has {K} teachers")
-        agree = (votes(teacher_probs) == target.argmax(1)).sum(0)
-        return hard_labels(target, agree >= self.min_agree)
+
+    def decide(self, rows: ShardRows) -> Labels:
+        agree = (rows.votes == rows.target.argmax(1)).sum(0)
+        return hard_labels(rows.target, agree >= self.min_agree)

@@ -15,20 +15,41 @@ The posteriors ``q [N, C]`` start from ``init`` (``vote``: the teachers' vote sh
 ``mean``: the mean of their probabilities) and the first counts are the votes'; it stops
 when no posterior moves by more than ``tol``. For votes the counts are
 ``sum_i q_i(c) v_ik(l)`` and ``log L = log theta_k[c, v]``: the classic algorithm.
+
+It streams: each EM iteration is one pass over the label engine's shards, keeping only
+``pi``, ``theta`` and the counts (``O(K C^2)``); a row's posterior is recomputed from the
+parameters when needed (the convergence check computes it under the previous parameters
+too, so an iteration costs two E-steps). With ``soft`` an E-step is a ``[R, C] x [C, C]``
+product per teacher and shard: at 1,000 classes, much slower than voting.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from kdplug.api import Labels
-from kdplug_label_generators.confidence import hard_labels, votes
+from kdplug.api import Labels, LabelShards, ShardRows, StreamingGenerator, hard_labels
 
 INITS = ("vote", "mean")
 TINY = 1e-300
 
 
-class DawidSkene:
+@dataclass
+class Parameters:
+    pi: torch.Tensor  # [C] class priors
+    theta: torch.Tensor  # [K, C, C]: theta_k[c, l] = P(k says l | true class c)
+
+
+def by_vote(weight: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
+    """``out[k, c, l] = sum_i weight[k, i, c] [v_ik = l]`` ``[K, C, C]`` for ``weight
+    [K, R, C]`` and ``votes [K, R]``: the product with one-hot votes, without them."""
+    C = weight.shape[2]
+    zeros = torch.zeros(C, C, dtype=torch.float64)
+    return torch.stack([zeros.clone().index_add_(1, v, w.T) for w, v in zip(weight, votes)])
+
+
+class DawidSkene(StreamingGenerator):
     """Label each row with its Dawid-Skene posterior; accept where its max >= ``tau``.
 
     The combined target is not used: the teachers' outputs are. Reports each teacher's
@@ -41,50 +62,96 @@ class DawidSkene:
         self, soft: bool, max_iter: int, tol: float, smoothing: float, tau: float, init: str
     ):
         self.soft = soft
+        self.teacher_probs = soft or init == "mean"  # votes are enough for the classic EM
         self.max_iter = max_iter
         self.tol = tol
         self.smoothing = smoothing
         self.tau = tau
         self.init = init
+        self.info: dict = {}
 
-    def __call__(self, target, teacher_probs, known) -> Labels:
-        K, N, C = teacher_probs.shape
-        probs = teacher_probs.double()
-        hard = torch.nn.functional.one_hot(votes(teacher_probs), C).double()
-        said = known.to(probs.device).unsqueeze(1)  # [K, 1, C]: the labels teacher k can say
-        evidence = self._evidence(probs, said) if self.soft else hard
-        q = hard.mean(0) if self.init == "vote" else probs.mean(0)
-        counts = torch.einsum("nc,knl->kcl", q, hard)  # the votes' counts under q
-        converged, iterations = False, 0
+    def prepare(self, shards: LabelShards) -> None:
+        self.said = shards.known.unsqueeze(1).double()  # [K, 1, C]: what teacher k can say
+        self.mean = self._mean_probs(shards) if self.soft else None
+        q_sum, counts = 0.0, 0.0
+        for rows in shards:
+            q = self._initial(rows)
+            q_sum, counts = q_sum + q.sum(0), counts + self._vote_counts(q, rows.votes)
+        previous, converged, iterations = None, False, 0
         while iterations < self.max_iter and not converged:
             iterations += 1
-            pi, theta = self._m_step(q, counts, said)
-            likelihood = torch.einsum("kcl,knl->knc", theta, evidence).clamp_min(TINY)
-            new_q = torch.softmax(pi.log() + likelihood.log().sum(0), dim=1)
-            counts = theta * torch.einsum("knc,knl->kcl", new_q / likelihood, evidence)
-            converged = float((new_q - q).abs().max()) < self.tol
-            q = new_q
-        pi, _ = self._m_step(q, counts, said)
-        accuracy = (q.unsqueeze(0) * hard).sum(2).mean(1)
-        probs_out = q.to(target.dtype)
-        return hard_labels(
-            probs_out,
-            probs_out.max(1).values >= self.tau,
-            teacher_accuracy=accuracy.tolist(),
-            class_priors=pi.tolist(),
-            iterations=iterations,
-            converged=converged,
+            params = self._m_step(q_sum / shards.rows, counts)
+            q_sum, counts, change, accuracy = 0.0, 0.0, 0.0, 0.0
+            for rows in shards:
+                q, likelihood, evidence = self._e_step(params, rows)
+                if previous is None:
+                    before = self._initial(rows)
+                else:
+                    before = self._e_step(previous, rows)[0]
+                change = max(change, float((q - before).abs().max()))
+                counts = counts + self._counts(params, q / likelihood, evidence, rows.votes)
+                q_sum = q_sum + q.sum(0)
+                accuracy = accuracy + q.gather(1, rows.votes.T).sum(0)
+            previous, converged = params, change < self.tol
+        self.params = previous
+        self.info = {
+            "teacher_accuracy": (accuracy / shards.rows).tolist(),
+            "class_priors": self._m_step(q_sum / shards.rows, counts).pi.tolist(),
+            "iterations": iterations,
+            "converged": converged,
+        }
+
+    def decide(self, rows: ShardRows) -> Labels:
+        probs = self._e_step(self.params, rows)[0].to(rows.target.dtype)
+        return hard_labels(probs, probs.max(1).values >= self.tau)
+
+    def summary(self) -> dict:
+        return self.info
+
+    def _mean_probs(self, shards: LabelShards) -> torch.Tensor:
+        """Each teacher's mean probability of each label over the rows, ``[K, 1, C]``."""
+        total = sum(rows.teacher_probs.double().sum(1, keepdim=True) for rows in shards)
+        return (total / shards.rows).clamp_min(TINY)
+
+    def _initial(self, rows: ShardRows) -> torch.Tensor:
+        """The starting posteriors ``[R, C]``: vote shares, or the mean probabilities."""
+        if self.init == "mean":
+            return rows.teacher_probs.double().mean(0)
+        K, R = rows.votes.shape
+        share = torch.full((R, K), 1.0 / K, dtype=torch.float64)
+        return torch.zeros(R, self.said.shape[2], dtype=torch.float64).scatter_add_(
+            1, rows.votes.T, share
         )
 
-    @staticmethod
-    def _evidence(probs: torch.Tensor, said: torch.Tensor) -> torch.Tensor:
-        """``p_ik(l) / mean_j p_jk(l)`` ``[K, N, C]``, 0 where teacher k cannot say ``l``."""
-        mean = probs.mean(1, keepdim=True).clamp_min(TINY)
-        return torch.where(said, probs / mean, torch.zeros_like(probs))
+    def _vote_counts(self, q: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
+        """``sum_i q_i(c) [v_ik = l]`` ``[K, C, C]``."""
+        return by_vote(q.expand(len(votes), *q.shape), votes)
 
-    def _m_step(self, q: torch.Tensor, counts: torch.Tensor, said: torch.Tensor):
-        """Priors ``[C]`` and ``theta`` ``[K, C, C]`` (0 where k cannot say l) from the
-        posteriors ``q [N, C]`` and the expected counts ``[K, C, C]``."""
-        pi = q.mean(0).clamp_min(1e-12)
+    def _e_step(self, params: Parameters, rows: ShardRows):
+        """Posteriors ``q [R, C]``, likelihoods ``L [K, R, C]`` and the evidence (None for
+        votes) of the rows under ``params``."""
+        if self.soft:
+            probs = rows.teacher_probs.double()
+            evidence = torch.where(self.said.bool(), probs / self.mean, torch.zeros_like(probs))
+            likelihood = torch.einsum("kcl,knl->knc", params.theta, evidence)
+        else:
+            evidence = None
+            likelihood = torch.stack([theta[:, v].T for theta, v in zip(params.theta, rows.votes)])
+        likelihood = likelihood.clamp_min(TINY)
+        q = torch.softmax(params.pi.log() + likelihood.log().sum(0), dim=1)
+        return q, likelihood, evidence
+
+    def _counts(self, params: Parameters, weight, evidence, votes) -> torch.Tensor:
+        """The expected counts ``theta * sum_i weight_ik(c) e_ik(l)`` ``[K, C, C]``."""
+        if evidence is None:
+            summed = by_vote(weight, votes)
+        else:
+            summed = torch.einsum("knc,knl->kcl", weight, evidence)
+        return params.theta * summed
+
+    def _m_step(self, q_mean: torch.Tensor, counts: torch.Tensor) -> Parameters:
+        """Priors ``[C]`` and ``theta`` ``[K, C, C]`` (0 where k cannot say l) from the mean
+        posterior ``[C]`` and the expected counts ``[K, C, C]``."""
+        said = self.said
         counts = (counts + self.smoothing * said) * said
-        return pi, counts / counts.sum(2, keepdim=True)
+        return Parameters(q_mean.clamp_min(1e-12), counts / counts.sum(2, keepdim=True))

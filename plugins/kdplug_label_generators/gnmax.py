@@ -9,6 +9,10 @@ histogram's L2 sensitivity is sqrt 2); each threshold check, answered or not, co
 ``lam / (2 sigma1^2)``. RDP adds up over queries to ``RDP(lam) = a * lam`` and converts to
 ``eps = min_{lam > 1} [a * lam + log(1/delta) / (lam - 1)] = a + 2 sqrt(a log(1/delta))``
 at ``lam* = 1 + sqrt(log(1/delta) / a)``.
+
+The noise of a row depends on its position in DATA and ``seed`` only (blocks of
+``NOISE_BLOCK`` rows share one seeded generator), so a run decides the same whatever its
+shards.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import math
 
 import torch
 
-from kdplug.api import Labels
-from kdplug_label_generators.confidence import votes
+from kdplug.api import Labels, LabelShards, ShardRows, StreamingGenerator
+
+NOISE_BLOCK = 4096
 
 
 def gaussian_rdp_slope(answered: int, queries: int, sigma: float, sigma1: float | None) -> float:
@@ -39,7 +44,22 @@ def rdp_to_epsilon(slope: float, delta: float) -> tuple[float, float | None]:
     return slope + 2.0 * math.sqrt(slope * log_inv_delta), order
 
 
-class Pate:
+def row_noise(index: torch.Tensor, C: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard normal noise for the rows at positions ``index [R]`` (ascending): ``[R, C]``
+    for the votes and ``[R]`` for the threshold check, the same for a row in any batch."""
+    votes_noise = torch.empty(len(index), C, dtype=torch.float64)
+    check_noise = torch.empty(len(index), dtype=torch.float64)
+    blocks = torch.div(index, NOISE_BLOCK, rounding_mode="floor")
+    for block in blocks.unique().tolist():
+        mine = blocks == block
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        noise = torch.randn(NOISE_BLOCK, C + 1, generator=generator, dtype=torch.float64)
+        offsets = index[mine] - block * NOISE_BLOCK
+        votes_noise[mine], check_noise[mine] = noise[offsets, :C], noise[offsets, C]
+    return votes_noise, check_noise
+
+
+class Pate(StreamingGenerator):
     """Noisy-argmax labels of the teacher votes; rows the threshold check refuses get -1.
 
     ``probs`` holds only what is released: one-hot of the noisy answer, uniform where
@@ -57,33 +77,37 @@ class Pate:
         self.sigma1 = sigma1
         self.seed = seed
         self.delta = delta
+        self.queries = self.answered = self.changed = 0
 
-    def __call__(self, target, teacher_probs, known) -> Labels:
-        K, N, C = teacher_probs.shape
-        counts = torch.nn.functional.one_hot(votes(teacher_probs), C).sum(0).double()  # [N, C]
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(N, C, generator=generator, dtype=torch.float64)
-        check_noise = torch.randn(N, generator=generator, dtype=torch.float64)
-        answered = torch.ones(N, dtype=torch.bool)
+    def prepare(self, shards: LabelShards) -> None:
+        self.queries = self.answered = self.changed = 0
+
+    def decide(self, rows: ShardRows) -> Labels:
+        K, R = rows.votes.shape
+        C = rows.target.shape[1]
+        counts = torch.zeros(R, C, dtype=torch.float64)
+        counts.scatter_add_(1, rows.votes.T, torch.ones(R, K, dtype=torch.float64))
+        noise, check_noise = row_noise(rows.index, C, self.seed)
+        answered = torch.ones(R, dtype=torch.bool)
         if self.threshold is not None:
             answered = counts.max(1).values + self.sigma1 * check_noise >= self.threshold
         noisy = (counts + self.sigma * noise).argmax(1)
         label = torch.where(answered, noisy, torch.full_like(noisy, -1))
-        probs = torch.full((N, C), 1.0 / C, dtype=target.dtype)
-        probs[answered] = torch.nn.functional.one_hot(noisy[answered], C).to(target.dtype)
-        n_answered = int(answered.sum())
-        slope = gaussian_rdp_slope(n_answered, N, self.sigma, self.sigma1)
+        probs = torch.full((R, C), 1.0 / C, dtype=rows.target.dtype)
+        probs[answered] = torch.nn.functional.one_hot(noisy[answered], C).to(rows.target.dtype)
+        self.queries += R
+        self.answered += int(answered.sum())
+        self.changed += int((noisy != counts.argmax(1))[answered].sum())
+        return Labels(label, answered, probs)
+
+    def summary(self) -> dict:
+        slope = gaussian_rdp_slope(self.answered, self.queries, self.sigma, self.sigma1)
         epsilon, order = rdp_to_epsilon(slope, self.delta)
-        return Labels(
-            label,
-            answered,
-            probs,
-            {
-                "epsilon": epsilon,
-                "delta": self.delta,
-                "rdp_order": order,
-                "queries": N,
-                "answered": n_answered,
-                "noise_changed_votes": int((noisy != counts.argmax(1))[answered].sum()),
-            },
-        )
+        return {
+            "epsilon": epsilon,
+            "delta": self.delta,
+            "rdp_order": order,
+            "queries": self.queries,
+            "answered": self.answered,
+            "noise_changed_votes": self.changed,
+        }
