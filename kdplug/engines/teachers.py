@@ -1,8 +1,11 @@
 """Teachers on a labeled split: calibration (``teachers calibrate``) and diagnostics (``report``).
 
-Both run the teachers once over the labeled rows (``collect``), then work on the collected
-logits ``[K, N, C]``: per-teacher accuracy, NLL and ECE (before and after temperature
-scaling), the pairwise agreement matrix, and each registered combiner's ensemble.
+``calibrate`` collects every teacher's logits ``[K, N, C]`` on the labeled rows and fits
+one temperature per teacher. ``report`` runs the teachers over the labeled rows once and
+sums what it says batch by batch (``kdplug.reports.teachers``): per-teacher accuracy, NLL,
+ECE (before and after temperature scaling), accuracy per class, the pairwise agreement
+matrix and the combiners without a fit; only the outputs of at most ``FIT_ROWS`` rows are
+kept, for the teacher checks, the held-out combiners (``auto``) and the teacher selection.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from kdplug import metrics, ops, teacher_checks
 from kdplug.calibration import apply_temperature, fit_temperature, load_temperatures
 from kdplug.data import DataSource, batches, load_data
 from kdplug.errors import KdplugError, UsageError
-from kdplug.outputs import atomic_path, check_out, versions, write_json
+from kdplug.outputs import check_out, versions, write_json
+from kdplug.reports.teachers import (
+    Scores,
+    Tally,
+    reliability_figure,  # noqa: F401 (imported from here too)
+    short,
+    write_report,
+)
 from kdplug.teachers import TeacherSet, create_teachers
 
 
@@ -34,30 +44,37 @@ class Collected:
     skipped: int  # rows dropped because a teacher returned NaN/Inf (--skip-bad-rows)
 
 
-def labeled_source(data: str) -> DataSource:
-    """The DATA spec as a source with class names and at least one labeled row."""
+def labeled_source(data: str) -> tuple[DataSource, np.ndarray]:
+    """The DATA spec as a source with class names and at least one labeled row, and the
+    positions of its labeled rows."""
     source = load_data(data)
     if source.label_column is None or not source.classes:
         raise UsageError(
             f"{data}: needs a label column with class names to judge teachers "
             f"(columns: {source.columns})"
         )
-    if not (source.labels() >= 0).any():
+    labeled = np.flatnonzero(source.labels() >= 0)
+    if not len(labeled):
         raise UsageError(f"{data}: no row has a label")
-    return source
+    return source, labeled
 
 
 def collect(
-    teacher_set: TeacherSet, source: DataSource, batch_size: int, device: torch.device, desc: str
+    teacher_set: TeacherSet,
+    source: DataSource,
+    labeled: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
 ) -> Collected:
-    """Run the teachers over the labeled rows of ``source`` with a progress bar."""
+    """Run the teachers over the rows ``labeled`` of ``source`` with a progress bar."""
     from tqdm import tqdm
 
     teacher_set.check_data(source)
     teacher_set.to(device)
-    rows = np.flatnonzero(source.labels() >= 0).tolist()
     logits, labels, skipped = [], [], 0
-    loader = batches(source, batch_size, indices=rows, pin_memory=device.type == "cuda")
+    pin = device.type == "cuda"
+    loader = batches(source, batch_size, indices=labeled.tolist(), pin_memory=pin)
     for x, y, idx in tqdm(loader, desc=desc, unit="batch", disable=None, file=sys.stderr):
         out = teacher_set(x.to(device), idx)
         keep = torch.ones(len(y), dtype=torch.bool)
@@ -79,17 +96,6 @@ def scores(logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor) -> d
     }
 
 
-def known_class_accuracy(
-    logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor
-) -> float | None:
-    """Accuracy on the rows whose true class the teacher knows (``known [C]``): the figure
-    of a teacher trained on some of the classes, judged on its own (None: no such row)."""
-    rows = known[labels]
-    if not rows.any():
-        return None
-    return metrics.accuracy(ops.teacher_probs(logits[rows], known), labels[rows])
-
-
 def calibrate(
     specs: Sequence[str],
     data: str,
@@ -101,11 +107,11 @@ def calibrate(
     """Fit one temperature per teacher on ``data`` and write them to ``out`` (JSON, atomic)."""
     check_out(out, inputs=[*specs, data], directory=False)
     teachers = create_teachers(specs)  # bad teacher files fail before the data is read
-    source = labeled_source(data)
+    source, labeled = labeled_source(data)
     teacher_set = TeacherSet(
         teachers, specs, source.classes, skip_bad_rows=skip_bad_rows, data=source
     )
-    found = collect(teacher_set, source, batch_size, torch.device(device), "calibrate")
+    found = collect(teacher_set, source, labeled, batch_size, torch.device(device), "calibrate")
     flags = teacher_checks.check_teachers(
         teacher_set, found.logits, found.known, found.labels, f"rows of {data}"
     )
@@ -141,43 +147,100 @@ def calibrate(
     return record
 
 
-def combiner_scores(
-    logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, chunk: int
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+class EnsembleScores:
     """Accuracy, NLL and ECE of the ensemble under every registered combiner.
 
     Each combiner is built with its default options and sees no labels (-1), as on
-    unlabeled data; one with a ``fit`` step (``auto``) is scored out of fold, each row by a
-    copy fitted on the other folds (``kdplug.fitting.held_out_prediction``). One that cannot
-    be built or run that way is listed with the reason.
+    unlabeled data. One without a ``fit`` step is scored on every labeled row, batch by
+    batch (``add``); one with a fit (``auto``) is scored out of fold on the rows kept for
+    fitting (``finish``), each row by a copy fitted on the other folds
+    (``kdplug.fitting.held_out_prediction``). One that cannot be built or run that way is
+    listed with the reason.
     """
-    from kdplug.fitting import can_fit, held_out_prediction
-    from kdplug.plugins import get_manager
 
-    registry = get_manager().registries["combiners"]
-    results, skipped = [], []
-    for component in registry:
-        try:
-            combiner = registry.create(component.name)
-            probs = held_out_prediction(combiner, logits, known, labels, chunk=chunk)
-        except KdplugError as exc:
-            skipped.append({"name": component.name, "reason": str(exc)})
-            continue
-        except Exception as exc:  # a combiner bug: note it, judge the others
-            reason = f"failed: {type(exc).__name__}: {exc}"
-            skipped.append({"name": component.name, "reason": reason})
-            continue
-        results.append(
-            {
-                "name": component.name,
-                "plugin": component.plugin,
-                "held_out": can_fit(combiner),
-                "accuracy": metrics.accuracy(probs, labels),
-                "nll": metrics.nll(probs, labels),
-                "ece": metrics.ece(probs, labels),
-            }
-        )
-    return results, skipped
+    def __init__(self, known: torch.Tensor, chunk: int) -> None:
+        from kdplug.fitting import can_fit
+        from kdplug.plugins import get_manager
+
+        self.known, self.chunk = known, chunk
+        self.combiners: list[tuple[Any, Any, Any]] = []  # (component, combiner, Scores | None)
+        self.skipped: list[dict[str, str]] = []
+        registry = get_manager().registries["combiners"]
+        for component in registry:
+            try:
+                combiner = registry.create(component.name)
+            except Exception as exc:
+                self.skipped.append({"name": component.name, "reason": reason(exc)})
+                continue
+            self.combiners.append((component, combiner, None if can_fit(combiner) else Scores()))
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Score the combiners without a fit on one batch: ``logits [K, B, C]``."""
+        from kdplug.fitting import combined_prediction
+
+        unlabeled = torch.full_like(labels, -1)
+        for entry in list(self.combiners):
+            component, combiner, scores = entry
+            if scores is None:
+                continue
+            try:
+                _, probs = combined_prediction(combiner, logits, self.known, unlabeled)
+                scores.add(probs.float(), labels)
+            except Exception as exc:
+                self.drop(entry, exc)
+
+    def finish(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[list, list]:
+        """Score the combiners with a fit on the fit rows (``logits [K, N, C]``, ``labels
+        [N]``); returns ``(results, skipped)`` in the registry's order."""
+        from kdplug.fitting import held_out_prediction
+
+        results = []
+        for entry in list(self.combiners):
+            component, combiner, scores = entry
+            held_out = scores is None
+            if held_out:
+                try:
+                    probs = held_out_prediction(
+                        combiner, logits, self.known, labels, chunk=self.chunk
+                    )
+                except Exception as exc:
+                    self.drop(entry, exc)
+                    continue
+                scores = Scores()
+                scores.add(probs.float(), labels)
+            figures = scores.result()
+            results.append(
+                {
+                    "name": component.name,
+                    "plugin": component.plugin,
+                    "held_out": held_out,
+                    "rows": scores.rows,
+                    **{key: figures[key] for key in ("accuracy", "nll", "ece")},
+                }
+            )
+        return results, self.skipped
+
+    def drop(self, entry: tuple[Any, Any, Any], exc: Exception) -> None:
+        """A combiner that failed: note why, judge the others."""
+        self.combiners.remove(entry)
+        self.skipped.append({"name": entry[0].name, "reason": reason(exc)})
+
+
+def reason(exc: Exception) -> str:
+    """Why a combiner is left out: a KdplugError's message, or the bug's type and text."""
+    return str(exc) if isinstance(exc, KdplugError) else f"failed: {type(exc).__name__}: {exc}"
+
+
+def combiner_scores(
+    logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, chunk: int
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """``EnsembleScores`` of the labeled rows of ``logits [K, N, C]`` held in memory."""
+    rows = labels >= 0
+    logits, labels = logits[:, rows], labels[rows]
+    ensemble = EnsembleScores(known, chunk)
+    for start in range(0, len(labels), chunk):
+        ensemble.add(logits[:, start : start + chunk], labels[start : start + chunk])
+    return ensemble.finish(logits, labels)
 
 
 def report(
@@ -190,65 +253,128 @@ def report(
     skip_bad_rows: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Judge the teachers on ``data``; with ``out``, write report.json and PNG figures there."""
+    """Judge the teachers on ``data``; with ``out``, write report.json and PNG figures there.
+
+    One pass of the teachers over the labeled rows: every figure of the teachers and of the
+    combiners without a fit is summed batch by batch (``kdplug.reports.teachers.Tally``),
+    and the outputs of at most ``FIT_ROWS`` of the rows (a fixed random choice) are kept for
+    what needs them together: the teacher checks, the held-out combiners and the selection.
+    """
     if out is not None:
         _check_out(Path(out), overwrite, [*specs, data, calibration])
     teachers = create_teachers(specs)  # bad teacher files fail before the data is read
-    source = labeled_source(data)
+    source, labeled = labeled_source(data)
     teacher_set = TeacherSet(
         teachers, specs, source.classes, skip_bad_rows=skip_bad_rows, data=source
     )
     temperatures = None
     if calibration:
         temperatures = load_temperatures(calibration, specs, teacher_set.fingerprints())
-    found = collect(teacher_set, source, batch_size, torch.device(device), "report")
-    flags = teacher_checks.check_teachers(
-        teacher_set, found.logits, found.known, found.labels, f"rows of {data}"
+    device = torch.device(device)
+    kept = fit_sample(labeled, len(source))
+    tally, ensemble, fit_rows, skipped = judge(
+        teacher_set, source, labeled, kept, temperatures, batch_size, device
     )
-    labels, entries, calibrated = found.labels, [], []
+    labels = torch.cat(fit_rows["labels"])
+    logits = torch.cat(fit_rows["logits"], 1)
+    described = f"rows of {data}"
+    if len(labels) < tally.raw[0].rows:
+        described = f"labeled rows of {data} (a random {len(labels)} of {tally.raw[0].rows})"
+    known = teacher_set.known.cpu()
+    flags = teacher_checks.check_teachers(teacher_set, logits, known, labels, described)
+    entries = []
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
-        logits, known = found.logits[k], found.known[k]
+        figures = tally.teacher(k)
         entry = {
             "spec": spec,
             "fingerprint": fingerprint,
-            "known_classes": int(known.sum()),
-            **scores(logits, known, labels),
-            "accuracy_known_classes": known_class_accuracy(logits, known, labels),
-            "reliability": metrics.reliability(ops.teacher_probs(logits, known), labels),
+            "known_classes": int(known[k].sum()),
+            **{key: figures[key] for key in ("accuracy", "nll", "ece")},
+            "accuracy_known_classes": figures["accuracy_known_classes"],
+            "reliability": figures["reliability"],
+            "class_accuracy": figures["class_accuracy"],
         }
         if temperatures is not None:
-            logits = apply_temperature(logits, temperatures[k])
-            probs = ops.teacher_probs(logits, known)
-            entry["calibrated"] = {
-                "temperature": temperatures[k],
-                **scores(logits, known, labels),
-                "reliability": metrics.reliability(probs, labels),
-            }
-        calibrated.append(logits)
+            entry["calibrated"] = {"temperature": temperatures[k], **tally.calibrated[k].result()}
         entries.append(entry)
-    ensemble = torch.stack(calibrated)
-    predictions = ops.teacher_probs(ensemble, found.known).argmax(-1)
-    combiners, skipped = combiner_scores(ensemble, found.known, labels, batch_size)
-    selection = select_teachers(ensemble, found.known, labels, list(specs))
+    combiners, skipped_combiners = ensemble.finish(logits, labels)
     result = {
         "data": data,
         "data_fingerprint": source.fingerprint,
         "data_split": source.split,
         "classes": source.classes,
-        "rows": len(labels),
-        "skipped_rows": found.skipped,
+        "rows": tally.raw[0].rows,
+        "skipped_rows": skipped,
+        "fit_rows": len(labels),
+        "class_rows": tally.class_rows.cpu().tolist(),
         "calibration": calibration,
         "teachers": entries,
-        "agreement": metrics.agreement_matrix(predictions.numpy()).tolist(),
+        "agreement": tally.agreement(),
         "combiners": combiners,
-        "skipped_combiners": skipped,
-        "selection": selection,
+        "skipped_combiners": skipped_combiners,
+        "selection": select_teachers(logits, known, labels, list(specs)),
         "teacher_checks": teacher_checks.record(teacher_set, flags),
         "versions": versions(),
     }
     if out is not None:
-        _write(Path(out), result)
+        write_report(Path(out), result)
     return result
+
+
+def fit_sample(labeled: np.ndarray, rows: int) -> np.ndarray:
+    """``[rows]`` bool: the labeled rows whose outputs are kept for the checks, the fits and
+    the selection: all of them up to ``FIT_ROWS``, else a random ``FIT_ROWS`` (the same
+    choice as ``kdplug.fitting.collect_outputs``)."""
+    from kdplug.fitting import FIT_ROWS
+
+    chosen = labeled
+    if len(labeled) > FIT_ROWS:
+        order = torch.randperm(len(labeled), generator=torch.Generator().manual_seed(0))
+        chosen = labeled[order[:FIT_ROWS].numpy()]
+    kept = np.zeros(rows, dtype=bool)
+    kept[chosen] = True
+    return kept
+
+
+@torch.no_grad()
+def judge(
+    teacher_set: TeacherSet,
+    source: DataSource,
+    labeled: np.ndarray,
+    kept: np.ndarray,
+    temperatures: list[float] | None,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[Tally, EnsembleScores, dict[str, list[torch.Tensor]], int]:
+    """The one pass over the labeled rows: returns the ``Tally`` of every row, the
+    combiners' running scores, the (calibrated) logits ``[K, B, C]`` and labels of the
+    ``kept`` rows on the CPU, batch by batch, and the count of rows skipped (NaN/Inf)."""
+    from tqdm import tqdm
+
+    teacher_set.check_data(source)
+    teacher_set.to(device)
+    known = teacher_set.known.to(device)
+    tally = Tally(known, calibrated=temperatures is not None)
+    ensemble = EnsembleScores(known, batch_size)
+    scale = None if temperatures is None else torch.tensor(temperatures, device=device)
+    fit_rows: dict[str, list[torch.Tensor]] = {"logits": [], "labels": []}
+    skipped = 0
+    loader = batches(source, batch_size, indices=labeled.tolist(), pin_memory=device.type == "cuda")
+    for x, y, idx in tqdm(loader, desc="report", unit="batch", disable=None, file=sys.stderr):
+        out = teacher_set(x.to(device), idx)
+        logits, y = out.logits.float(), y.to(device)
+        if out.bad_rows is not None:
+            good = ~out.bad_rows.to(device)
+            skipped += int((~good).sum())
+            logits, y, idx = logits[:, good], y[good], idx[good.cpu()]
+        scaled = None if scale is None else apply_temperature(logits, scale[:, None, None])
+        tally.add(logits, scaled, y)
+        combined = logits if scaled is None else scaled
+        ensemble.add(combined, y)
+        keep = torch.from_numpy(kept[idx.numpy()]).to(device)
+        fit_rows["logits"].append(combined[:, keep].cpu())
+        fit_rows["labels"].append(y[keep].cpu())
+    return tally, ensemble, fit_rows, skipped
 
 
 def select_teachers(
@@ -270,76 +396,6 @@ def _check_out(out: Path, overwrite: bool, inputs: list[str | None]) -> None:
     check_out(out, inputs=inputs, overwrite=overwrite)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} is not empty; choose another --out or pass --overwrite")
-
-
-def _write(out: Path, result: dict[str, Any]) -> None:
-    """report.json and the figures, put in place together (the whole directory is atomic)."""
-    from kdplug.reports.figures import save_figure
-
-    with atomic_path(out, directory=True) as tmp:
-        for k, teacher in enumerate(result["teachers"]):
-            save_figure(reliability_figure(teacher), tmp / f"reliability-{k}.png")
-        names = [short(t["spec"]) for t in result["teachers"]]
-        save_figure(agreement_figure(result["agreement"], names), tmp / "agreement.png")
-        write_json(tmp / "report.json", result)
-
-
-def short(spec: str, width: int = 32) -> str:
-    """A spec cut to ``width`` characters for plots and tables (keeps its end)."""
-    return spec if len(spec) <= width else "…" + spec[-(width - 1) :]
-
-
-def reliability_figure(teacher: dict[str, Any]):
-    """Accuracy against confidence per bin, each point labeled with its bin's row count; the
-    calibrated curve too when there is one."""
-    from kdplug.reports.figures import new_figure
-
-    fig, ax = new_figure(figsize=(4.2, 4.2))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
-    curves = [("T=1", teacher)]
-    if "calibrated" in teacher:
-        curves.append((f"T={teacher['calibrated']['temperature']:.2f}", teacher["calibrated"]))
-    for number, (label, entry) in enumerate(curves):
-        table = entry["reliability"]
-        used = [i for i, n in enumerate(table["count"]) if n]
-        (line,) = ax.plot(
-            [table["confidence"][i] for i in used],
-            [table["accuracy"][i] for i in used],
-            marker="o",
-            label=f"{label} (ECE {entry['ece']:.3f}; n per bin)",
-        )
-        for i in used:  # below the point for the first curve, above it for the second
-            ax.annotate(
-                str(table["count"][i]),
-                (table["confidence"][i], table["accuracy"][i]),
-                xytext=(0, -10 if number == 0 else 6),
-                textcoords="offset points",
-                ha="center",
-                fontsize=6,
-                color=line.get_color(),
-            )
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
-    ax.set_title(short(teacher["spec"], 48), fontsize=9)
-    ax.legend(loc="best", fontsize=8)  # clear of the points and their counts
-    return fig
-
-
-def agreement_figure(matrix: list[list[float]], names: list[str]):
-    """Heatmap of the fraction of rows on which two teachers predict the same class."""
-    from kdplug.reports.figures import new_figure
-
-    size = 2.5 + 0.6 * len(names)
-    fig, ax = new_figure(figsize=(size, size))
-    image = ax.imshow(np.asarray(matrix), vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            color = "black" if value > 0.6 else "white"
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color=color, fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="agreement")
-    ax.set_title("teacher agreement (same argmax)", fontsize=9)
-    return fig
 
 
 def format_report(result: dict[str, Any]) -> str:
