@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from kdplug.errors import UsageError
@@ -64,7 +65,12 @@ def parse_augment(text: str | None) -> tuple[dict[str, Any], dict[str, Any]] | N
 
 
 class Augment:
-    """timm's training transform, applied image by image: ``[B, C, H, W]`` in [0, 1] -> same."""
+    """timm's training transform of one decoded image (PIL, L or RGB, at its own size; or
+    float32 ``[C, H, W]`` in [0, 1]) -> float32 ``[C, H, W]`` in [0, 1] of the data's size.
+
+    ``kdplug.data`` calls it in the loader's workers, on each image as decoded (before any
+    resize), as timm's own loaders do; ``kdplug.data.seeded`` seeds it per batch.
+    """
 
     def __init__(self, input_shape: tuple[int, int, int], options: dict[str, Any]):
         from timm.data import create_transform
@@ -80,11 +86,20 @@ class Augment:
             )
         except (TypeError, ValueError, AssertionError) as exc:
             raise UsageError(f"--augment: timm rejected the options {options} ({exc})") from None
+        from torchvision.transforms import Normalize
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.functional import to_pil_image
+        steps = self.transform.transforms  # Normalize by mean 0, std 1 is a copy: dropped
+        self.transform.transforms = [t for t in steps if not isinstance(t, Normalize)]
+        # only random erasing (re_prob) may leave [0, 1]
+        self.erasing = any(type(t).__name__ == "RandomErasing" for t in steps)
 
-        return torch.stack([self.transform(to_pil_image(image)) for image in x]).clamp_(0, 1)
+    def __call__(self, image: Any) -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            from torchvision.transforms.functional import to_pil_image
+
+            image = to_pil_image(torch.from_numpy(image))
+        x = self.transform(image)
+        return (x.clamp_(0, 1) if self.erasing else x).numpy()
 
 
 class MixupLabels:

@@ -15,9 +15,9 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -81,17 +81,20 @@ class DataSource:
     def in_chans(self) -> int:
         return self.input_shape[0] if self.kind == "image" else 1
 
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode rows ``indices`` into ``(x, y, idx)``."""
+    def batch(
+        self, indices: list[int], augment: Callable | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode rows ``indices`` into ``(x, y, idx)``; ``augment`` (images only, a
+        ``kdplug.augment.Augment``) transforms each decoded image instead of the resize."""
         if self.kind == "image":
             column = self.input_columns[0]
             with image_limits(self.max_pixels), naming(self.spec):
                 rows = read_rows(self.dataset, list(indices), column)
                 images = [
-                    decode_image(v, self.input_shape, i, self.resize, self.mode_given)
+                    decode_image(v, self.input_shape, i, self.resize, self.mode_given, augment)
                     for v, i in zip(rows[column], indices)
                 ]
-            x = torch.from_numpy(np.stack(images))
+            x = stack(images)
         else:
             rows = self.dataset[list(indices)]
             cols = [np.asarray(rows[c], dtype=np.float32) for c in self.input_columns]
@@ -130,12 +133,20 @@ class DataSource:
         return dataclasses.replace(self, classes=list(classes), label_values=values)
 
 
+def stack(images: list[np.ndarray]) -> torch.Tensor:
+    """Float32 ``[C, H, W]`` arrays as one ``[B, C, H, W]`` tensor; in a loader worker it is
+    made in shared memory (as torch's ``default_collate`` makes it), so the batch reaches the
+    main process without another copy."""
+    return torch.utils.data.default_collate([torch.from_numpy(image) for image in images])
+
+
 def decode_image(
     value: Any,
     shape: tuple[int, int, int],
     row: int,
     resize: bool = False,
     mode_given: bool = False,
+    augment: Callable | None = None,
 ) -> np.ndarray:
     """One image (PIL, encoded dict, array or nested list) -> float32 ``[C, H, W]`` in [0, 1].
 
@@ -144,6 +155,8 @@ def decode_image(
     that differs from the data's is resized when ``resize`` (``image_size``), else refused.
     Grayscale images of more than 8 bits are scaled by their bit depth (see
     ``deep_intensities``); an image that cannot be decoded names its row and file.
+    ``augment`` (``kdplug.augment.Augment``) makes the image's random view of the data's
+    size from the decoded image (a random crop of the whole image, not of its resized copy).
     """
     from PIL import Image
 
@@ -152,12 +165,18 @@ def decode_image(
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         value = open_image(value, row)
     if isinstance(value, Image.Image):
-        return _decode_pil(value, shape, row, resize, mode_given)
-    return _decode_array(value, shape, row)
+        return _decode_pil(value, shape, row, resize, mode_given, augment)
+    array = _decode_array(value, shape, row)
+    return augment(array) if augment is not None else array
 
 
 def _decode_pil(
-    image: Any, shape: tuple[int, int, int], row: int, resize: bool, mode_given: bool
+    image: Any,
+    shape: tuple[int, int, int],
+    row: int,
+    resize: bool,
+    mode_given: bool,
+    augment: Callable | None = None,
 ) -> np.ndarray:
     from PIL import Image
 
@@ -176,19 +195,21 @@ def _decode_pil(
         image = Image.fromarray(deep_intensities(image, where))  # mode F, in [0, 1]
     elif image.mode != mode:
         image = image.convert(mode)
-    if image.size != (width, height) and resize:
-        image = image.resize((width, height), Image.BILINEAR)
-    elif image.size != (width, height):
+    if image.size != (width, height) and not resize:
         raise UsageError(
             f"{where}: image is {image.size[0]}x{image.size[1]}, the data's images are "
             f"{width}x{height}; add image_size={height} to the data spec to resize all"
         )
+    if augment is not None:  # its random crop is resized to the data's size
+        return augment(image if image.mode != "F" else np.array(image)[None])
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32)
-    if image.mode != "F":
-        array = array / 255.0
+    if image.mode != "F":  # a new array: divided in place
+        array = np.divide(array, 255.0, out=array)
     if array.ndim == 2:
         return np.repeat(array[None], channels, axis=0)
-    return array.transpose(2, 0, 1).copy()
+    return array.transpose(2, 0, 1)  # a view: ``stack`` copies it once into the batch
 
 
 def deep_intensities(image: Any, where: str) -> np.ndarray:
@@ -522,18 +543,52 @@ def _image_shape(
     return channels, height, width
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Map-style dataset whose items are whole batches, so rows are fetched in bulk."""
+class Chunk(NamedTuple):
+    """A batch's rows and the seed of its random augmentation (``EpochBatches``)."""
 
-    def __init__(self, source: DataSource):
-        self.source = source
+    rows: list[int]
+    seed: int
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generators seeded with ``seed`` inside and restored
+    after, so a batch's augmentation depends on its seed alone, in whichever process it runs
+    (a loader worker, or the main process with ``workers=0``); nothing is done for None."""
+    if seed is None:
+        yield
+        return
+    import random
+
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Map-style dataset whose items are whole batches, so rows are fetched in bulk; with
+    ``augment``, a ``Chunk``'s images are augmented here, in the loader's worker."""
+
+    def __init__(self, source: DataSource, augment: Callable | None = None):
+        self.source, self.augment = source, augment
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, indices: list[int]):
+    def __getitem__(self, item: list[int] | Chunk):
+        rows, seed = item if isinstance(item, Chunk) else (item, None)
         try:
-            return self.source.batch(indices)
+            if self.augment is None:
+                return self.source.batch(rows)
+            with seeded(seed):
+                return self.source.batch(rows, augment=self.augment)
         except KdplugError as exc:
             if torch.utils.data.get_worker_info() is None:
                 raise
@@ -548,6 +603,69 @@ class _Loader(torch.utils.data.DataLoader):
             if isinstance(item, KdplugError):
                 raise item
             yield item
+
+
+class EpochBatches:
+    """The batches of one epoch at a time, the epoch set with ``set_epoch``: a persistent
+    loader's sampler. ``order(epoch)`` gives the epoch's ``rows`` rows, cut into batches
+    (``drop_last``); each batch is a ``Chunk`` whose seed comes from ``(seed, epoch, rank,
+    batch)``, so it is augmented alike in any worker, with any number of them, and on resume."""
+
+    def __init__(
+        self,
+        order: Callable[[int], list[int]],
+        rows: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+    ):
+        self.order, self.batch_size, self.seed, self.rank = order, batch_size, seed, rank
+        self.count = batch_count(rows, batch_size, drop_last=True)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Chunk]:
+        chunks = batches_of(self.order(self.epoch), self.batch_size, drop_last=True)
+        sequence = np.random.SeedSequence([self.seed, self.epoch, self.rank])
+        seeds = sequence.generate_state(len(chunks), dtype=np.uint64).tolist()
+        return map(Chunk, chunks, seeds)
+
+
+class EpochLoader(_Loader):
+    """A loader over ``EpochBatches`` whose workers (and their open files) persist from one
+    epoch to the next: ``set_epoch(epoch)``, then iterate."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def epoch_loader(
+    source: DataSource,
+    sampler: EpochBatches,
+    *,
+    augment: Callable | None = None,
+    workers: int | None = None,
+    pin_memory: bool = False,
+) -> EpochLoader:
+    """The loader of a training run, built once: ``sampler``'s batches of ``source``, decoded
+    and augmented (``augment``) in ``workers`` processes that persist across epochs, pinned
+    when ``pin_memory``. Its own generator seeds the workers, so iterating it leaves torch's
+    global stream (dropout, mixup) as it was, on the first epoch as on the next ones."""
+    workers = default_workers(len(source)) if workers is None else workers
+    return EpochLoader(
+        _Batches(source, augment),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(sampler.seed),
+    )
 
 
 def default_workers(rows: int) -> int:
@@ -582,12 +700,14 @@ def batches(
     pin_memory: bool = False,
     drop_last: bool = False,
     groups: list[list[int]] | None = None,
+    persistent: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``source`` (or the rows ``indices``) yielding ``(x, y, idx)``.
 
     ``groups`` (instead of ``indices``): row lists batched one after another, no batch
     crossing from one group into the next (label's shards: one loader, one set of workers,
-    for all of them)."""
+    for all of them). ``persistent``: its workers live on to serve it again (a loader
+    iterated once per epoch)."""
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     if groups is not None:
@@ -596,8 +716,7 @@ def batches(
     else:
         rows = list(range(len(source))) if indices is None else list(indices)
         if shuffle:
-            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            rows = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+            rows = shuffled(rows, seed, epoch)
         chunks = batches_of(rows, batch_size, drop_last)
     workers = default_workers(len(rows)) if workers is None else workers
     return _Loader(
@@ -606,5 +725,11 @@ def batches(
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
     )
+
+
+def shuffled(rows: list[int], seed: int, epoch: int) -> list[int]:
+    """``rows`` in the random order of ``epoch`` (the same for the same seed and epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return np.asarray(rows, dtype=np.int64)[torch.randperm(len(rows), generator=generator)].tolist()

@@ -22,6 +22,7 @@ metrics.jsonl (one line per epoch), student/ (kdplug.model_dir), summary.json, c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -37,7 +38,16 @@ import torch
 import torch.nn.functional as F
 
 from kdplug import distributed, teacher_checks
-from kdplug.data import DataSource, batch_count, batches, load_data
+from kdplug.data import (
+    DataSource,
+    EpochBatches,
+    EpochLoader,
+    batch_count,
+    batches,
+    epoch_loader,
+    load_data,
+    shuffled,
+)
 from kdplug.device import autocast, full_precision, grad_scaler, memory_format
 from kdplug.errors import PluginError, UsageError, component_name, running
 from kdplug.fitting import invalid_rows
@@ -202,18 +212,22 @@ class TrainRows:
     def __len__(self) -> int:
         return self.split + (len(self.unlabeled) if self.unlabeled is not None else 0)
 
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x`` float32 ``[B, C, H, W]``, ``y`` int64 ``[B]``, ``idx`` int64 ``[B]``."""
+    def batch(
+        self, indices: list[int], augment: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` float32 ``[B, C, H, W]``, ``y`` int64 ``[B]``, ``idx`` int64 ``[B]``
+        (``augment``: see ``DataSource.batch``)."""
         idx = torch.tensor(indices, dtype=torch.int64)
         is_train = idx < self.split
+        if is_train.all():  # no unlabeled rows in the batch: the train rows as they come
+            return self.train.batch(indices, augment)
         x = torch.empty((len(idx), *self.train.input_shape), dtype=torch.float32)
         y = torch.full((len(idx),), -1, dtype=torch.int64)
         if is_train.any():
-            xt, yt, _ = self.train.batch(idx[is_train].tolist())
+            xt, yt, _ = self.train.batch(idx[is_train].tolist(), augment)
             x[is_train], y[is_train] = xt, yt
-        if not is_train.all():
-            xu, _, _ = self.unlabeled.batch((idx[~is_train] - self.split).tolist())
-            x[~is_train] = xu
+        xu, _, _ = self.unlabeled.batch((idx[~is_train] - self.split).tolist(), augment)
+        x[~is_train] = xu
         return x, y, idx
 
 
@@ -409,13 +423,11 @@ class Trainer:
         )
         self.ema = ModelEmaV3(self.model, decay=EMA_DECAY, use_warmup=True) if config.ema else None
         self.scaler = grad_scaler(device)  # a pass-through unless autocast runs in float16
-        self.augment, self.mixup = None, None
-        if parts.augment is not None:
-            from kdplug.augment import Augment, MixupLabels
+        self.mixup = None  # the per-image augmentation runs in the loader (train_loader)
+        if parts.augment is not None and parts.augment[1]:
+            from kdplug.augment import MixupLabels
 
-            transform, mixup = parts.augment
-            self.augment = Augment(parts.train.input_shape, transform)
-            self.mixup = MixupLabels(mixup, len(parts.classes)) if mixup else None
+            self.mixup = MixupLabels(parts.augment[1], len(parts.classes))
         self.updates = 0
         self.invalid_targets = torch.zeros((), dtype=torch.long, device=device)
 
@@ -468,8 +480,6 @@ class Trainer:
         rebuild_views = getattr(self.producer, "rebuild_views", None)
         if self.loss.uses_teachers and rebuild_views is not None:
             x = rebuild_views(x, idx)  # a teacher store: one of each row's stored views
-        if self.augment is not None:
-            x = self.augment(x)
         x = x.to(self.device, non_blocking=True)  # teachers get it contiguous (memory_format)
         labels = y.to(self.device, non_blocking=True)
         soft, valid = None, None
@@ -661,6 +671,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     checks = check_teachers(parts, config, device) if main else None
     trainer = Trainer(parts, config, device, updates_per_epoch(len(rows), config.batch_size))
     val = val_batches(parts.val, config, trainer.cuda)
+    loader = train_loader(rows, config, pin=trainer.cuda)
     names = teacher_names(parts)
     progress = start_progress(out, trainer, config, main)
     run = Run(config=config.record(), out=out, state={**progress, "fitted": fitted})
@@ -668,7 +679,7 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
         get_manager().notify("on_fit_start", run=run)
     for epoch in range(progress["epoch"], config.epochs):
         seed_epoch(config.seed, epoch, distributed.rank())
-        line = train_epoch(trainer, rows, val, names, config, epoch, show=main)
+        line = train_epoch(trainer, loader, val, names, config, epoch, show=main)
         accuracy = line["val_accuracy"]
         best = progress["best_accuracy"]
         improved = accuracy is not None and (best is None or accuracy > best)
@@ -791,32 +802,47 @@ def updates_per_epoch(rows: int, batch_size: int) -> int:
     return batch_count(distributed.rows_per_rank(rows), batch_size, drop_last=True)
 
 
+def train_order(rows: int, seed: int, epoch: int) -> list[int]:
+    """This rank's rows of ``epoch``: its share (``distributed.epoch_rows``), or in a single
+    process all ``rows`` rows shuffled."""
+    share = distributed.epoch_rows(rows, seed, epoch)
+    return share if share is not None else shuffled(list(range(rows)), seed, epoch)
+
+
+def train_loader(rows: TrainRows, config: DistillConfig, pin: bool) -> EpochLoader:
+    """The training batches of every epoch (``set_epoch``), built once: decoding and
+    ``--augment``'s per-image transform run in the loader's workers, which persist across
+    epochs, and the batches are pinned when ``pin`` (CUDA). Mixup stays in the step."""
+    from kdplug.augment import Augment, parse_augment
+
+    options = parse_augment(config.augment)
+    augment = Augment(rows.train.input_shape, options[0]) if options is not None else None
+    sampler = EpochBatches(
+        functools.partial(train_order, len(rows), config.seed),
+        distributed.rows_per_rank(len(rows)),
+        config.batch_size,
+        config.seed,
+        distributed.rank(),
+    )
+    return epoch_loader(rows, sampler, augment=augment, workers=config.workers, pin_memory=pin)
+
+
 def train_epoch(
     trainer: Trainer,
-    rows: TrainRows,
+    loader: EpochLoader,
     val: Any,
     names: list[str],
     config: DistillConfig,
     epoch: int,
     show: bool,
 ) -> dict[str, Any]:
-    """Train one epoch on ``rows``, validate on the ``val`` batches (or None); returns the
-    epoch's metrics.jsonl line (``names``: the teachers, for their mean weights)."""
+    """Train one epoch on ``loader``'s batches of ``epoch``, validate on the ``val`` batches
+    (or None); returns the epoch's metrics.jsonl line (``names``: the teachers, for their
+    mean weights)."""
     from tqdm import tqdm
 
     trainer.begin_epoch(epoch, config.epochs)
-    share = distributed.epoch_rows(len(rows), config.seed, epoch)
-    loader = batches(
-        rows,
-        config.batch_size,
-        shuffle=share is None,
-        indices=share,
-        seed=config.seed,
-        epoch=epoch,
-        workers=config.workers,
-        pin_memory=trainer.cuda,
-        drop_last=True,
-    )
+    loader.set_epoch(epoch)
     totals: dict[str, Any] = {}
     start = time.perf_counter()
     for x, y, idx in tqdm(
@@ -869,7 +895,9 @@ def val_batches(val: DataSource | None, config: DistillConfig, pin: bool) -> Any
     loader that reads them each epoch; None without ``--val``."""
     if val is None:
         return None
-    loader = batches(val, config.batch_size, workers=config.workers, pin_memory=pin)
+    loader = batches(
+        val, config.batch_size, workers=config.workers, pin_memory=pin, persistent=True
+    )
     if len(val) * math.prod(val.input_shape) * 4 <= VAL_CACHE_BYTES:
         return list(loader)
     return loader
