@@ -115,9 +115,31 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+# file hashes already computed in this process, by (path, inode, size, mtime): a teacher
+# file is hashed once per run though its fingerprint and the run record both name it
+_HASHES: dict[tuple, str] = {}
+_SETTLED_S = 2.0  # a file changed this recently may change again within its mtime's tick
+
+
 def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """``sha256:...`` of a file, or of every file in a directory (names and contents)."""
+    """``sha256:...`` of a file, or of every file in a directory (names and contents).
+
+    A file's hash is kept for the process while its inode, size and mtime stay the same
+    (not for a file modified in the last ``_SETTLED_S`` seconds, as git treats racy files)."""
     path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key not in _HASHES:
+            digest = _sha256(path, chunk)
+            if time.time() - stat.st_mtime_ns / 1e9 < _SETTLED_S:
+                return digest
+            _HASHES[key] = digest
+        return _HASHES[key]
+    return _sha256(path, chunk)
+
+
+def _sha256(path: Path, chunk: int) -> str:
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:

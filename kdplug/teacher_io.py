@@ -113,7 +113,8 @@ def looks_like_probs(array: Any, atol: float = 1e-3) -> bool:
     """True when every row of ``array [N, C]`` is non-negative and sums to 1 (within atol)."""
     import numpy as np
 
-    chunk = 65_536
+    # rows of about 4M values a chunk (32 MB of float64): bounded memory at any class count
+    chunk = max(1, (1 << 22) // max(1, array.shape[-1] if array.ndim > 1 else 1))
     for start in range(0, len(array), chunk):
         rows = np.asarray(array[start : start + chunk], dtype=np.float64)
         if (rows < 0).any() or not np.allclose(rows.sum(1), 1.0, atol=atol):

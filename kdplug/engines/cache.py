@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -334,8 +335,7 @@ def cache_rows(
     seeds = torch.from_numpy(params.seeds)
     index_type = getattr(torch, index_dtype(len(record["classes"])).name)
     parts: dict[str, list[torch.Tensor]] = {}
-    pin = device.type == "cuda"
-    for x, _, idx in batches(source, cfg.batch_size, indices=list(shard.rows), pin_memory=pin):
+    for x, idx in shard_batches(source, shard, teacher_set, cfg, device):
         local = idx - shard.start
         views = []
         for v in range(V):
@@ -350,6 +350,34 @@ def cache_rows(
     return tensors
 
 
+def reads_inputs(teacher_set: TeacherSet, views: int) -> bool:
+    """Whether a teacher looks at the inputs: every teacher but those serving precomputed
+    outputs by row (``uses_inputs = False``, e.g. ``logits:`` and ``store:``), and all of
+    them when views are cached."""
+    return views > 1 or any(getattr(t, "uses_inputs", True) for t in teacher_set.teachers)
+
+
+def shard_batches(
+    source: DataSource,
+    shard: Shard,
+    teacher_set: TeacherSet,
+    cfg: CacheConfig,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, idx)`` batches of a shard's rows. When no teacher reads the inputs they are not
+    decoded: ``x`` is a zero tensor of the inputs' shape on ``device`` that takes no memory
+    (one element, broadcast), so caching precomputed outputs costs what reading them does."""
+    if reads_inputs(teacher_set, cfg.views):
+        pin = device.type == "cuda"
+        for x, _, idx in batches(source, cfg.batch_size, indices=list(shard.rows), pin_memory=pin):
+            yield x, idx
+        return
+    zero = torch.zeros((), device=device)
+    for start in range(shard.start, shard.stop, cfg.batch_size):
+        idx = torch.arange(start, min(start + cfg.batch_size, shard.stop))
+        yield zero.expand(len(idx), *source.input_shape), idx
+
+
 def view_entries(
     teacher_set: TeacherSet,
     x: torch.Tensor,
@@ -362,11 +390,12 @@ def view_entries(
     ``values [b, T, k]`` (``indices [b, T, k]`` and ``tail [b, T]`` for top-k), ``bad [b]``."""
     with autocast(device):
         out = teacher_set(x.to(device), idx)  # row positions stay on the host
-    log_probs = masked_log_softmax(out.logits.float(), out.known).clamp_min(2 * IMPOSSIBLE)
+    known = None if bool(out.known.all()) else out.known  # None: no class to mask
+    log_probs = masked_log_softmax(out.logits.float(), known)
     dtype = getattr(torch, cfg.dtype)
     entries = {}
     if cfg.topk is None:
-        entries["values"] = log_probs.permute(1, 0, 2).to(dtype)
+        entries["values"] = log_probs.clamp_min(2 * IMPOSSIBLE).permute(1, 0, 2).to(dtype)
     else:
         values, indices, tail = top_k_entries(log_probs, cfg.topk)
         entries["values"] = values.permute(1, 0, 2).to(dtype)

@@ -31,7 +31,8 @@ class StoreProducer:
         self.names = [teacher["spec"] for teacher in store.teachers]
         self.known = store.known
         self.rows = sum(split.rows for split, _ in parts)
-        self.view = np.zeros(self.rows, dtype=np.int64)  # the view picked last, per row
+        # the view picked last, per row: the narrowest integer that holds a view (a byte)
+        self.view = np.zeros(self.rows, dtype=np.min_scalar_type(store.views - 1))
 
     def fingerprints(self) -> list[str | None]:
         return [teacher["fingerprint"] for teacher in self.store.teachers]

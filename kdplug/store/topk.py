@@ -17,16 +17,32 @@ import torch
 
 from kdplug.ops import IMPOSSIBLE
 
+# a rest of the softmax's terms below this (relative to the largest term, 1) is summed
+# exactly by log-sum-exp: float32 terms near their underflow (1e-38) lose precision
+TINY_TAIL = 1e-20
 
-def top_k_entries(
-    log_probs: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What a top-k store keeps of ``log_probs [..., C]``: the top-k ``values [..., k]``,
-    their ``indices [..., k]`` and the log of the remaining mass ``tail [...]``."""
-    values, indices = log_probs.topk(k, dim=-1)
-    rest = log_probs.scatter(-1, indices, float("-inf"))
-    tail = torch.logsumexp(rest, dim=-1).clamp_min(2 * IMPOSSIBLE)
-    return values, indices, tail
+
+def top_k_entries(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a top-k store keeps of ``log_softmax(scores [..., C])``: the top-k ``values
+    [..., k]``, their ``indices [..., k]`` and the log of the remaining mass ``tail [...]``,
+    floored at ``2 * IMPOSSIBLE``.
+
+    One exponential pass serves the normalizer and the tail: the mass outside the top-k is
+    summed from its own terms (no ``1 - top`` cancellation); rows whose tail is too small
+    for float32 terms (``TINY_TAIL``) take the exact log-sum-exp of their rest instead."""
+    scores = scores.float()
+    values, indices = scores.topk(k, dim=-1)
+    shift = scores.amax(-1, keepdim=True)
+    terms = (scores - shift).exp_()
+    log_total = terms.sum(-1).log_() + shift.squeeze(-1)
+    rest = terms.scatter_(-1, indices, 0.0).sum(-1)
+    tail = rest.log() + shift.squeeze(-1) - log_total
+    tiny = rest < TINY_TAIL
+    if bool(tiny.any()):
+        others = scores[tiny].scatter(-1, indices[tiny], float("-inf"))
+        tail[tiny] = torch.logsumexp(others, dim=-1) - log_total[tiny]
+    values = (values - log_total[..., None]).clamp_min(2 * IMPOSSIBLE)
+    return values, indices, tail.clamp_min(2 * IMPOSSIBLE)
 
 
 def full_log_probs(

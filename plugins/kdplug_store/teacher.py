@@ -23,6 +23,7 @@ class StoreTeacher:
     view 0, over the classes it knows (``classes``)."""
 
     uses_row_index = True
+    uses_inputs = False  # kdplug cache need not decode the data for it
 
     def __init__(
         self, store: Store, split: Split, teacher: int, fingerprint: str, force: bool = False

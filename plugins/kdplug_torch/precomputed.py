@@ -30,6 +30,7 @@ class LogitsTeacher:
     """``teacher(x, index [B]) -> logits [B, C]``: rows ``index`` of a ``[N, C]`` array."""
 
     uses_row_index = True
+    uses_inputs = False  # kdplug cache need not decode the data for it
 
     def __init__(
         self,
