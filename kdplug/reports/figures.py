@@ -54,9 +54,10 @@ def per_class_panel(
     ``names [C]`` and ``values [C]`` (NaN: no value for that class, e.g. no row of it).
     Up to ``max_bars`` classes: one bar per class, named on the x axis, and empty lists
     returned. More: a histogram of the values across classes (``xlabel`` names the value),
-    with the ``named`` highest and lowest classes listed beside it (``fmt`` formats their
-    values) and returned, highest first in ``top``, lowest first in ``bottom``; ties keep
-    the class order. Classes without a value are counted in the title, not drawn.
+    with the ``named`` highest and lowest classes listed beside it in two columns (``fmt``
+    formats their values) and returned, highest first in ``top``, lowest first in
+    ``bottom``; ties keep the class order. Classes without a value are counted in the
+    title, not drawn.
     """
     names = [str(n) for n in names]
     values = np.asarray(values, dtype=np.float64)
@@ -80,14 +81,22 @@ def per_class_panel(
         "top": [(names[i], float(values[i])) for i in top],
         "bottom": [(names[i], float(values[i])) for i in bottom],
     }
-    text = [f"highest {len(top)}"] + [
-        f"  {short_name(n)}  {fmt.format(v)}" for n, v in picked["top"]
-    ]
-    text += ["", f"lowest {len(bottom)}"]
-    text += [f"  {short_name(n)}  {fmt.format(v)}" for n, v in picked["bottom"]]
-    ax.text(
-        1.03, 1.0, "\n".join(text), transform=ax.transAxes, va="top", fontsize=7, family="monospace"
-    )
+    offset = 8.0  # points right of the axes; two columns beside the histogram
+    for heading, listed in (("highest", picked["top"]), ("lowest", picked["bottom"])):
+        lines = [f"{heading} {len(listed)}"]
+        width = max((len(short_name(n)) for n, _ in listed), default=0)
+        lines += [f"{short_name(n).ljust(width)}  {fmt.format(v)}" for n, v in listed]
+        ax.annotate(
+            "\n".join(lines),
+            (1.0, 1.0),
+            xycoords="axes fraction",
+            xytext=(offset, 0),
+            textcoords="offset points",
+            va="top",
+            fontsize=7,
+            family="monospace",
+        )
+        offset += 4.4 * max(len(line) for line in lines) + 12  # 7-pt monospace: ~4.2 pt a char
     return picked
 
 

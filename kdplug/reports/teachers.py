@@ -200,15 +200,18 @@ def per_class_figure(result: dict[str, Any]):
 
     classes, teachers = result["classes"], result["teachers"]
     many = len(classes) > MAX_BARS
-    width = 6.0 if many else max(4.0, 1.2 + 0.25 * len(classes))
-    fig, axes = new_figure(len(teachers), 1, figsize=(width, 2.6 * len(teachers)), squeeze=False)
+    width = 4.5 if many else max(4.0, 1.2 + 0.25 * len(classes))
+    fig, axes = new_figure(len(teachers), 1, figsize=(width, 2.8 * len(teachers)), squeeze=False)
     for ax, teacher in zip(axes[:, 0], teachers):
         values = [np.nan if v is None else v for v in teacher["class_accuracy"]]
-        title = f"{short(teacher['spec'], 48)}: accuracy per class"
+        title = f"{short(teacher['spec'], 40)}: accuracy per class"
         per_class_panel(ax, classes, values, title, xlabel="accuracy on the class's rows")
         if not many:
             ax.set_ylim(0, 1)
-    fig.tight_layout()
+    if many:  # tight_layout would shrink the histograms to fit the class lists beside them
+        fig.subplots_adjust(hspace=0.6)
+    else:
+        fig.tight_layout()
     return fig
 
 
