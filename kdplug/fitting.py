@@ -83,7 +83,12 @@ def invalid_rows(probs: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
     """``[R]`` bool: the rows of ``probs [R, ...]`` holding NaN, Inf or a value below 0
     (beyond float rounding): what no combiner or label generator may return."""
     flat = probs.detach().reshape(len(probs), -1)
-    return ~torch.isfinite(flat).all(1) | (flat < -tolerance).any(1)
+    if not flat.shape[1]:
+        return torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
+    # NaN propagates through amin and amax: a row is finite and >= -tolerance exactly when
+    # its min is >= -tolerance and its max is finite (two reductions, no [R, C] temporaries)
+    low, high = flat.amin(1), flat.amax(1)
+    return ~(low >= -tolerance) | ~torch.isfinite(high)
 
 
 def held_out_targets(

@@ -21,10 +21,11 @@ def masked_log_softmax(
     Known logits are floored at IMPOSSIBLE and unknown classes sit below that floor, so
     an unknown class never gets mass, even from a teacher whose logits are all at the floor.
     """
-    z = (logits.float() / temperature).clamp_min(IMPOSSIBLE)
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    z = z.clamp_min(IMPOSSIBLE)  # a new tensor: the in-place steps below leave logits alone
     if known is not None:
         mask = known if known.dim() == z.dim() else known.unsqueeze(-2)
-        z = z.masked_fill(~mask, 2 * IMPOSSIBLE)
+        z.masked_fill_(~mask, 2 * IMPOSSIBLE)
     return torch.log_softmax(z, dim=-1)
 
 
@@ -72,5 +73,4 @@ def normalize_weights(weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Non-negative weights rescaled to sum to 1 along ``dim`` (uniform where all are 0)."""
     weights = weights.clamp_min(0)
     total = weights.sum(dim, keepdim=True)
-    uniform = torch.full_like(weights, 1.0 / weights.shape[dim])
-    return torch.where(total > 0, weights / total.clamp_min(1e-30), uniform)
+    return torch.where(total > 0, weights / total.clamp_min(1e-30), 1.0 / weights.shape[dim])

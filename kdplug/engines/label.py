@@ -21,6 +21,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -166,7 +167,8 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     where = (combiner, fitted, teacher_set, cfg.batch_size, device)
     picked = fit_generator(generator, cfg.generator, pick_rows, survey, *where)
     name = f"label generator {cfg.generator!r}"
-    with running(generator, name, " while preparing over the shards"):
+    where = " while preparing over the shards" if generator is made else ""  # v1: its call
+    with running(generator, name, where):
         generator.prepare(reader.label_shards())
     mode, k = probs_mode(cfg.probs, getattr(generator, "topk", None), len(classes))
     labeled_rows = sum(s.stop - s.start for s in todo)
@@ -392,15 +394,22 @@ def label_shards(
         source,
         batch_size,
         groups=groups,
-        workers=default_workers(len(source)),
+        workers=loader_workers(source),
         pin_memory=device.type == "cuda",
     )
     stream = iter(loader)  # one loader (and one set of workers) for every shard
+    all_known = bool(teacher_set.known.all())  # once: votes need no mask
     with tqdm(total=sum(counts), unit="batch", desc="label", disable=not progress) as bar:
         for shard, count in zip(shards, counts):
             rows = itertools.islice(stream, count)
-            tensors = label_rows(rows, teacher_set, combiner, device, bar, keep_probs)
+            tensors = label_rows(rows, teacher_set, combiner, device, bar, keep_probs, all_known)
             write_shard(shard, tensors, {PROBS_KEY: str(keep_probs)})
+
+
+def loader_workers(source: DataSource) -> int:
+    """Workers to read DATA: for images (decoding), not for feature rows, which Arrow slices
+    faster in this process than workers could hand them over."""
+    return default_workers(len(source)) if source.kind == "image" else 0
 
 
 @torch.inference_mode()
@@ -411,6 +420,7 @@ def label_rows(
     device: torch.device,
     bar: Any,
     keep_probs: bool = False,
+    all_known: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The tensors of the batches ``rows`` (``(x, y, idx)``): ``target [R, C]`` (the
     combined prediction), ``votes`` and ``weights [K, R]``, ``bad [R]`` (a teacher gave
@@ -430,8 +440,8 @@ def label_rows(
         batch = f" on batch {teacher_set.batches_seen - 1}"
         with running(combiner, "the combiner", batch):
             weights, target = combined_prediction(combiner, logits, out.known, unlabeled)
-        known = out.known.unsqueeze(1)  # a vote is a class the teacher knows
-        parts["votes"].append(logits.masked_fill(~known, float("-inf")).argmax(-1))
+        scores = logits if all_known else logits.masked_fill(~out.known.unsqueeze(1), -math.inf)
+        parts["votes"].append(scores.argmax(-1))  # a vote is a class the teacher knows
         if keep_probs:
             parts["teacher_probs"].append(teacher_probs(logits, out.known))
         parts["target"].append(target.float())
@@ -685,14 +695,16 @@ def spread(
             f"{what} accepted rows {rows.index[outside][:5].tolist()} with labels "
             f"{decided.label[outside][:5].tolist()}, outside the {C} classes 0..{C - 1}"
         )
+    accepted, probs = decided.accepted.bool(), decided.probs.float()
+    hard = torch.where(accepted, decided.label.long(), -1)
+    if not bad.any():
+        return hard, accepted, probs
     good = ~bad
     label = torch.full((len(bad),), -1, dtype=torch.long)
-    accepted = torch.zeros(len(bad), dtype=torch.bool)
+    label[good] = hard
     soft = torch.full((len(bad), C), 1.0 / C, dtype=torch.float32)
-    label[good] = torch.where(decided.accepted.bool(), decided.label.long(), -1)
-    accepted[good] = decided.accepted.bool()
-    soft[good] = decided.probs.float()
-    return label, accepted, soft
+    soft[good] = probs
+    return label, good.clone().masked_scatter_(good, accepted), soft
 
 
 def with_input_features(ours: Any, source: DataSource | None) -> tuple[Any, dict[str, str]]:

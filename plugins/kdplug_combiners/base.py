@@ -22,12 +22,13 @@ def mixture(weights: torch.Tensor, probs: torch.Tensor, known: torch.Tensor) -> 
     a teacher does not know the class), each row renormalized to sum to 1.
 
     ``sum_k class_weights * probs`` computed as ``sum_k w_k p_k / sum_k w_k known_k`` per
-    class: one pass over ``probs`` (a batched product), the denominator a ``[B, K] x [K, C]``
-    product."""
-    summed = torch.einsum("kb,kbc->bc", weights.to(probs.dtype), probs)
-    total = weights.T.to(probs.dtype) @ known.to(probs.dtype)
-    target = torch.where(total > 0, summed / total.clamp_min(1e-30), torch.zeros_like(summed))
-    return normalize_weights(target, dim=-1)
+    class: one pass over ``probs``, the denominator a ``[B, K] x [K, C]`` product."""
+    weights = weights.to(probs.dtype)
+    summed = probs[0] * weights[0].unsqueeze(-1)
+    for k in range(1, len(probs)):
+        summed.addcmul_(probs[k], weights[k].unsqueeze(-1))
+    total = weights.T @ known.to(probs.dtype)  # 0 only where every p_k is 0: then 0 / tiny
+    return normalize_weights(summed.div_(total.clamp_min_(1e-30)), dim=-1)
 
 
 class Combiner(ABC):
@@ -41,9 +42,17 @@ class Combiner(ABC):
         """Per-row teacher weights ``[K, B]`` (>= 0; normalized afterwards)."""
 
     def target(
-        self, weights: torch.Tensor, logits: torch.Tensor, known: torch.Tensor, temperature: float
+        self,
+        weights: torch.Tensor,
+        logits: torch.Tensor,
+        known: torch.Tensor,
+        temperature: float,
+        log_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mixture of each teacher's probabilities at ``temperature``."""
+        """Mixture of each teacher's probabilities at ``temperature`` (``log_probs``: theirs
+        at temperature 1, when already computed)."""
+        if log_probs is not None and temperature == 1.0:
+            return mixture(weights, log_probs.exp(), known)
         return mixture(weights, teacher_probs(logits, known, temperature), known)
 
     def __call__(
@@ -57,7 +66,7 @@ class Combiner(ABC):
         target ``[B, C]``."""
         log_probs = masked_log_softmax(logits, known)
         weights = normalize_weights(self.weights(log_probs, labels), dim=0)
-        return weights, self.target(weights, logits, known, temperature)
+        return weights, self.target(weights, logits, known, temperature, log_probs)
 
     def __repr__(self) -> str:
         return self.name

@@ -27,10 +27,15 @@ class MeanLogits(Mean):
     name = "mean-logits"
 
     def target(
-        self, weights: torch.Tensor, logits: torch.Tensor, known: torch.Tensor, temperature: float
+        self,
+        weights: torch.Tensor,
+        logits: torch.Tensor,
+        known: torch.Tensor,
+        temperature: float,
+        log_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         per_class = class_weights(weights, known)
-        log_probs = masked_log_softmax(logits, known)
+        log_probs = masked_log_softmax(logits, known) if log_probs is None else log_probs
         mean = (per_class * log_probs).sum(0)
         # -inf, not IMPOSSIBLE: a mean log-probability can itself be far below IMPOSSIBLE
         mean = mean.masked_fill(per_class.sum(0) == 0, float("-inf"))
