@@ -193,10 +193,6 @@ class TeacherSet:
                 torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=IMPOSSIBLE, out=out[k])
                 out[k].clamp_min_(IMPOSSIBLE)
                 continue
-            if self.columns[k] is None and temperature == 1.0:  # straight into the batch
-                torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=IMPOSSIBLE, out=out[k])
-                out[k].clamp_min_(IMPOSSIBLE)
-                continue
             z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=IMPOSSIBLE).clamp_min(IMPOSSIBLE)
             if temperature != 1.0:
                 z = apply_temperature(z, temperature)
