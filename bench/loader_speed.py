@@ -37,6 +37,7 @@ import numpy as np
 import kdplug
 
 CLASSES = 10
+SOURCES: dict = {}
 
 
 def make_images(root: Path, count: int, seed: int) -> Path:
@@ -85,8 +86,9 @@ def kdplug_loader(root: Path, args: argparse.Namespace, augment: bool, workers: 
         augment="default" if augment else None,
         seed=args.seed,
     )
-    rows = TrainRows(load_data(config.train), None)
-    return train_loader(rows, config, pin=False)
+    if config.train not in SOURCES:  # datasets' imagefolder takes a while to index the files
+        SOURCES[config.train] = load_data(config.train)
+    return train_loader(TrainRows(SOURCES[config.train], None), config, pin=False)
 
 
 def plain_loader(root: Path, args: argparse.Namespace, augment: bool, workers: int):

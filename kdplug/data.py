@@ -106,6 +106,12 @@ class DataSource:
         """All labels as int64, -1 where unknown."""
         if self.label_column is None:
             return np.full(len(self), -1, dtype=np.int64)
+        if self.label_values is None:  # class ids (a ClassLabel): read as one Arrow column
+            import pyarrow.compute as pc
+
+            column = self.dataset.with_format("arrow")[self.label_column]
+            values = pc.fill_null(column, -1).to_numpy().astype(np.int64)
+            return np.where(values < 0, -1, values)
         return np.asarray(self._labels({self.label_column: self.dataset[self.label_column]}))
 
     def _labels(self, rows: dict[str, list]) -> list[int]:
