@@ -143,7 +143,8 @@ def machine() -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     root = make_images(Path(args.data), args.images, args.seed)
-    results = []
+    results: list[dict] = []
+    report = {"args": vars(args), "machine": machine(), "results": results}
     for workers in args.workers:
         for augment in (True, False):
             figures: dict[str, list[float]] = {"kdplug": [], "plain": []}
@@ -163,7 +164,9 @@ def run(args: argparse.Namespace) -> dict:
             row["ratio"] = row["kdplug_images_per_s"] / row["plain_images_per_s"]
             results.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
-    return {"args": vars(args), "machine": machine(), "results": results}
+            if args.json:  # as it goes: a long run stopped early keeps its rows
+                Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
 
 
 def table(report: dict) -> str:
