@@ -121,3 +121,25 @@ def test_class_ids_are_read_as_one_arrow_column_not_row_by_row(monkeypatch):
     monkeypatch.setattr(DataSource, "_labels", lambda self, rows: pytest.fail("row by row"))
     assert source.labels().tolist() == [1, -1, -1, 2, 0] and source.labels().dtype == np.int64
     assert picked.labels().tolist() == [0, 1, -1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_runs_the_planned_updates_on_its_share(
+    digits_splits, tmp_path, monkeypatch, world
+):
+    """Under torchrun every rank's loader gives its ``DistributedSampler`` share of each
+    epoch in as many batches as the LR schedule planned."""
+    from kdplug import distributed
+    from kdplug.data import batches_of
+    from kdplug.engines.distill import updates_per_epoch
+
+    rows = TrainRows(load_data(digits_splits["test"]), None)  # 447 rows
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        loader = train_loader(rows, config(digits_splits, tmp_path, batch_size=16), False)
+        loader.set_epoch(2)
+        chunks = list(loader.sampler)
+        assert len(chunks) == len(loader) == updates_per_epoch(447, 16)
+        share = distributed.epoch_rows(447, 3, 2)
+        assert [chunk.rows for chunk in chunks] == batches_of(share, 16, drop_last=True)
