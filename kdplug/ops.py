@@ -21,19 +21,26 @@ def masked_log_softmax(
     Known logits are floored at IMPOSSIBLE and unknown classes sit below that floor, so
     an unknown class never gets mass, even from a teacher whose logits are all at the floor.
     """
-    z = logits.float() / temperature if temperature != 1.0 else logits.float()
-    z = z.clamp_min(IMPOSSIBLE)  # a new tensor: the in-place steps below leave logits alone
-    if known is not None:
-        mask = known if known.dim() == z.dim() else known.unsqueeze(-2)
-        z.masked_fill_(~mask, 2 * IMPOSSIBLE)
-    return torch.log_softmax(z, dim=-1)
+    return torch.log_softmax(_masked(logits, known, temperature), dim=-1)
 
 
 def teacher_probs(
     logits: torch.Tensor, known: torch.Tensor | None = None, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Each teacher's probabilities at temperature T, renormalized over the classes it knows."""
-    return masked_log_softmax(logits, known, temperature).exp()
+    """Each teacher's probabilities at temperature T, renormalized over the classes it knows
+    (``masked_log_softmax(...).exp()``, in one softmax)."""
+    return torch.softmax(_masked(logits, known, temperature), dim=-1)
+
+
+def _masked(logits: torch.Tensor, known: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """``logits / T`` floored at IMPOSSIBLE, with the unknown classes at twice that: a new
+    tensor."""
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    z = z.clamp_min(IMPOSSIBLE)  # a new tensor: the in-place step below leaves logits alone
+    if known is not None:
+        mask = known if known.dim() == z.dim() else known.unsqueeze(-2)
+        z.masked_fill_(~mask, 2 * IMPOSSIBLE)
+    return z
 
 
 def standardize(

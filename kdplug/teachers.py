@@ -174,9 +174,11 @@ class TeacherSet:
         ``uses_row_index = True`` (precomputed logits) are called as ``teacher(x, index)``.
         """
         B, C = x.shape[0], len(self.classes)
-        out = torch.full(
-            (len(self.teachers), B, C), IMPOSSIBLE, dtype=torch.float32, device=x.device
-        )
+        shape = (len(self.teachers), B, C)
+        if all(columns is None for columns in self.columns):  # every teacher fills its row
+            out = torch.empty(shape, dtype=torch.float32, device=x.device)
+        else:
+            out = torch.full(shape, IMPOSSIBLE, dtype=torch.float32, device=x.device)
         nonfinite = torch.zeros((len(self.teachers), B), dtype=torch.bool, device=x.device)
         for k, (teacher, name, columns, temperature) in enumerate(
             zip(self.teachers, self.names, self.index, self.temperatures)

@@ -131,6 +131,7 @@ def test_label_cli_writes_the_dataset_and_a_report_that_matches_a_hand_count(
         "options": {"tau": 0.6, "floor": 0.0, "accuracy": None, "class_rows": 30},
         "info": {},
         "fit": None,
+        "contract": 2,
     }
     assert report["data"]["fingerprint"] == load_data(data).fingerprint
     assert report["versions"]["kdplug"] == kdplug.__version__

@@ -17,6 +17,17 @@ class Mean(Combiner):
         K, B, _ = log_probs.shape
         return log_probs.new_full((K, B), 1.0 / K)
 
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        known: torch.Tensor,
+        labels: torch.Tensor,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``Combiner.__call__``, without the log-probabilities its weights never read."""
+        weights = self.weights(logits, labels)
+        return weights, self.target(weights, logits, known, temperature)
+
 
 class MeanLogits(Mean):
     """Target = softmax of the average log-probabilities at ``temperature`` (a geometric
