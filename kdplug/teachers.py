@@ -138,6 +138,11 @@ class TeacherSet:
         self.columns = [None if c is None else tuple(t.to(device) for t in c) for c in self.columns]
         return self
 
+    @property
+    def reads_inputs(self) -> bool:
+        """Whether any teacher reads ``x`` (else all are precomputed: ``uses_inputs = False``)."""
+        return any(getattr(teacher, "uses_inputs", True) for teacher in self.teachers)
+
     def fingerprints(self) -> list[str | None]:
         return [getattr(teacher, "fingerprint", None) for teacher in self.teachers]
 
@@ -187,10 +192,9 @@ class TeacherSet:
             wanted = C if columns is None else len(teacher.classes)  # columns: it has classes
             if z.dim() != 2 or z.shape[0] != B or z.shape[1] != wanted:
                 raise UsageError(self._shape_error(name, tuple(z.shape), B, wanted, columns))
-            # NaN propagates through amax/amin: one finite max and min per row is every
-            # value finite (10x faster on the CPU than isfinite(z).all(1) at C = 1,000)
-            if z.shape[1]:
-                nonfinite[k] = ~(z.amax(1).isfinite() & z.amin(1).isfinite())
+            # a row's float64 sum is finite exactly when its values are (float32 values
+            # cannot overflow it): one reduction, 10x faster on the CPU than isfinite().all()
+            nonfinite[k] = ~z.sum(1, dtype=torch.float64).isfinite()
             if self.columns[k] is None and temperature == 1.0:  # straight into the batch
                 torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=IMPOSSIBLE, out=out[k])
                 out[k].clamp_min_(IMPOSSIBLE)

@@ -24,6 +24,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -390,20 +391,36 @@ def label_shards(
 
     groups = [list(shard.rows) for shard in shards]
     counts = [batch_count(len(rows), batch_size, False) for rows in groups]
-    loader = batches(
-        source,
-        batch_size,
-        groups=groups,
-        workers=loader_workers(source),
-        pin_memory=device.type == "cuda",
-    )
-    stream = iter(loader)  # one loader (and one set of workers) for every shard
+    if teacher_set.reads_inputs:
+        loader = batches(
+            source,
+            batch_size,
+            groups=groups,
+            workers=loader_workers(source),
+            pin_memory=device.type == "cuda",
+        )
+        stream = iter(loader)  # one loader (and one set of workers) for every shard
+    else:  # precomputed teachers only: DATA's rows are never read
+        stream = index_batches(source, shards, batch_size, device)
     all_known = bool(teacher_set.known.all())  # once: votes need no mask
     with tqdm(total=sum(counts), unit="batch", desc="label", disable=not progress) as bar:
         for shard, count in zip(shards, counts):
             rows = itertools.islice(stream, count)
             tensors = label_rows(rows, teacher_set, combiner, device, bar, keep_probs, all_known)
             write_shard(shard, tensors, {PROBS_KEY: str(keep_probs)})
+
+
+def index_batches(
+    source: DataSource, shards: list[Shard], batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, None, torch.Tensor]]:
+    """``(x, None, idx)`` batches of the shards' rows, as ``batches(groups=...)`` cuts them,
+    for teachers that never read ``x``: a zero tensor of the inputs' shape that takes no
+    memory (one element, broadcast)."""
+    zero = torch.zeros((), device=device)
+    for shard in shards:
+        for start in range(shard.start, shard.stop, batch_size):
+            idx = torch.arange(start, min(start + batch_size, shard.stop))
+            yield zero.expand(len(idx), *source.input_shape), None, idx
 
 
 def loader_workers(source: DataSource) -> int:
