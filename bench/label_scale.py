@@ -8,9 +8,11 @@ the same files 8,192 rows at a time (numpy: softmax, mean over teachers, max, th
 and writes what kdplug writes by default at C > 100 (index, label, accepted, confidence and
 the top 10 classes with their probabilities) with pyarrow, 8,192 rows at a time.
 
-Memory is the anonymous memory (RssAnon in /proc/PID/status) of the process and its
-children, sampled every 0.05 s: the page cache of the memory-mapped inputs, which the
-kernel keeps resident at will, does not count.
+Both run with ``--threads`` compute threads (OMP_NUM_THREADS, default 1: the bare loop's
+numpy is single-threaded, and on a machine shared with other work torch's spinning threads
+slow it several-fold). Memory is the anonymous memory (RssAnon in /proc/PID/status) of the
+process and its children, sampled every 0.05 s: the page cache of the memory-mapped
+inputs, which the kernel keeps resident at will, does not count.
 
     .venv/bin/python bench/label_scale.py --rows 100000 400000 1280000 --json label_scale.json
     .venv/bin/python bench/label_scale.py --rows 400000 --generators all --skip-bare
@@ -39,7 +41,7 @@ GENERATORS = [
     "adaptive",
     "agreement",
     "dawid-skene,soft=false",
-    "dawid-skene",
+    "dawid-skene,max_iter=2",  # soft evidence at 1,000 classes: minutes per EM iteration
     "pate",
 ]
 CHUNK = 8192
@@ -164,6 +166,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="/work/bench_data/label_scale")
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument("--keep-inputs", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     parser.add_argument("--bare", nargs=2, metavar=("FILES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,6 +174,7 @@ def main() -> None:
         bare_loop(args.bare[0].split(","), args.bare[1])
         return
     generators = GENERATORS if args.generators == ["all"] else args.generators
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for both runs: they are children
     results = []
     for rows in args.rows:
         folder = Path(args.data_dir) / f"{rows}x{args.classes}x{args.teachers}"
