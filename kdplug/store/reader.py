@@ -20,7 +20,7 @@ import torch
 from kdplug.augment_views import ViewAugment, rebuild_views
 from kdplug.data import DataSource
 from kdplug.errors import UsageError
-from kdplug.outputs import file_hash
+from kdplug.outputs import file_hashes
 from kdplug.store.layout import (
     FORMAT,
     FORMAT_VERSION,
@@ -84,14 +84,15 @@ class Store:
 
         Files that no longer exist cannot be checked (the store works without them).
         """
+        hashes = file_hashes(file for teacher in self.teachers for file in teacher["files"])
         for teacher in self.teachers:
             for file, stored in teacher["files"].items():
-                if not Path(file).exists():
+                current = hashes.get(str(Path(file)))
+                if current is None:
                     log.info(
                         "teacher file %s is gone; store %s not checked against it", file, self.path
                     )
                     continue
-                current = file_hash(file)
                 if current == stored:
                     continue
                 message = (
