@@ -25,6 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -383,7 +384,8 @@ def label_shards(
     keep_probs: bool,
 ) -> None:
     """Run the teachers and the combiner over ``shards``, writing each when it is done
-    (with the teachers' probabilities where ``keep_probs``).
+    (with the teachers' probabilities where ``keep_probs``) in a thread, while the next
+    shard computes.
 
     Batches never cross a shard's edge, so a row is computed in the same batch whether
     its shard runs in the first attempt or after a resume (identical floats)."""
@@ -403,11 +405,18 @@ def label_shards(
     else:  # precomputed teachers only: DATA's rows are never read
         stream = index_batches(source, shards, batch_size, device)
     all_known = bool(teacher_set.known.all())  # once: votes need no mask
-    with tqdm(total=sum(counts), unit="batch", desc="label", disable=not progress) as bar:
+    metadata = {PROBS_KEY: str(keep_probs)}
+    bar = tqdm(total=sum(counts), unit="batch", desc="label", disable=not progress)
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        writing = None  # the previous shard's write, done while this one computes
         for shard, count in zip(shards, counts):
             rows = itertools.islice(stream, count)
             tensors = label_rows(rows, teacher_set, combiner, device, bar, keep_probs, all_known)
-            write_shard(shard, tensors, {PROBS_KEY: str(keep_probs)})
+            if writing is not None:
+                writing.result()  # at most one shard waits in memory; its error surfaces here
+            writing = writer.submit(write_shard, shard, tensors, metadata)
+        if writing is not None:
+            writing.result()
 
 
 def index_batches(
