@@ -86,9 +86,11 @@ def measured(command: list[str]) -> tuple[float, float]:
     return seconds, peak
 
 
-def kdplug_command(files: list[Path], data: Path, out: Path, generator: str, classes: int):
+def kdplug_command(
+    files: list[Path], data: Path, out: Path, generator: str, classes: int | None
+) -> list[str]:
     teachers = [arg for path in files for arg in ("--teacher", f"logits:{path}")]
-    names = ",".join(f"c{i}" for i in range(classes))
+    names = [] if classes is None else ["--classes", ",".join(f"c{i}" for i in range(classes))]
     return [
         str(ROOT / ".venv/bin/kdplug"),
         "label",
@@ -98,8 +100,7 @@ def kdplug_command(files: list[Path], data: Path, out: Path, generator: str, cla
         "--out",
         str(out),
         "--overwrite",
-        "--classes",
-        names,
+        *names,
         "--combiner",
         "mean",
         "--generator",
@@ -164,6 +165,12 @@ def main() -> None:
     parser.add_argument("--teachers", type=int, default=3)
     parser.add_argument("--generators", nargs="+", default=["threshold"], help="or: all")
     parser.add_argument("--data-dir", default="/work/bench_data/label_scale")
+    parser.add_argument(
+        "--inputs",
+        default=None,
+        help="a folder already holding teacher0.npy... and data/ (with its own classes), "
+        "used instead of making them (one size only)",
+    )
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument("--keep-inputs", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
@@ -177,17 +184,23 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for both runs: they are children
     results = []
     for rows in args.rows:
-        folder = Path(args.data_dir) / f"{rows}x{args.classes}x{args.teachers}"
-        files, data = make_inputs(folder, rows, args.classes, args.teachers)
-        out = folder / "out"
+        if args.inputs:
+            folder = Path(args.inputs)
+            files = [folder / f"teacher{k}.npy" for k in range(args.teachers)]
+            data, names = folder / "data", None  # the data's own class names
+        else:
+            folder = Path(args.data_dir) / f"{rows}x{args.classes}x{args.teachers}"
+            files, data = make_inputs(folder, rows, args.classes, args.teachers)
+            names = args.classes
+        out = Path(args.data_dir) / "out"
         if not args.skip_bare:
             command = [sys.executable, __file__, "--bare", ",".join(map(str, files)), str(out)]
             seconds, peak = measured(command)
             results.append({"rows": rows, "run": "bare loop", "seconds": seconds, "peak_gb": peak})
             print(json.dumps(results[-1]), flush=True)
-            Path(out).unlink()
+            out.unlink()
         for generator in generators:
-            seconds, peak = measured(kdplug_command(files, data, out, generator, args.classes))
+            seconds, peak = measured(kdplug_command(files, data, out, generator, names))
             report = json.loads((out / "report.json").read_text())
             results.append(
                 {
@@ -201,7 +214,7 @@ def main() -> None:
             )
             print(json.dumps(results[-1]), flush=True)
             shutil.rmtree(out)
-        if not args.keep_inputs:
+        if not args.keep_inputs and not args.inputs:
             shutil.rmtree(folder)
     print("\n| rows | run | wall (s) | peak anonymous memory (GB) |")
     print("| --- | --- | --- | --- |")
