@@ -90,8 +90,8 @@ def shard_columns(
     """One shard's columns as arrays (``probs [R, C]``, the rest ``[R]``), rows from
     ``start``. ``agreement`` is the fraction of teachers whose vote (``votes [K, R]``) is
     the row's class: its label, or the argmax of its probs where rejected."""
-    confidence, top = probs.max(1)
-    row_class = torch.where(accepted, label, top)
+    confidence = probs.amax(1)  # amax and argmax: twice as fast as max on the CPU
+    row_class = torch.where(accepted, label, probs.argmax(1))
     columns = {
         "index": np.arange(start, start + len(label), dtype=np.int64),
         "label": label.numpy(),
@@ -110,15 +110,16 @@ def arrow_table(columns: dict[str, np.ndarray], feats: Any, mode: str, k: int | 
     built from the flat arrays, no per-row Python)."""
     import pyarrow as pa
 
+    probs = columns["probs"]
+    lists = {"probs": probs}
+    if mode == "topk":
+        values, indices = torch.from_numpy(probs).topk(k, dim=1)
+        lists = {"topk_indices": indices.numpy(), "topk_values": values.numpy()}
     arrays = {}
     for name in feats:
-        if name == "probs":
-            probs = columns["probs"]
-            arrays[name] = pa.FixedSizeListArray.from_arrays(probs.reshape(-1), probs.shape[1])
-        elif name in ("topk_indices", "topk_values"):
-            values, indices = torch.from_numpy(columns["probs"]).topk(k, dim=1)
-            chosen = indices.numpy() if name == "topk_indices" else values.numpy()
-            arrays[name] = pa.FixedSizeListArray.from_arrays(chosen.reshape(-1), k)
+        if name in lists:
+            flat = lists[name]
+            arrays[name] = pa.FixedSizeListArray.from_arrays(flat.reshape(-1), flat.shape[1])
         else:
             arrays[name] = pa.array(columns[name])
     return pa.Table.from_arrays(list(arrays.values()), schema=feats.arrow_schema)

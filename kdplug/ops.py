@@ -73,7 +73,7 @@ def standardize(
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) over the last axis; 0·log 0 counts as 0."""
-    return torch.special.entr(probs).sum(-1)  # -p log p elementwise, 0 at p = 0
+    return -torch.xlogy(probs, probs).sum(-1)  # xlogy(0, 0) = 0
 
 
 def normalize_weights(weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
