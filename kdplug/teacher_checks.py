@@ -37,10 +37,12 @@ def check_teachers(
     labels: torch.Tensor | None,
     rows: str,
     compare: bool = True,
+    votes: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """``flag_teachers`` for the teachers of ``producer`` (a ``kdplug.teachers.TeacherSet``,
     which says which teachers name their classes, or any ``Producer``) on their outputs
-    ``scores [K, N, C]`` and ``known [K, C]`` for ``rows``."""
+    ``scores [K, N, C]`` (or, given instead, their class ``votes [K, N]``) and ``known
+    [K, C]`` for ``rows``."""
     teacher_set = live_teachers(producer)
     return flag_teachers(
         producer.names,
@@ -51,27 +53,6 @@ def check_teachers(
         classes=teacher_set.classes if teacher_set else None,
         rows=rows,
         compare=compare,
-    )
-
-
-def check_votes(
-    producer: Any,
-    votes: torch.Tensor,
-    known: torch.Tensor,
-    labels: torch.Tensor | None,
-    rows: str,
-) -> list[dict[str, Any]]:
-    """``check_teachers`` on each teacher's class ``votes [K, N]`` (its most probable class
-    among those it knows) instead of its outputs."""
-    teacher_set = live_teachers(producer)
-    return flag_teachers(
-        producer.names,
-        None,
-        known,
-        labels,
-        named=teacher_set.named if teacher_set else None,
-        classes=teacher_set.classes if teacher_set else None,
-        rows=rows,
         predicted=votes,
     )
 

@@ -285,7 +285,9 @@ def check_label_teachers(
     ``--calibration-data`` rows; the report's ``teacher_checks``."""
     labels = None if truth is None else torch.from_numpy(truth)[survey.good]
     known = teacher_set.known.cpu()
-    flags = teacher_checks.check_votes(teacher_set, survey.votes, known, labels, "rows of DATA")
+    flags = teacher_checks.check_teachers(
+        teacher_set, None, known, labels, "rows of DATA", votes=survey.votes
+    )
     if truth is None and calibration_rows is not None:
         labeled = np.flatnonzero(calibration_rows.labels() >= 0).tolist()
         flags += teacher_checks.check_on_rows(

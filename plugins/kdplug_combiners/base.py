@@ -36,6 +36,7 @@ class Combiner(ABC):
     ``weights(log_probs [K, B, C] at temperature 1, labels [B]) -> [K, B]``."""
 
     name = "combiner"
+    weights_read_log_probs = True  # False: weights() reads only its input's shape (given logits)
 
     @abstractmethod
     def weights(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -64,8 +65,9 @@ class Combiner(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[K, B, C]``, known ``[K, C]``, labels ``[B]`` -> weights ``[K, B]``,
         target ``[B, C]``."""
-        log_probs = masked_log_softmax(logits, known)
-        weights = normalize_weights(self.weights(log_probs, labels), dim=0)
+        log_probs = masked_log_softmax(logits, known) if self.weights_read_log_probs else None
+        weights = self.weights(logits if log_probs is None else log_probs, labels)
+        weights = normalize_weights(weights, dim=0)
         return weights, self.target(weights, logits, known, temperature, log_probs)
 
     def __repr__(self) -> str:

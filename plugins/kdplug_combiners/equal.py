@@ -12,21 +12,11 @@ class Mean(Combiner):
     """Target = average of the teachers' probabilities."""
 
     name = "mean"
+    weights_read_log_probs = False  # equal weights: only the shape
 
     def weights(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         K, B, _ = log_probs.shape
         return log_probs.new_full((K, B), 1.0 / K)
-
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        known: torch.Tensor,
-        labels: torch.Tensor,
-        temperature: float = 1.0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As ``Combiner.__call__``, without the log-probabilities its weights never read."""
-        weights = self.weights(logits, labels)
-        return weights, self.target(weights, logits, known, temperature)
 
 
 class MeanLogits(Mean):
