@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 import time
@@ -74,8 +75,9 @@ def anonymous_kib(pid: int) -> int:
                 total += next(
                     (int(line.split()[1]) for line in fh if line.startswith("RssAnon:")), 0
                 )
-            with open(f"/proc/{current}/task/{current}/children") as fh:
-                todo += [int(child) for child in fh.read().split()]
+            for task in os.listdir(f"/proc/{current}/task"):  # children of every thread
+                with open(f"/proc/{current}/task/{task}/children") as fh:
+                    todo += [int(child) for child in fh.read().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
