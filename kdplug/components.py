@@ -59,6 +59,12 @@ class Teacher(Protocol):
     their dataset (precomputed outputs), on the CPU; refused by ``cache --views`` > 1 and by
     ``label --calibration-data``."""
 
+    uses_inputs: bool = True
+    """False: it never reads ``x`` (precomputed outputs served by row: ``logits:``,
+    ``store:``). When no teacher of a ``label`` or ``cache`` run reads its inputs (and
+    ``cache --views`` is 1), DATA's rows are not read: ``x`` is a zero tensor of the inputs'
+    shape (one element, broadcast)."""
+
     num_rows: int | None = None
     """With ``uses_row_index``: the row count it holds; data with another count is refused."""
 

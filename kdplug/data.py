@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -739,3 +739,16 @@ def shuffled(rows: list[int], seed: int, epoch: int) -> list[int]:
     """``rows`` in the random order of ``epoch`` (the same for the same seed and epoch)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return np.asarray(rows, dtype=np.int64)[torch.randperm(len(rows), generator=generator)].tolist()
+
+
+def index_batches(
+    source: DataSource, ranges: Sequence[range], batch_size: int, device: Any
+) -> Iterator[tuple[torch.Tensor, None, torch.Tensor]]:
+    """``(x, None, idx)`` batches of each range of rows in turn, cut as ``batches(groups=...)``
+    cuts them, for teachers that never read ``x`` (``uses_inputs = False``): ``x`` is a zero
+    tensor of the inputs' shape that takes no memory (one element, broadcast)."""
+    zero = torch.zeros((), device=device)
+    for rows in ranges:
+        for start in range(rows.start, rows.stop, batch_size):
+            idx = torch.arange(start, min(start + batch_size, rows.stop))
+            yield zero.expand(len(idx), *source.input_shape), None, idx

@@ -269,6 +269,7 @@ VALID = {
     "classes": lambda v: v is None or all(isinstance(c, str) for c in v),
     "fingerprint": lambda v: v is None or isinstance(v, str),
     "uses_row_index": lambda v: isinstance(v, bool),
+    "uses_inputs": lambda v: isinstance(v, bool),
     "num_rows": lambda v: v is None or (isinstance(v, int) and v >= 0),
     "data_fingerprint": lambda v: v is None or isinstance(v, str),
     "inputs": lambda v: v is None or isinstance(v, Mapping),

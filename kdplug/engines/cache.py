@@ -29,7 +29,7 @@ import torch
 
 from kdplug import __version__, distributed
 from kdplug.augment_views import ViewAugment, parse_view_augment, rebuild_views, sample_views
-from kdplug.data import DataSource, batches, load_data
+from kdplug.data import DataSource, batches, index_batches, load_data
 from kdplug.device import autocast, pick_device
 from kdplug.errors import UsageError
 from kdplug.ops import IMPOSSIBLE, masked_log_softmax
@@ -356,7 +356,7 @@ def reads_inputs(teacher_set: TeacherSet, views: int) -> bool:
     """Whether a teacher looks at the inputs: every teacher but those serving precomputed
     outputs by row (``uses_inputs = False``, e.g. ``logits:`` and ``store:``), and all of
     them when views are cached."""
-    return views > 1 or any(getattr(t, "uses_inputs", True) for t in teacher_set.teachers)
+    return views > 1 or teacher_set.reads_inputs
 
 
 def shard_batches(
@@ -374,10 +374,8 @@ def shard_batches(
         for x, _, idx in batches(source, cfg.batch_size, indices=list(shard.rows), pin_memory=pin):
             yield x, idx
         return
-    zero = torch.zeros((), device=device)
-    for start in range(shard.start, shard.stop, cfg.batch_size):
-        idx = torch.arange(start, min(start + cfg.batch_size, shard.stop))
-        yield zero.expand(len(idx), *source.input_shape), idx
+    for x, _, idx in index_batches(source, [shard.rows], cfg.batch_size, device):
+        yield x, idx
 
 
 def view_entries(

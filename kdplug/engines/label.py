@@ -24,7 +24,6 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,14 @@ import numpy as np
 import torch
 
 from kdplug import distributed, teacher_checks
-from kdplug.data import DataSource, batch_count, batches, default_workers, load_data
+from kdplug.data import (
+    DataSource,
+    batch_count,
+    batches,
+    default_workers,
+    index_batches,
+    load_data,
+)
 from kdplug.device import autocast, pick_device
 from kdplug.errors import PluginError, UsageError, component_name, running
 from kdplug.fitting import (
@@ -405,7 +411,7 @@ def label_shards(
         )
         stream = iter(loader)  # one loader (and one set of workers) for every shard
     else:  # precomputed teachers only: DATA's rows are never read
-        stream = index_batches(source, shards, batch_size, device)
+        stream = index_batches(source, [shard.rows for shard in shards], batch_size, device)
     all_known = bool(teacher_set.known.all())  # once: votes need no mask
     metadata = {PROBS_KEY: str(keep_probs)}
     bar = tqdm(total=sum(counts), unit="batch", desc="label", disable=not progress)
@@ -419,19 +425,6 @@ def label_shards(
             writing = writer.submit(write_shard, shard, tensors, metadata)
         if writing is not None:
             writing.result()
-
-
-def index_batches(
-    source: DataSource, shards: list[Shard], batch_size: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, None, torch.Tensor]]:
-    """``(x, None, idx)`` batches of the shards' rows, as ``batches(groups=...)`` cuts them,
-    for teachers that never read ``x``: a zero tensor of the inputs' shape that takes no
-    memory (one element, broadcast)."""
-    zero = torch.zeros((), device=device)
-    for shard in shards:
-        for start in range(shard.start, shard.stop, batch_size):
-            idx = torch.arange(start, min(start + batch_size, shard.stop))
-            yield zero.expand(len(idx), *source.input_shape), None, idx
 
 
 def loader_workers(source: DataSource) -> int:
