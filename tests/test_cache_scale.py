@@ -4,8 +4,6 @@ depend on how rows are cut into shards and batches, and memory does not grow wit
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,7 @@ from kdplug.engines.cache import CacheConfig, run_cache
 from kdplug.ops import IMPOSSIBLE
 from kdplug.store.reader import open_store
 from kdplug.store.topk import TINY_TAIL, top_k_entries
-from kdplug.testing import run_measured
+from tests.memory_scale import peaks
 
 
 def logits_teachers(folder, rows: int, classes: int, count: int = 2) -> list[str]:
@@ -99,23 +97,10 @@ def test_the_store_is_the_same_whatever_the_shards_and_batches(digits_splits, tm
         assert np.array_equal(array, stores[4096][name]), name
 
 
-MEMORY_SCRIPT = """
-import sys, numpy as np, datasets
+CACHE_RUN = """
 from kdplug.engines.cache import CacheConfig, run_cache
-folder, rows, classes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rng = np.random.default_rng(0)
-teachers = []
-for k in range(2):
-    path = f"{folder}/t{k}.npy"
-    out = np.lib.format.open_memmap(path, "w+", np.float32, (rows, classes))
-    for start in range(0, rows, 8192):
-        out[start:start + 8192] = rng.normal(size=(min(8192, rows - start), classes))
-    out.flush()
-    del out
-    teachers.append(f"logits:{path}")
 images = np.zeros((rows, 2, 2), np.uint8)
 datasets.Dataset.from_dict({"image": images}).save_to_disk(f"{folder}/data")
-names = [f"c{i}" for i in range(classes)]
 run_cache(CacheConfig(teachers, [f"disk:{folder}/data"], f"{folder}/store", topk=5,
                       classes=names, shard_size=4096, progress=False, device="cpu"))
 """
@@ -125,11 +110,5 @@ def test_peak_memory_does_not_grow_with_the_rows(tmp_path):
     """A subprocess caches N and 4N rows of a 300-class problem: the peak anonymous memory
     (the page cache of the memory-mapped teachers and store does not count) grows by at
     most 1.3x."""
-    peaks = {}
-    for rows in (6_000, 24_000):
-        folder = tmp_path / str(rows)
-        folder.mkdir()
-        command = [sys.executable, "-c", MEMORY_SCRIPT, str(folder), str(rows), "300"]
-        _, peaks[rows], done = run_measured(command)
-        assert done.returncode == 0, done.stderr[-2000:]
-    assert peaks[24_000] <= 1.3 * peaks[6_000], peaks
+    small, large = peaks(tmp_path, CACHE_RUN, (6_000, 24_000))
+    assert large <= 1.3 * small, (small, large)

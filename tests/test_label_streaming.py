@@ -4,7 +4,6 @@ all rows at once, a version-1 generator still runs, and memory does not grow wit
 from __future__ import annotations
 
 import json
-import sys
 
 import datasets
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from kdplug.api import Labels, LabelShards, ShardRows
 from kdplug.engines.label import LabelConfig, run_label
 from kdplug.plugins import create
-from kdplug.testing import run_measured
+from tests.memory_scale import peaks
 
 SPECS = [
     "threshold,tau=0.6",
@@ -209,22 +208,9 @@ def test_a_wrong_probs_option_is_one_line(text):
         probs_mode(text, None, 10)
 
 
-MEMORY_SCRIPT = """
-import sys, numpy as np, datasets
+LABEL_RUN = """
 from kdplug.engines.label import LabelConfig, run_label
-folder, rows, classes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rng = np.random.default_rng(0)
-teachers = []
-for k in range(2):
-    path = f"{folder}/t{k}.npy"
-    out = np.lib.format.open_memmap(path, "w+", np.float32, (rows, classes))
-    for start in range(0, rows, 8192):
-        out[start:start + 8192] = rng.normal(size=(min(8192, rows - start), classes))
-    out.flush()
-    del out
-    teachers.append(f"logits:{path}")
 datasets.Dataset.from_dict({"x": np.zeros(rows, np.float32)}).save_to_disk(f"{folder}/data")
-names = [f"c{i}" for i in range(classes)]
 run_label(LabelConfig(teachers, f"disk:{folder}/data", f"{folder}/out", classes=names,
                       generator="threshold,floor=0.25", shard_size=4096, progress=False,
                       device="cpu"))
@@ -235,11 +221,5 @@ def test_peak_memory_does_not_grow_with_the_rows(tmp_path):
     """A subprocess labels N and 4N rows of a 300-class problem: the peak anonymous memory
     (the page cache of the memory-mapped teachers does not count) grows by at most 1.3x.
     Before the engine streamed, the 4N run held [K, N, C] several times over."""
-    peaks = {}
-    for rows in (12_000, 48_000):
-        folder = tmp_path / str(rows)
-        folder.mkdir()
-        command = [sys.executable, "-c", MEMORY_SCRIPT, str(folder), str(rows), "300"]
-        _, peaks[rows], done = run_measured(command)
-        assert done.returncode == 0, done.stderr[-2000:]
-    assert peaks[48_000] <= 1.3 * peaks[12_000], peaks
+    small, large = peaks(tmp_path, LABEL_RUN, (12_000, 48_000))
+    assert large <= 1.3 * small, (small, large)

@@ -462,7 +462,7 @@ def label_rows(
         with running(combiner, "the combiner", batch):
             weights, target = combined_prediction(combiner, logits, out.known, unlabeled)
         scores = logits if all_known else logits.masked_fill(~out.known.unsqueeze(1), -math.inf)
-        parts["votes"].append(scores.argmax(-1))  # a vote is a class the teacher knows
+        parts["votes"].append(scores.argmax(-1).int())  # a class the teacher knows
         if keep_probs:
             parts["teacher_probs"].append(teacher_probs(logits, out.known))
         parts["target"].append(target.float())
@@ -523,7 +523,7 @@ class ShardReader:
         return ShardRows(
             torch.arange(shard.start, shard.stop)[good],
             tensors["target"][good],
-            tensors["votes"][:, good],
+            tensors["votes"][:, good].long(),  # stored as int32
             self.known,
             None if probs is None else probs[:, good],
         )

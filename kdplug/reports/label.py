@@ -53,7 +53,8 @@ class LabelTally:
         self.known_rows = np.zeros(K)  # per teacher: labeled rows of a class it knows
         self.known_right = np.zeros(K)
         self.labeled = self.judged = self.judged_right = self.unanswered = 0
-        self.answered: list[np.ndarray] = []  # [3, M] per shard: confidence, index, correct
+        self.confidence: list[np.ndarray] = []  # per shard: its answered labeled rows'
+        self.correct: list[np.ndarray] = []  # ... and whether their class is the true one
 
     def add(
         self,
@@ -97,15 +98,8 @@ class LabelTally:
         predicted_class = row_class(columns)
         answered = known & (predicted_class >= 0)
         self.unanswered += int((known & (predicted_class < 0)).sum())
-        self.answered.append(
-            np.stack(
-                [
-                    confidence[answered].astype(np.float64),
-                    columns["index"][answered].astype(np.float64),
-                    (predicted_class[answered] == truth[answered]).astype(np.float64),
-                ]
-            )
-        )
+        self.confidence.append(confidence[answered])
+        self.correct.append(predicted_class[answered] == truth[answered])
 
     def report(
         self,
@@ -176,8 +170,9 @@ class LabelTally:
         curve ranks the answered rows with a true label by confidence (ties by row order);
         the point at coverage ``c`` is the accuracy of the ``ceil(c * M)`` most confident rows.
         """
-        confidence, index, correct = np.concatenate([np.zeros((3, 0)), *self.answered], axis=1)
-        order = np.lexsort((index, -confidence))
+        confidence = np.concatenate([np.zeros(0, np.float32), *self.confidence])
+        correct = np.concatenate([np.zeros(0, bool), *self.correct])
+        order = np.argsort(-confidence, kind="stable")  # rows come in row order: ties by it
         correct, confidence = correct[order], confidence[order]
         running = np.cumsum(correct) / np.arange(1, len(correct) + 1)
         curve = []
