@@ -25,6 +25,7 @@ product per teacher and shard: at 1,000 classes, much slower than voting.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,22 @@ from kdplug.api import Labels, LabelShards, ShardRows, StreamingGenerator, hard_
 
 INITS = ("vote", "mean")
 TINY = 1e-300
+BLOCK = 2048  # rows per E-step: its [K, rows, C] float64 temporaries stay near 50 MB each
+
+
+def blocks(parts) -> Iterator[ShardRows]:
+    """The rows of each ``ShardRows`` in ``parts``, ``BLOCK`` at a time."""
+    for rows in parts:
+        for start in range(0, len(rows), BLOCK):
+            cut = slice(start, start + BLOCK)
+            probs = rows.teacher_probs
+            yield ShardRows(
+                rows.index[cut],
+                rows.target[cut],
+                rows.votes[:, cut],
+                rows.known,
+                None if probs is None else probs[:, cut],
+            )
 
 
 @dataclass
@@ -74,7 +91,7 @@ class DawidSkene(StreamingGenerator):
         self.said = shards.known.unsqueeze(1).double()  # [K, 1, C]: what teacher k can say
         self.mean = self._mean_probs(shards) if self.soft else None
         q_sum, counts = 0.0, 0.0
-        for rows in shards:
+        for rows in blocks(shards):
             q = self._initial(rows)
             q_sum, counts = q_sum + q.sum(0), counts + self._vote_counts(q, rows.votes)
         previous, converged, iterations = None, False, 0
@@ -82,7 +99,7 @@ class DawidSkene(StreamingGenerator):
             iterations += 1
             params = self._m_step(q_sum / shards.rows, counts)
             q_sum, counts, change, accuracy = 0.0, 0.0, 0.0, 0.0
-            for rows in shards:
+            for rows in blocks(shards):
                 q, likelihood, evidence = self._e_step(params, rows)
                 if previous is None:
                     before = self._initial(rows)
@@ -102,7 +119,8 @@ class DawidSkene(StreamingGenerator):
         }
 
     def decide(self, rows: ShardRows) -> Labels:
-        probs = self._e_step(self.params, rows)[0].to(rows.target.dtype)
+        parts = [self._e_step(self.params, block)[0] for block in blocks([rows])]
+        probs = torch.cat(parts).to(rows.target.dtype) if parts else rows.target.clone()
         return hard_labels(probs, probs.max(1).values >= self.tau)
 
     def summary(self) -> dict:
@@ -110,7 +128,7 @@ class DawidSkene(StreamingGenerator):
 
     def _mean_probs(self, shards: LabelShards) -> torch.Tensor:
         """Each teacher's mean probability of each label over the rows, ``[K, 1, C]``."""
-        total = sum(rows.teacher_probs.double().sum(1, keepdim=True) for rows in shards)
+        total = sum(rows.teacher_probs.double().sum(1, keepdim=True) for rows in blocks(shards))
         return (total / shards.rows).clamp_min(TINY)
 
     def _initial(self, rows: ShardRows) -> torch.Tensor:
