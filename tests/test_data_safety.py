@@ -15,6 +15,7 @@ from PIL import Image
 from kdplug import UsageError
 from kdplug.cli import build_cli
 from kdplug.data import batches, load_data
+from tests.conftest import random_cnn_teacher
 
 
 def invoke(*args):
@@ -89,11 +90,11 @@ def test_a_damaged_image_read_in_a_loader_worker_is_the_same_one_line(tmp_path):
 
 def test_a_bad_image_is_one_line_exit_2_and_leaves_no_run_directory(tmp_path):
     root = image_folder(tmp_path / "data", b"")
-    np.save(tmp_path / "logits.npy", np.zeros((4, 2), np.float32))
+    teacher = random_cnn_teacher(tmp_path / "cnn.pt", 2, 8)  # a teacher that reads images
     out = tmp_path / "out"
     result = invoke(
-        "label", "--teacher", f"logits:{tmp_path / 'logits.npy'}", "--data",
-        f"imagefolder:{root}", "--classes", "a,b", "--out", out,
+        "label", "--teacher", teacher, "--data", f"imagefolder:{root}",
+        "--classes", ",".join(map(str, range(10))), "--out", out,
     )  # fmt: skip
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines()[-1] == (
@@ -101,6 +102,17 @@ def test_a_bad_image_is_one_line_exit_2_and_leaves_no_run_directory(tmp_path):
         "the image file is empty (0 bytes)"
     )
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_precomputed_teachers_never_read_the_images(tmp_path):
+    """``logits:`` serves its rows by position, so a damaged image nobody reads is no error."""
+    root = image_folder(tmp_path / "data", b"")
+    np.save(tmp_path / "logits.npy", np.zeros((4, 2), np.float32))
+    result = invoke(
+        "label", "--teacher", f"logits:{tmp_path / 'logits.npy'}", "--data",
+        f"imagefolder:{root}", "--classes", "a,b", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("limit", [600, 1000], ids=["error-zone", "warning-zone"])

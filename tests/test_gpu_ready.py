@@ -269,6 +269,8 @@ def test_label_reads_every_shard_through_one_loader(digits_splits, tmp_path, mon
         return real_batches(*args, **kwargs)
 
     monkeypatch.setattr(engine, "batches", batches)
+    # as for a teacher that reads its inputs (a precomputed one never reads DATA)
+    monkeypatch.setattr(engine.TeacherSet, "reads_inputs", property(lambda self: True))
     config = engine.LabelConfig(
         teachers=[f"logits:{tmp_path / 't.npy'}"],
         data=digits_splits["labeled"],
