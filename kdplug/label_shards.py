@@ -143,14 +143,9 @@ class AllRows:
             )
         self.labels = self.generator(target, probs, shards.known)
         self.offset = 0
-        N, C = target.shape
-        decided = self.labels
-        shapes = {"label": (N,), "accepted": (N,), "probs": (N, C)}
-        for attr, value in zip(shapes, (decided.label, decided.accepted, decided.probs)):
-            shape = shapes[attr]
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
-                raise ValueError(f"returned {attr} of shape {got}, expected {shape}")
+        problem = shape_problem(self.labels, *target.shape)
+        if problem:
+            raise ValueError(problem)
 
     def decide(self, rows: ShardRows) -> Labels:
         decided, start, stop = self.labels, self.offset, self.offset + len(rows)
@@ -163,10 +158,15 @@ class AllRows:
         return dict(self.labels.info) if self.labels is not None else {}
 
 
-def _rows(value: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of a decision tensor (anything else is passed on for the engine's
-    shape check to name)."""
-    return value[start:stop] if isinstance(value, torch.Tensor) and value.dim() else value
+def shape_problem(decided: Any, R: int, C: int) -> str | None:
+    """What is wrong with the shapes of a decision on ``R`` rows of ``C`` classes (its
+    ``label``, ``accepted`` and ``probs``), or None."""
+    for attr, shape in (("label", (R,)), ("accepted", (R,)), ("probs", (R, C))):
+        value = getattr(decided, attr, None)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"returned {attr} of shape {got}, expected {shape}"
+    return None
 
 
 def streaming(generator: Any) -> Any:

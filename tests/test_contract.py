@@ -67,7 +67,7 @@ NOT_COMPONENTS = {
     ("kdplug/engines/distill.py", "config", "*"): "DistillConfig's own fields",
     ("kdplug/engines/distill.py", "teacher", "requires_grad_"): "a teacher that is an nn.Module",
     (
-        "kdplug/engines/label.py",
+        "kdplug/label_shards.py",
         "decided",
         "*",
     ): "a generator's result checked against Labels' fields",

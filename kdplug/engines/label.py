@@ -58,7 +58,7 @@ from kdplug.label_dataset import (
     shard_columns,
 )
 from kdplug.label_dataset import features as label_features
-from kdplug.label_shards import LabelShards, ShardRows, streaming
+from kdplug.label_shards import LabelShards, ShardRows, shape_problem, streaming
 from kdplug.ops import teacher_probs
 from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
 from kdplug.plugins import create, get_manager
@@ -175,9 +175,9 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     where = (combiner, fitted, teacher_set, cfg.batch_size, device)
     picked = fit_generator(generator, cfg.generator, pick_rows, survey, *where)
     name = f"label generator {cfg.generator!r}"
-    where = " while preparing over the shards" if generator is made else ""  # v1: its call
-    with running(generator, name, where):
-        generator.prepare(reader.label_shards())
+    during = " while preparing over the shards" if generator is made else ""  # v1: its call
+    with running(generator, name, during):
+        generator.prepare(reader.label_shards(survey))
     mode, k = probs_mode(cfg.probs, getattr(generator, "topk", None), len(classes))
     labeled_rows = sum(s.stop - s.start for s in todo)
     with atomic_path(out, directory=True) as tmp:
@@ -399,13 +399,12 @@ def label_shards(
     its shard runs in the first attempt or after a resume (identical floats)."""
     from tqdm.auto import tqdm
 
-    groups = [list(shard.rows) for shard in shards]
-    counts = [batch_count(len(rows), batch_size, False) for rows in groups]
+    counts = [batch_count(len(shard.rows), batch_size, False) for shard in shards]
     if teacher_set.reads_inputs:
         loader = batches(
             source,
             batch_size,
-            groups=groups,
+            groups=[list(shard.rows) for shard in shards],
             workers=loader_workers(source),
             pin_memory=device.type == "cuda",
         )
@@ -501,7 +500,6 @@ class ShardReader:
 
     def __init__(self, shards: list[Shard], known: torch.Tensor, keep_probs: bool):
         self.shards, self.known, self.keep_probs = shards, known, keep_probs
-        self.good_rows = 0
 
     def read(self, shard: Shard) -> dict[str, torch.Tensor]:
         keys = ["target", "votes", "weights", "bad"]
@@ -528,9 +526,10 @@ class ShardReader:
             None if probs is None else probs[:, good],
         )
 
-    def label_shards(self) -> LabelShards:
+    def label_shards(self, survey: Survey) -> LabelShards:
+        """What a generator's ``prepare`` iterates (the good-row count from ``survey``)."""
         loaders = [functools.partial(self.rows, shard) for shard in self.shards]
-        return LabelShards(loaders, self.good_rows, self.known)
+        return LabelShards(loaders, int(survey.good.sum()), self.known)
 
     def survey(self, fit_rows: np.ndarray | None) -> Survey:
         """One pass: the good rows, their votes, and the target of the rows ``fit_rows``
@@ -548,11 +547,11 @@ class ShardReader:
                 mine = wanted[(wanted >= shard.start) & (wanted < shard.stop)] - shard.start
                 targets.append(tensors["target"][mine])
                 goods.append(ok[mine])
-        self.good_rows = int(sum(int(g.sum()) for g in good))
-        if not self.good_rows:
+        good = torch.cat(good)
+        if not good.any():
             raise UsageError("every row had NaN or Inf teacher outputs; nothing to label")
         return Survey(
-            torch.cat(good),
+            good,
             torch.cat(votes, dim=1),
             torch.cat(targets) if wanted is not None else None,
             torch.cat(goods) if wanted is not None else None,
@@ -702,13 +701,11 @@ def spread(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Check a generator's decision on a shard's good ``rows`` and spread it over all the
     shard's rows (bad rows: label -1, not accepted, uniform probs)."""
-    R, C = len(rows), rows.target.shape[1]
+    C = rows.target.shape[1]
     what = component_name(generator, name)
-    for attr, shape in (("label", (R,)), ("accepted", (R,)), ("probs", (R, C))):
-        value = getattr(decided, attr, None)
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise PluginError(f"{what} returned {attr} of shape {got}, expected {shape}")
+    problem = shape_problem(decided, len(rows), C)
+    if problem:
+        raise PluginError(f"{what} {problem}")
     refuse_invalid(generator, what, "probabilities", decided.probs.float(), rows.index)
     outside = decided.accepted.bool() & ((decided.label < 0) | (decided.label >= C))
     if outside.any():
