@@ -44,26 +44,21 @@ def floored(
     of its ``ceil(floor * n_c)``-th most confident row. A class no row is predicted as
     keeps its threshold."""
     out = thresholds.clone()
-    C = len(thresholds)
-    ranked = kth_confidence(confidence, predicted, C)
-    counts = torch.bincount(predicted, minlength=C)
-    keep = torch.ceil(floor * counts.double()).long()
+    order, first = by_class(confidence, predicted, len(thresholds))
+    keep = torch.ceil(floor * torch.bincount(predicted, minlength=len(thresholds)).double())
     has = keep > 0
-    out[has] = torch.minimum(out[has], ranked(keep[has] - 1, has))
+    kth = confidence.double()[order][first[has] + keep[has].long() - 1]
+    out[has] = torch.minimum(out[has], kth)
     return out
 
 
-def kth_confidence(confidence: torch.Tensor, predicted: torch.Tensor, C: int):
-    """``ranked(k [M], classes [C] bool) -> [M]``: for each chosen class, the confidence of its
-    ``k``-th most confident row (0-based); rows sorted once by class, then confidence."""
-    order = np.lexsort((-confidence.double().numpy(), predicted.numpy()))
-    sorted_conf = confidence.double()[torch.from_numpy(order)]
-    first = torch.searchsorted(predicted[torch.from_numpy(order)], torch.arange(C))
-
-    def ranked(k: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return sorted_conf[first[classes] + k]
-
-    return ranked
+def by_class(
+    confidence: torch.Tensor, predicted: torch.Tensor, C: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows sorted by class, most confident first within a class and ties in row order
+    (``order [N]``), and where each class starts in that order (``first [C]``)."""
+    order = torch.from_numpy(np.lexsort((-confidence.double().numpy(), predicted.numpy())))
+    return order, torch.searchsorted(predicted[order], torch.arange(C))
 
 
 def finite(values: torch.Tensor) -> list[float | None]:
@@ -235,9 +230,8 @@ class ClassBalanced(StreamingGenerator):
             limits = torch.full((C,), smallest, dtype=torch.long)
         # within each class, most confident first; ties broken by row order (deterministic)
         rows = torch.arange(len(confidence))[candidate]
-        order = np.lexsort((rows.numpy(), -confidence[rows].numpy(), predicted[rows].numpy()))
+        order, first = by_class(confidence[rows], predicted[rows], C)
         rows, classes = rows[order], predicted[rows][order]
-        first = torch.searchsorted(classes, torch.arange(C))
         rank = torch.arange(len(rows)) - first[classes]
         self.accepted = torch.zeros_like(candidate)
         self.accepted[rows[rank < limits[classes]]] = True
