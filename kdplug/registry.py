@@ -7,7 +7,7 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,12 @@ def _parameters(
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     anything = any(p.kind is p.VAR_KEYWORD for p in params)
     return {p.name: p for p in named[skip:]}, anything
+
+
+def closest(name: str, names: Iterable[str]) -> str | None:
+    """The known name nearest to a mistyped ``name`` (for "did you mean"), or None."""
+    found = difflib.get_close_matches(name, list(names), n=1)
+    return found[0] if found else None
 
 
 def _unknown(owner: str, key: str, accepted: dict[str, inspect.Parameter]) -> UsageError:
@@ -245,8 +251,8 @@ class Registry:
         try:
             return self._components[name]
         except KeyError:
-            close = difflib.get_close_matches(name, self.names(), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = closest(name, self.names())
+            hint = f"; did you mean {close!r}?" if close else ""
             known = ", ".join(self.names()) or "none registered"
             raise UsageError(f"unknown {self.singular} {name!r}{hint} (known: {known})") from None
 

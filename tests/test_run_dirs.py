@@ -5,6 +5,7 @@ that fails to start, however it fails, leaves --out as it found it."""
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import signal
@@ -77,6 +78,18 @@ def overwrite_distill_config(out, inside, elsewhere, digits):
     return ["distill", "--config", out / "run.yaml"], "run.yaml"
 
 
+def overwrite_label_config(out, inside, elsewhere, digits):
+    config = {"teacher": [elsewhere["teacher"]], "data": elsewhere["data"]}
+    (out / "label.yaml").write_text(yaml.safe_dump(config))
+    return ["label", "--config", out / "label.yaml"], "label.yaml"
+
+
+def overwrite_report_config(out, inside, elsewhere, digits):
+    config = {"teacher": elsewhere["teacher"], "data": elsewhere["data"]}
+    (out / "report.json").write_text(json.dumps(config))
+    return ["teachers", "report", "--config", out / "report.json"], "report.json"
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -85,6 +98,8 @@ def overwrite_distill_config(out, inside, elsewhere, digits):
         overwrite_self_train,
         overwrite_report_via_symlink,
         overwrite_distill_config,
+        overwrite_label_config,
+        overwrite_report_config,
     ],
 )
 def test_overwrite_never_deletes_an_input_inside_out(command, tmp_path, digits_splits):

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from kdplug import distributed
+from kdplug.cli.config_file import config_option
 from kdplug.cli.options import (
     allow_code_option,
     allow_pickle_option,
@@ -90,6 +91,7 @@ from kdplug.cli.options import (
 )
 @allow_pickle_option
 @allow_code_option
+@config_option
 @nproc_option
 def cache_command(nproc_per_node: int | None, **params: Any) -> None:
     """Cache the teachers' outputs on DATA (V views per row) into the store OUT.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 import click
-from click.core import ParameterSource
 
 from kdplug import distributed
+from kdplug.cli.config_file import config_option, config_path, given
 from kdplug.cli.options import (
     allow_code_option,
     allow_pickle_option,
@@ -69,15 +69,10 @@ from kdplug.cli.options import (
 @calibration_option
 @allow_pickle_option
 @allow_code_option
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(dir_okay=False),
-    help="YAML file with the same keys as the flags; flags given here override it.",
-)
+@config_option
 @nproc_option
 @click.pass_context
-def distill_command(ctx: click.Context, config_file: str | None, **flags) -> None:
+def distill_command(ctx: click.Context, **flags) -> None:
     """Distill one or more teachers into a small student on labeled (+ unlabeled) data.
 
     Images only: the student is a timm image model, so tabular --train data is refused
@@ -88,21 +83,20 @@ def distill_command(ctx: click.Context, config_file: str | None, **flags) -> Non
         --student timm:resnet10t --train disk:data/train --unlabeled disk:data/raw \\
         --val disk:data/val --out runs/r10t --epochs 20
     """
-    from kdplug.engines.distill import DistillConfig, distill, read_config_file
-    from kdplug.outputs import run_inputs
+    from kdplug.engines.distill import DistillConfig, distill
 
     nproc = flags.pop("nproc_per_node")
     if nproc is not None:
         sys.exit(distributed.launch(nproc, sys.argv[1:]))
-    values = read_config_file(config_file) if config_file else {}
-    flags["compile"] = flags.pop("compile_")
-    for name, value in flags.items():
-        param = "compile_" if name == "compile" else name
-        if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE:
-            values[name] = list(value) if name == "teachers" else value
+    values = given(ctx, flags)  # on the command line or in --config FILE
+    if "compile_" in values:
+        values["compile"] = values.pop("compile_")
+    if "teachers" in values:
+        values["teachers"] = list(values["teachers"])
+    config_file = config_path(ctx)
     source = f"config file {config_file}" if config_file else "distill"
     config = DistillConfig.from_mapping(values, source)
-    with distributed.session(config.device), run_inputs(config_file):
+    with distributed.session(config.device):
         summary = distill(config)
         if not distributed.is_main():
             return

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from kdplug.cli.config_file import config_option
 from kdplug.cli.options import batch_size_option, device_option
 
 
@@ -22,6 +23,7 @@ from kdplug.cli.options import batch_size_option, device_option
 @batch_size_option
 @device_option
 @click.option("--workers", type=click.IntRange(min=0), help="Data loader workers.")
+@config_option
 def eval_command(
     model_dir: str,
     data: str,

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from kdplug import distributed
+from kdplug.cli.config_file import config_option
 from kdplug.cli.options import (
     allow_code_option,
     allow_pickle_option,
@@ -84,6 +85,7 @@ from kdplug.cli.options import (
     is_flag=True,
     help="Reject rows where a teacher gives NaN/Inf (counted in the report) instead of failing.",
 )
+@config_option
 @nproc_option
 def label_command(nproc_per_node: int | None, **params: Any) -> None:
     """Label DATA with the teachers; write OUT as a dataset with report.json and report.png."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from kdplug.cli.config_file import config_option
 from kdplug.cli.options import (
     allow_code_option,
     allow_pickle_option,
@@ -88,6 +89,7 @@ from kdplug.cli.options import (
 @click.option("--overwrite", is_flag=True, help="Replace a different run in OUT.")
 @allow_pickle_option
 @allow_code_option
+@config_option
 def self_train_command(**options) -> None:
     """Noisy Student: teachers label, a noised student learns, the student joins the teachers.
 

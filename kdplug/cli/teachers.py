@@ -6,6 +6,7 @@ import json
 
 import click
 
+from kdplug.cli.config_file import config_option
 from kdplug.cli.options import (
     allow_code_option,
     allow_pickle_option,
@@ -44,6 +45,7 @@ def teachers_group() -> None:
 @skip_bad_rows_option
 @allow_pickle_option
 @allow_code_option
+@config_option
 def calibrate_command(
     teachers: tuple[str, ...],
     data: str,
@@ -88,6 +90,7 @@ def calibrate_command(
 @skip_bad_rows_option
 @allow_pickle_option
 @allow_code_option
+@config_option
 def report_command(
     teachers: tuple[str, ...],
     data: str,

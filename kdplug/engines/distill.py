@@ -181,24 +181,6 @@ def _check_int(source: str, key: str, value: Any, low: int) -> None:
         raise UsageError(f"{source}: {key} must be an integer >= {low}, got {value!r}")
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """The mapping in a YAML (or JSON) config file."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"config file not found: {path}") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"config file {path} is not readable YAML ({exc})") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise UsageError(f"config file {path} must hold a mapping of keys to values")
-    return values
-
-
 class TrainRows:
     """The train rows, then the unlabeled rows (label -1), as one source for ``batches``.
 
