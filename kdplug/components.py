@@ -89,8 +89,9 @@ class Teacher(Protocol):
 
 class Student(Protocol):
     """A ``torch.nn.Module`` mapping ``[B, in_chans, H, W]`` (normalized) to logits
-    ``[B, num_classes]``; ``distill`` trains it with its optimizer, scheduler, EMA and
-    ``state_dict``, and saves it as a student directory (``kdplug.model_dir``).
+    ``[B, num_classes]`` (a tabular one: ``[B, D]`` feature rows); ``distill`` trains it with
+    its optimizer, scheduler, EMA and ``state_dict``, and saves it as a student directory
+    (``kdplug.model_dir``).
     """
 
     input_normalization: tuple[Sequence[float], Sequence[float]] | None = None
@@ -100,6 +101,22 @@ class Student(Protocol):
     pretrained_cfg: Mapping[str, Any] = MappingProxyType({})
     """timm's model config; its ``architecture`` is recorded in the student directory (else
     the spec's REF), and ``timm.create_model`` rebuilds the student from it."""
+
+    data_kind: str = "image"
+    """The rows it takes: ``"image"`` (``[B, in_chans, H, W]``) or ``"tabular"`` (feature
+    rows ``[B, D]``; its factory's ``in_chans`` is D). ``distill`` refuses data of the other
+    kind."""
+
+    fit_inputs: Callable[[torch.Tensor], None] | None = None
+    """``fit_inputs(x [N, D])``, a tabular student's: called once before training with every
+    ``--train`` row (unnormalized, finite), e.g. to fit a feature normalization kept in its
+    ``state_dict``. None: nothing to fit."""
+
+    model_args: Mapping[str, Any] | None = None
+    """JSON-ready options of its factory that rebuild it (with the class and feature
+    counts), recorded in the student directory: a student that is not a timm model is
+    rebuilt from them through the students registry. None: a timm model
+    (``timm.create_model(architecture)``)."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 

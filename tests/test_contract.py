@@ -276,6 +276,9 @@ VALID = {
     "normalize_like_data": optional_callable,
     "input_normalization": lambda v: v is None or (len(v) == 2 and all(map(channel_values, v))),
     "pretrained_cfg": lambda v: isinstance(v, Mapping),
+    "data_kind": lambda v: v in ("image", "tabular"),
+    "fit_inputs": optional_callable,
+    "model_args": lambda v: v is None or isinstance(v, Mapping),
     "temperature": lambda v: is_float(v) and v > 0,
     "standardize": lambda v: isinstance(v, bool),
     "uses_teachers": lambda v: isinstance(v, bool),
@@ -458,6 +461,13 @@ def test_the_timm_student_follows_the_contract():
     assert student.pretrained_cfg["architecture"] == "test_resnet"
     given = create("students", "timm:test_resnet,mean=0.5,std=0.25", 3, 1)
     assert given.input_normalization == ([0.5], [0.25])
+
+
+def test_the_tabular_student_follows_the_contract():
+    student = create("students", "tabular:mlp", 3, 5)
+    check_component(student, Student)
+    assert (student.data_kind, student.pretrained_cfg["architecture"]) == ("tabular", "mlp")
+    assert student.model_args == {"widths": [256, 128], "dropout": 0.1, "activation": "relu"}
 
 
 def test_the_live_teachers_and_the_store_are_producers(tmp_path):

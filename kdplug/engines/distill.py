@@ -57,6 +57,7 @@ from kdplug.preprocess import Preprocess, data_normalization
 from kdplug.spec import Spec, parse_spec
 
 log = logging.getLogger("kdplug")
+progress_log = logging.getLogger("kdplug.progress")  # kdplug.progress's: the demo shows it
 
 MARKER = "run.json"
 CHECKPOINT = "checkpoint.pt"
@@ -69,7 +70,22 @@ WEIGHT_DECAY = 0.05
 SCHEDULER = "cosine"
 EMA_DECAY = 0.999
 VAL_CACHE_BYTES = 256 * 2**20  # val data up to this size is decoded once and kept
-NUMBERS = {"epochs": int, "batch_size": int, "seed": int, "workers": int, "lr": float}
+# timm's schedulers that step per update on their own (plateau needs a metric per epoch)
+SCHEDULERS = ("cosine", "tanh", "step", "poly", "constant", "wsd", "rsqrt")
+CLIP_MODES = ("norm", "value", "agc")  # timm.utils.dispatch_clip_grad
+FLOATS = (
+    "lr",
+    "weight_decay",
+    "momentum",
+    "warmup_lr",
+    "min_lr",
+    "decay_epochs",
+    "decay_rate",
+    "clip_grad",
+    "label_smoothing",
+)
+INTS = ("epochs", "batch_size", "seed", "workers", "warmup_epochs", "log_interval")
+NUMBERS = {**dict.fromkeys(INTS, int), **dict.fromkeys(FLOATS, float)}
 
 
 @dataclass
@@ -100,11 +116,26 @@ class DistillConfig:
     compile: bool = False
     skip_bad_rows: bool = False
     workers: int | None = None
+    # the optimizer and schedule: timm's create_optimizer_v2 / create_scheduler_v2 options
+    opt: str = OPTIMIZER
+    weight_decay: float = WEIGHT_DECAY
+    momentum: float = 0.9
+    sched: str = SCHEDULER
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    decay_epochs: float | None = None  # step, wsd, rsqrt: None is timm's default
+    decay_rate: float = 0.1
+    clip_grad: float | None = None  # timm.utils.dispatch_clip_grad, after unscaling
+    clip_mode: str = "norm"
+    label_smoothing: float = 0.0  # of the hard-label CE term (the engine's)
+    log_interval: int = 50  # steps between progress lines (kdplug.progress)
+    tensorboard: str | None = None  # a directory for the tensorboard plugin's event files
     resume: bool = False
     overwrite: bool = False
 
     # how a run is run, not what it computes: free to change on --resume
-    RUNTIME = ("device", "workers", "resume", "overwrite")
+    RUNTIME = ("device", "workers", "log_interval", "tensorboard", "resume", "overwrite")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], source: str = "config") -> DistillConfig:
@@ -154,6 +185,7 @@ class DistillConfig:
             raise UsageError(f"{source}: lr must be > 0, got {self.lr}")
         if self.keep not in ("best", "last"):
             raise UsageError(f"{source}: keep must be best or last, got {self.keep!r}")
+        self.validate_training(source)
         for key in ("ema", "compile", "skip_bad_rows", "resume", "overwrite"):
             if not isinstance(getattr(self, key), bool):
                 raise UsageError(f"{source}: {key} must be true or false")
@@ -162,6 +194,36 @@ class DistillConfig:
             value = getattr(self, key)
             if value is not None and not isinstance(value, str | Spec):
                 raise UsageError(f"{source}: {key} must be a string, got {value!r}")
+
+    def validate_training(self, source: str) -> None:
+        """The optimizer, schedule, clipping, smoothing and progress options."""
+        for key in ("weight_decay", "momentum", "warmup_lr", "min_lr", "decay_rate"):
+            _check_number(source, key, getattr(self, key), 0.0)
+        for key in ("decay_epochs", "clip_grad"):
+            if getattr(self, key) is not None:
+                _check_number(source, key, getattr(self, key), 0.0, above=True)
+        _check_int(source, "warmup-epochs", self.warmup_epochs, 0)
+        _check_int(source, "log-interval", self.log_interval, 1)
+        _check_number(source, "label_smoothing", self.label_smoothing, 0.0)
+        if self.label_smoothing >= 1:
+            raise UsageError(f"{source}: label-smoothing must be < 1, got {self.label_smoothing}")
+        if self.warmup_epochs >= self.epochs:
+            raise UsageError(
+                f"{source}: warmup-epochs ({self.warmup_epochs}) must be fewer than epochs "
+                f"({self.epochs})"
+            )
+        for key in ("opt", "sched", "clip_mode"):  # timm's names are lower case
+            if isinstance(getattr(self, key), str):
+                setattr(self, key, getattr(self, key).lower())
+        _check_choice(source, "sched", self.sched, SCHEDULERS)
+        _check_choice(source, "clip-mode", self.clip_mode, CLIP_MODES)
+        _check_choice(source, "opt", self.opt, timm_optimizers(self.opt))
+        if self.tensorboard is not None:
+            if not isinstance(self.tensorboard, str) or not self.tensorboard:
+                raise UsageError(f"{source}: tensorboard must be a directory")
+            from kdplug.run import check_tensorboard
+
+            check_tensorboard()
 
     def record(self) -> dict[str, Any]:
         """What identifies the run (stored in run.json; ``--resume`` must match it); a
@@ -179,6 +241,39 @@ def written(value: Any) -> Any:
 def _check_int(source: str, key: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise UsageError(f"{source}: {key} must be an integer >= {low}, got {value!r}")
+
+
+def _check_number(source: str, key: str, value: Any, low: float, above: bool = False) -> None:
+    """A finite number >= ``low`` (> ``low`` when ``above``)."""
+    flag = key.replace("_", "-")
+    bound = f"> {low:g}" if above else f">= {low:g}"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UsageError(f"{source}: {flag} must be a number {bound}, got {value!r}")
+    if value < low or (above and value == low):
+        raise UsageError(f"{source}: {flag} must be {bound}, got {value}")
+
+
+def _check_choice(source: str, key: str, value: Any, choices: Any) -> None:
+    """``value`` is one of ``choices``, else one line with the nearest one."""
+    from kdplug.registry import closest
+
+    if isinstance(value, str) and value in choices:
+        return
+    close = closest(str(value), choices)
+    hint = f"did you mean {close!r}? " if close else ""
+    shown = ", ".join(choices) if len(choices) <= 12 else "see timm.optim.list_optimizers()"
+    raise UsageError(f"{source}: unknown {key} {value!r} ({hint}known: {shown})")
+
+
+def timm_optimizers(opt: Any) -> list[str]:
+    """The ``--opt`` names timm's factory takes: its optimizers, also as ``lookahead_NAME``
+    (the one prefix it knows), listed for ``opt``'s own prefix."""
+    from timm.optim import list_optimizers
+
+    names = list(list_optimizers())
+    if isinstance(opt, str) and opt.startswith("lookahead_"):
+        return [f"lookahead_{name}" for name in names]
+    return names
 
 
 class TrainRows:
@@ -375,8 +470,6 @@ class Trainer:
     def __init__(
         self, parts: Parts, config: DistillConfig, device: torch.device, updates_per_epoch: int
     ):
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
         from timm.utils import ModelEmaV3
 
         self.device, self.cuda = device, device.type == "cuda"
@@ -393,23 +486,20 @@ class Trainer:
                 teacher.requires_grad_(False)
         forward = distributed.wrap_model(self.model, device)
         self.forward = torch.compile(forward) if config.compile else forward
-        self.optimizer = create_optimizer_v2(
-            self.model, opt=OPTIMIZER, lr=config.lr, weight_decay=WEIGHT_DECAY
-        )
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer,
-            sched=SCHEDULER,
-            num_epochs=config.epochs,
-            step_on_epochs=False,
-            updates_per_epoch=updates_per_epoch,
-        )
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, updates_per_epoch)
+        self.clip_grad, self.clip_mode = config.clip_grad, config.clip_mode
+        self.label_smoothing = config.label_smoothing
         self.ema = ModelEmaV3(self.model, decay=EMA_DECAY, use_warmup=True) if config.ema else None
         self.scaler = grad_scaler(device)  # a pass-through unless autocast runs in float16
         self.mixup = None  # the per-image augmentation runs in the loader (train_loader)
         if parts.augment is not None and parts.augment[1]:
             from kdplug.augment import MixupLabels
 
-            self.mixup = MixupLabels(parts.augment[1], len(parts.classes))
+            options = parts.augment[1]
+            if self.label_smoothing and "label_smoothing" not in options:
+                options = {**options, "label_smoothing": self.label_smoothing}
+            self.mixup = MixupLabels(options, len(parts.classes))
         self.updates = 0
         self.invalid_targets = torch.zeros((), dtype=torch.long, device=device)
 
@@ -497,7 +587,14 @@ class Trainer:
                 ce = (ce * valid).sum() / valid.sum().clamp_min(1)
             else:
                 count = (labels >= 0).sum().clamp_min(1)
-                ce = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / count
+                ce = F.cross_entropy(
+                    logits,
+                    labels,
+                    ignore_index=-1,
+                    reduction="sum",
+                    label_smoothing=self.label_smoothing,
+                )
+                ce = ce / count
             kd = ce.new_zeros(())
             if self.loss.uses_teachers:
                 with running(self.loss, "the loss"):
@@ -505,6 +602,11 @@ class Trainer:
             total = self.loss.ce_weight * ce + self.loss.kd_weight * kd
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        if self.clip_grad is not None:
+            from timm.utils import dispatch_clip_grad
+
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op unscaled)
+            dispatch_clip_grad(self.model.parameters(), self.clip_grad, mode=self.clip_mode)
         self.scaler.step(self.optimizer)  # skipped when float16 gradients overflowed
         self.scaler.update()
         self.updates += 1
@@ -538,6 +640,43 @@ class Trainer:
         if state.get("scaler"):  # none from a run without float16 (or before the scaler)
             self.scaler.load_state_dict(state["scaler"])
         self.updates = state["updates"]
+
+
+def build_optimizer(model: torch.nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
+    """``--opt``, ``--lr``, ``--weight-decay``, ``--momentum`` through timm's
+    ``create_optimizer_v2`` (no weight decay on biases and norms, timm's default)."""
+    from timm.optim import create_optimizer_v2
+
+    try:
+        return create_optimizer_v2(
+            model,
+            opt=config.opt,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+        )
+    except (ImportError, ValueError, TypeError) as exc:  # e.g. bnb* without bitsandbytes
+        raise UsageError(f"--opt {config.opt}: timm could not create it ({exc})") from None
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: DistillConfig, updates: int) -> Any:
+    """``--sched`` and its options through timm's ``create_scheduler_v2``, stepped after
+    every optimizer update (``updates`` per epoch), as kdplug always has."""
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=config.sched,
+        num_epochs=config.epochs,
+        decay_epochs=config.decay_epochs,
+        decay_rate=config.decay_rate,
+        min_lr=config.min_lr,
+        warmup_lr=config.warmup_lr,
+        warmup_epochs=config.warmup_epochs,
+        step_on_epochs=False,
+        updates_per_epoch=updates,
+    )
+    return scheduler
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -656,7 +795,12 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     loader = train_loader(rows, config, pin=trainer.cuda)
     names = teacher_names(parts)
     progress = start_progress(out, trainer, config, main)
-    run = Run(config=config.record(), out=out, state={**progress, "fitted": fitted})
+    run = Run(
+        config=config.record(),
+        out=out,
+        state={**progress, "fitted": fitted},
+        options={key: getattr(config, key) for key in config.RUNTIME},
+    )
     if main:
         get_manager().notify("on_fit_start", run=run)
     for epoch in range(progress["epoch"], config.epochs):
@@ -821,17 +965,23 @@ def train_epoch(
     """Train one epoch on ``loader``'s batches of ``epoch``, validate on the ``val`` batches
     (or None); returns the epoch's metrics.jsonl line (``names``: the teachers, for their
     mean weights)."""
-    from tqdm import tqdm
+    from kdplug.progress import Progress
 
     trainer.begin_epoch(epoch, config.epochs)
     loader.set_epoch(epoch)
     totals: dict[str, Any] = {}
     start = time.perf_counter()
-    for x, y, idx in tqdm(
-        loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show or None
-    ):
-        for key, value in trainer.step(x, y, idx).items():
-            totals[key] = totals[key] + value if key in totals else value
+    desc = f"epoch {epoch + 1}/{config.epochs}"
+    every = config.log_interval
+    # the epoch's line (end_epoch_files) closes it; loss and lr are read only when shown
+    with Progress(
+        desc, len(loader), unit="step", every=every, show=show, end_line=False
+    ) as progress:
+        for x, y, idx in loader:
+            for key, value in trainer.step(x, y, idx).items():
+                totals[key] = totals[key] + value if key in totals else value
+            rows = len(x) * distributed.world_size()  # every rank steps on as many rows
+            progress.update(rows=rows, values=lambda: running_numbers(trainer, totals))
     trainer.check_targets(epoch)
     trainer.end_epoch(epoch)
     if trainer.cuda:  # the epoch's GPU work is done before its time is read
@@ -856,6 +1006,14 @@ def train_epoch(
         "samples_per_s": seen / train_time,
         "epoch_time_s": time.perf_counter() - start,
     }
+
+
+def running_numbers(trainer: Trainer, totals: dict[str, Any]) -> dict[str, float]:
+    """The epoch's mean loss so far (this rank's rows) and the learning rate, for the
+    progress line (reading the loss waits for the device)."""
+    rows = max(int(totals.get("rows", 0)), 1)
+    loss = float(totals["loss"]) / rows if "loss" in totals else float("nan")
+    return {"loss": loss, "lr": trainer.optimizer.param_groups[0]["lr"]}
 
 
 def reduce_totals(totals: dict[str, Any], teachers: int, device: torch.device) -> dict:
@@ -928,10 +1086,11 @@ def end_epoch_files(
     save_checkpoint(out / CHECKPOINT, state)
     append_jsonl(out / METRICS, line)
     accuracy = line["val_accuracy"]
-    log.info(
-        "epoch %d: loss %.4f, val accuracy %s, %.0f samples/s",
+    progress_log.info(
+        "epoch %d: loss %.4f, lr %.4g, val accuracy %s, %.0f samples/s",
         line["epoch"],
         line["loss"],
+        line["lr"],
         "-" if accuracy is None else f"{accuracy:.4f}",
         line["samples_per_s"],
     )
