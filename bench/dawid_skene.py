@@ -54,11 +54,12 @@ def teacher_outputs(specs: list[str], spec: str):
     from kdplug.data import batches, load_data
     from kdplug.engines.label import label_rows
     from kdplug.plugins import create
+    from kdplug.progress import Progress
     from kdplug.teachers import build_teacher_set
 
     source = load_data(spec)
     teachers = build_teacher_set(specs, source.classes)
-    bar = type("Bar", (), {"update": lambda self, steps: None})()
+    bar = Progress("label", None, show=False)
     cpu = torch.device("cpu")
     rows = label_rows(
         batches(source, 256, workers=0), teachers, create("combiners", "mean"), cpu, bar

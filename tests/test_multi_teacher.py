@@ -392,11 +392,10 @@ def test_label_fits_auto_on_calibration_data_and_records_it(
 
 
 def test_label_writes_the_calibrated_prediction(digits_splits, digit_teachers):
-    from types import SimpleNamespace
-
     from kdplug.data import batches, load_data
     from kdplug.engines.label import label_rows
     from kdplug.fitting import fit_on_rows
+    from kdplug.progress import Progress
     from kdplug.teachers import build_teacher_set
 
     cpu = torch.device("cpu")
@@ -410,7 +409,7 @@ def test_label_writes_the_calibrated_prediction(digits_splits, digit_teachers):
         teacher_set,
         auto,
         cpu,
-        SimpleNamespace(update=lambda steps: None),
+        Progress("label", None, show=False),
     )
     x, _, idx = source.batch(list(range(len(source))))
     out = teacher_set(x, idx)

@@ -14,7 +14,9 @@ from kdplug.cli.options import (
     calibration_option,
     nproc_option,
     teachers_option,
+    tensorboard_option,
 )
+from kdplug.cli.training import training_options
 
 
 @click.command("distill")
@@ -42,7 +44,8 @@ from kdplug.cli.options import (
 )
 @click.option("--epochs", type=int, help="Epochs (default 10).")
 @click.option("--batch-size", type=int, help="Rows per batch (default 128).")
-@click.option("--lr", type=float, help="Peak learning rate of AdamW + cosine (default 1e-3).")
+@click.option("--lr", type=float, help="Peak learning rate (default 1e-3).")
+@training_options
 @click.option(
     "--device", metavar="auto|cpu|cuda|mps", help="Device; cuda:N picks a GPU (default auto)."
 )
@@ -66,6 +69,12 @@ from kdplug.cli.options import (
     "--skip-bad-rows", is_flag=True, help="Drop rows where a teacher gives NaN/Inf; count them."
 )
 @click.option("--workers", type=int, help="Data loader workers (default: by data size).")
+@click.option(
+    "--log-interval",
+    type=int,
+    help="Steps between progress lines when stderr is not a terminal (default 50).",
+)
+@tensorboard_option
 @calibration_option
 @allow_pickle_option
 @allow_code_option

@@ -63,6 +63,14 @@ device_option = click.option(
     "--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} (or cuda:N)."
 )
 
+tensorboard_option = click.option(
+    "--tensorboard",
+    default=None,
+    metavar="DIR",
+    help="Write the run's metrics as TensorBoard event files into DIR (the tensorboard "
+    "plugin; pip install 'kdplug[tensorboard]').",
+)
+
 batch_size_option = click.option(
     "--batch-size",
     type=click.IntRange(min=1),

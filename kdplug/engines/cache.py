@@ -306,15 +306,16 @@ def cache_shards(
     device: torch.device,
 ) -> None:
     """Compute and write ``shards`` (``(split index, shard)`` pairs) one after the other."""
-    from tqdm.auto import tqdm
+    from kdplug.progress import Progress
 
     total = sum(math.ceil((s.stop - s.start) / cfg.batch_size) for _, s in shards)
     show = cfg.progress and distributed.is_main()  # one progress bar: rank 0's
-    with tqdm(total=total, unit="batch", desc="cache", disable=not show) as bar:
+    with Progress("cache", total, show=show) as bar:
         for i, shard in shards:
             tensors = cache_rows(sources[i], i, shard, teacher_set, record, augment, cfg, device)
             write_shard(shard, tensors)
-            bar.update(math.ceil((shard.stop - shard.start) / cfg.batch_size))
+            rows = shard.stop - shard.start
+            bar.update(math.ceil(rows / cfg.batch_size), rows=rows)
 
 
 @torch.inference_mode()

@@ -177,14 +177,17 @@ def teacher_accuracies(
 
 @contextlib.contextmanager
 def quiet_engines():
-    """Hide the engines' per-epoch log lines; the demo prints its own steps."""
-    logger = logging.getLogger("kdplug")
-    level = logger.level
+    """Hide the engines' info lines (the demo prints its own steps) but not their progress
+    (``kdplug.progress``: bars on a terminal, else a line per epoch and every 50 steps)."""
+    logger, progress = logging.getLogger("kdplug"), logging.getLogger("kdplug.progress")
+    levels = logger.level, progress.level
     logger.setLevel(logging.WARNING)
+    progress.setLevel(logging.INFO)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(levels[0])
+        progress.setLevel(levels[1])
 
 
 def run_demo(config: DemoConfig, echo=print) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -218,7 +221,6 @@ def _run_steps(config: DemoConfig, out: Path, echo) -> tuple[list[dict], dict]:
             classes=DIGITS,
             generator=GENERATOR,
             device=config.device,
-            progress=False,
         )
     )
     common = dict(

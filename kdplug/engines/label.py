@@ -397,7 +397,7 @@ def label_shards(
 
     Batches never cross a shard's edge, so a row is computed in the same batch whether
     its shard runs in the first attempt or after a resume (identical floats)."""
-    from tqdm.auto import tqdm
+    from kdplug.progress import Progress
 
     counts = [batch_count(len(shard.rows), batch_size, False) for shard in shards]
     if teacher_set.reads_inputs:
@@ -413,7 +413,7 @@ def label_shards(
         stream = index_batches(source, [shard.rows for shard in shards], batch_size, device)
     all_known = bool(teacher_set.known.all())  # once: votes need no mask
     metadata = {PROBS_KEY: str(keep_probs)}
-    bar = tqdm(total=sum(counts), unit="batch", desc="label", disable=not progress)
+    bar = Progress("label", sum(counts), show=progress)
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
         writing = None  # the previous shard's write, done while this one computes
         for shard, count in zip(shards, counts):
@@ -469,7 +469,7 @@ def label_rows(
         bad = out.bad_rows if out.bad_rows is not None else torch.zeros_like(unlabeled, dtype=bool)
         bad_parts.append(bad)
         row_parts.append(idx)
-        bar.update(1)
+        bar.update(1, rows=len(idx))
     dims = {"teacher_probs": 1, "target": 0, "weights": 1, "votes": 1}
     merged = {key: torch.cat(values, dim=dims[key]).cpu() for key, values in parts.items()}
     merged["bad"] = torch.cat(bad_parts).cpu()

@@ -10,7 +10,6 @@ kept, for the teacher checks, the held-out combiners (``auto``) and the teacher 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +67,14 @@ def collect(
     desc: str,
 ) -> Collected:
     """Run the teachers over the rows ``labeled`` of ``source`` with a progress bar."""
-    from tqdm import tqdm
+    from kdplug.progress import track
 
     teacher_set.check_data(source)
     teacher_set.to(device)
     logits, labels, skipped = [], [], 0
     pin = device.type == "cuda"
     loader = batches(source, batch_size, indices=labeled.tolist(), pin_memory=pin)
-    for x, y, idx in tqdm(loader, desc=desc, unit="batch", disable=None, file=sys.stderr):
+    for x, y, idx in track(loader, desc):
         out = teacher_set(x.to(device), idx)
         keep = torch.ones(len(y), dtype=torch.bool)
         if out.bad_rows is not None:
@@ -349,7 +348,7 @@ def judge(
     """The one pass over the labeled rows: returns the ``Tally`` of every row, the
     combiners' running scores, the (calibrated) logits ``[K, B, C]`` and labels of the
     ``kept`` rows on the CPU, batch by batch, and the count of rows skipped (NaN/Inf)."""
-    from tqdm import tqdm
+    from kdplug.progress import track
 
     teacher_set.check_data(source)
     teacher_set.to(device)
@@ -360,7 +359,7 @@ def judge(
     fit_rows: dict[str, list[torch.Tensor]] = {"logits": [], "labels": []}
     skipped = 0
     loader = batches(source, batch_size, indices=labeled.tolist(), pin_memory=device.type == "cuda")
-    for x, y, idx in tqdm(loader, desc="report", unit="batch", disable=None, file=sys.stderr):
+    for x, y, idx in track(loader, "report"):
         out = teacher_set(x.to(device), idx)
         logits, y = out.logits.float(), y.to(device)
         if out.bad_rows is not None:
