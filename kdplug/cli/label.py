@@ -19,6 +19,7 @@ from kdplug.cli.options import (
     device_option,
     nproc_option,
     teachers_option,
+    tensorboard_option,
 )
 
 
@@ -86,6 +87,7 @@ from kdplug.cli.options import (
     help="Reject rows where a teacher gives NaN/Inf (counted in the report) instead of failing.",
 )
 @config_option
+@tensorboard_option
 @nproc_option
 def label_command(nproc_per_node: int | None, **params: Any) -> None:
     """Label DATA with the teachers; write OUT as a dataset with report.json and report.png."""

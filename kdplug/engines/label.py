@@ -64,7 +64,7 @@ from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_d
 from kdplug.plugins import create, get_manager
 from kdplug.registry import typed_options
 from kdplug.reports.label import LabelTally, save_report_figure
-from kdplug.run import Run
+from kdplug.run import Run, check_tensorboard
 from kdplug.shards import (
     Shard,
     is_finished,
@@ -106,6 +106,7 @@ class LabelConfig:
     progress: bool = True
     calibration_data: str | None = None  # labeled rows a combiner with fit (auto) is fitted on
     probs: str = "auto"  # how each row's soft label is written (kdplug.label_dataset)
+    tensorboard: str | None = None  # a directory for the tensorboard plugin (run.options)
 
 
 @discarding_unstarted_runs()
@@ -118,6 +119,8 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         raise UsageError(f"--shard-size must be at least 1, got {cfg.shard_size}")
     if cfg.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if cfg.tensorboard is not None:
+        check_tensorboard()
     if cfg.combiner is None:
         cfg.combiner = "auto" if cfg.calibration_data else "mean"
     combiner = create("combiners", cfg.combiner)
@@ -211,7 +214,10 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
         save_report_figure(report, tmp / "report.png")
         shutil.copy2(out / MARKER, tmp / MARKER)
     run = Run(
-        {**record, **settings}, out, {"shards": len(shards), "labeled_this_time": labeled_rows}
+        {**record, **settings},
+        out,
+        {"shards": len(shards), "labeled_this_time": labeled_rows},
+        options={"tensorboard": cfg.tensorboard},
     )
     get_manager().notify("on_labels_written", run=run, path=str(out), report=report)
     return report
