@@ -1,12 +1,19 @@
-"""The student model directory: a plain timm model that needs no kdplug to use.
+"""The student model directory, in timm's hub format: a plain model that needs no kdplug.
 
-``DIR/config.json`` holds ``architecture``, ``num_classes``, ``in_chans``, ``classes``,
-``input_size`` ``[C, H, W]``, ``mean`` and ``std``; ``DIR/model.safetensors`` holds the state
-dict of ``timm.create_model(architecture, num_classes=..., in_chans=...)``. Inference: resize
-``[0, 1]`` images to ``input_size``, then ``(x - mean) / std``, then the model.
+``DIR/config.json`` is what ``timm.models.save_for_hf`` / ``push_to_hub`` write:
+``architecture``, ``num_classes``, ``label_names`` (the classes), ``model_args`` (the
+keyword arguments that rebuild the model: ``num_classes``, ``in_chans``, ...) and
+``pretrained_cfg`` (``input_size`` ``[C, H, W]``, ``mean``, ``std``, ``num_classes``,
+``interpolation`` ``bilinear``, ``crop_pct`` 1.0, ``crop_mode`` ``squash``, and the model's
+``first_conv`` / ``classifier``), with kdplug's own fields (``kdplug_version``) beside them.
+``DIR/model.safetensors`` holds the state dict. So ``timm.create_model("local-dir:DIR",
+pretrained=True)`` builds the model with its weights. Inference: resize ``[0, 1]`` images to
+``input_size``, then ``(x - mean) / std``, then the model.
 
-Students are timm models and this is kdplug's format for them: ``distill`` writes it,
-``eval`` reads it, and so does the timm plugin's ``kdplug:`` teacher (through kdplug.api).
+Older student directories (a flat ``config.json``: ``architecture``, ``num_classes``,
+``in_chans``, ``classes``, ``input_size``, ``mean``, ``std``) are still read; ``read_config``
+returns one normalized dict for both. ``distill`` writes this format, ``eval`` reads it, and
+so does the timm plugin's ``kdplug:`` teacher (through kdplug.api).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +33,50 @@ from kdplug.preprocess import Preprocess
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+# what read_config returns for every student directory, whatever its format
 REQUIRED = ("architecture", "num_classes", "in_chans", "classes", "input_size", "mean", "std")
+# how kdplug prepares a student's inputs, in timm's pretrained_cfg terms: the whole image
+# resized (bilinear, antialiased) to input_size, no crop
+INPUT_RECIPE = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"}
+# facts about the network timm keeps in pretrained_cfg (adapting the stem or the head)
+MODEL_FACTS = ("first_conv", "classifier", "fixed_input_size")
+
+
+def hub_config(
+    model: torch.nn.Module,
+    *,
+    architecture: str,
+    classes: list[str],
+    input_size: list[int],
+    mean: list[float],
+    std: list[float],
+    model_args: Mapping[str, Any] | None = None,
+    fields: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` of a student directory: timm's hub config for ``model`` (rebuilt
+    by ``timm.create_model(architecture, **model_args)``), with kdplug's ``fields``."""
+    from kdplug import __version__
+
+    num_classes = len(classes)
+    in_chans = int(input_size[0])
+    own_cfg = getattr(model, "pretrained_cfg", None) or {}
+    pretrained_cfg = {k: own_cfg[k] for k in MODEL_FACTS if own_cfg.get(k) is not None}
+    pretrained_cfg.update(
+        input_size=[int(s) for s in input_size],
+        **INPUT_RECIPE,
+        mean=[float(m) for m in mean],
+        std=[float(s) for s in std],
+        num_classes=num_classes,
+    )
+    return {
+        "architecture": architecture,
+        "num_classes": num_classes,
+        "label_names": [str(c) for c in classes],
+        "model_args": {"num_classes": num_classes, "in_chans": in_chans, **(model_args or {})},
+        "pretrained_cfg": pretrained_cfg,
+        "kdplug_version": __version__,
+        **(fields or {}),
+    }
 
 
 def save_student(
@@ -37,23 +88,26 @@ def save_student(
     input_size: list[int],
     mean: list[float],
     std: list[float],
+    model_args: Mapping[str, Any] | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``model``'s weights and config as a student directory, atomically (whole dir)."""
+    """Write ``model``'s weights and config as a student directory, atomically (whole dir).
+
+    ``model_args``: keyword arguments beyond ``num_classes`` and ``in_chans`` that rebuild
+    the model; ``fields``: kdplug's own keys beside timm's (timm ignores them)."""
     from safetensors.torch import save
 
-    from kdplug import __version__
-
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    config = {
-        "architecture": architecture,
-        "num_classes": len(classes),
-        "in_chans": int(input_size[0]),
-        "classes": list(classes),
-        "input_size": [int(s) for s in input_size],
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "kdplug_version": __version__,
-    }
+    config = hub_config(
+        model,
+        architecture=architecture,
+        classes=classes,
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        model_args=model_args,
+        fields=fields,
+    )
     with atomic_path(path, directory=True) as tmp:
         # bytes written by Python, so a full disk raises OSError (atomic_path names it)
         (tmp / WEIGHTS).write_bytes(save(state))
@@ -71,22 +125,72 @@ def student_path(path: str | os.PathLike) -> Path:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The validated ``config.json`` of the student directory at ``path``."""
+    """The validated ``config.json`` of the student directory at ``path``, normalized: the
+    file's keys plus ``REQUIRED`` and ``model_args``, for the hub format and the older flat
+    one alike."""
     file = student_path(path) / CONFIG
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        raw = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{file.parent} is not a student directory (no {CONFIG})") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{file} is not readable JSON ({exc})") from None
-    missing = [k for k in REQUIRED if not isinstance(config, dict) or k not in config]
-    if missing:
-        raise UsageError(f"{file} lacks {', '.join(missing)}")
+    if not isinstance(raw, dict):
+        raise UsageError(f"{file} lacks {', '.join(REQUIRED)}")
+    config = from_hub(file, raw) if "pretrained_cfg" in raw else from_flat(file, raw)
     if len(config["classes"]) != config["num_classes"] or len(config["input_size"]) != 3:
         raise UsageError(f"{file}: classes/num_classes or input_size [C, H, W] disagree")
     for key in ("mean", "std"):
         check_normalization(file, key, config[key], config["in_chans"])
     return config
+
+
+def from_flat(file: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """An older student directory's flat config, normalized."""
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise UsageError(f"{file} lacks {', '.join(missing)}")
+    model_args = {"num_classes": raw["num_classes"], "in_chans": raw["in_chans"]}
+    return {**raw, "model_args": model_args}
+
+
+def from_hub(file: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """A hub-format config (kdplug's or timm's own, label names at the top level or in
+    ``pretrained_cfg`` as timm reads them), normalized."""
+    cfg = raw["pretrained_cfg"] if isinstance(raw["pretrained_cfg"], dict) else {}
+    model_args = raw.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise UsageError(f"{file}: model_args must be an object, got {json.dumps(model_args)}")
+    labels = raw.get("label_names", cfg.get("label_names"))
+    wanted = {
+        "architecture": raw.get("architecture"),
+        "num_classes": raw.get("num_classes", cfg.get("num_classes")),
+        "label_names": labels,
+        "pretrained_cfg.input_size": cfg.get("input_size"),
+        "pretrained_cfg.mean": cfg.get("mean"),
+        "pretrained_cfg.std": cfg.get("std"),
+    }
+    missing = [k for k, v in wanted.items() if v is None]
+    if missing:
+        raise UsageError(f"{file} lacks {', '.join(missing)}")
+    if isinstance(labels, dict) and all(str(k).isdigit() for k in labels):
+        labels = [labels[k] for k in sorted(labels, key=int)]  # timm's {class index: name}
+    input_size = cfg["input_size"]
+    if not isinstance(input_size, list) or not isinstance(labels, list):
+        raise UsageError(f"{file}: classes/num_classes or input_size [C, H, W] disagree")
+    in_chans = model_args.get("in_chans", input_size[0] if input_size else None)
+    num_classes = wanted["num_classes"]
+    return {
+        **raw,
+        "architecture": raw["architecture"],
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "classes": [str(c) for c in labels],
+        "input_size": input_size,
+        "mean": cfg["mean"],
+        "std": cfg["std"],
+        "model_args": {**model_args, "num_classes": num_classes, "in_chans": in_chans},
+    }
 
 
 def check_normalization(file: Path, key: str, values: Any, channels: Any) -> None:
@@ -107,7 +211,8 @@ def check_normalization(file: Path, key: str, values: Any, channels: Any) -> Non
 
 
 def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The timm model (eval mode, CPU) and config of the student directory at ``path``."""
+    """The timm model (eval mode, CPU) and normalized config of the student directory at
+    ``path``: ``timm.create_model(architecture, **model_args)`` with its weights."""
     import timm
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -115,13 +220,8 @@ def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, An
     path = student_path(path)
     config = read_config(path)
     try:
-        model = timm.create_model(
-            config["architecture"],
-            pretrained=False,
-            num_classes=config["num_classes"],
-            in_chans=config["in_chans"],
-        )
-    except RuntimeError as exc:
+        model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+    except (RuntimeError, TypeError) as exc:
         raise UsageError(f"{path}: timm cannot build {config['architecture']!r} ({exc})") from None
     weights = path / WEIGHTS
     try:

@@ -400,7 +400,8 @@ def test_a_student_config_with_a_bad_mean_or_std_is_refused_naming_the_file(tmp_
         ("std", [1.0, 2.0], must.format(" > 0", "[1.0, 2.0]")),
     ]
     for key, value, message in cases:
-        config_file.write_text(json.dumps({**config, key: value}))
+        bad = {**config, "pretrained_cfg": {**config["pretrained_cfg"], key: value}}
+        config_file.write_text(json.dumps(bad))
         with pytest.raises(kdplug.UsageError) as refused:
             load_classifier(student)
         assert str(refused.value) == f"{config_file}: {key} {message}"

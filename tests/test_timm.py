@@ -25,38 +25,48 @@ def _scrambled(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def _save(path, model, classes=("a", "b", "c", "d"), size=(1, 12, 12), mean=0.25, std=0.5):
+    save_student(
+        path,
+        model,
+        architecture=ARCH,
+        classes=list(classes),
+        input_size=list(size),
+        mean=[mean],
+        std=[std],
+    )
+
+
+def _normalized(path):
+    """What read_config gives every caller, whatever the directory's format."""
+    from kdplug.model_dir import read_config
+
+    config = read_config(path)
+    return {k: config[k] for k in REQUIRED}
+
+
 def test_student_directory_loads_with_timm_alone(tmp_path):
-    import safetensors.torch
     import timm
 
     student = _scrambled(create("students", f"timm:{ARCH}", 4, 1))
-    save_student(
-        tmp_path / "student",
-        student,
-        architecture=ARCH,
-        classes=["a", "b", "c", "d"],
-        input_size=[1, 12, 12],
-        mean=[0.25],
-        std=[0.5],
-    )
-    config = json.loads((tmp_path / "student" / "config.json").read_text())
-    assert set(REQUIRED) <= set(config)
-    assert config["num_classes"] == 4 and config["in_chans"] == 1
-    assert config["input_size"] == [1, 12, 12] and config["classes"] == ["a", "b", "c", "d"]
+    _save(tmp_path / "student", student)
 
-    # the documented recipe, with timm and safetensors only
-    model = timm.create_model(
-        config["architecture"], num_classes=config["num_classes"], in_chans=config["in_chans"]
-    )
-    model.load_state_dict(safetensors.torch.load_file(tmp_path / "student" / "model.safetensors"))
-    model.eval()
+    # timm's own loader: the architecture, the weights, the classes and the input recipe
+    model = timm.create_model(f"local-dir:{tmp_path / 'student'}", pretrained=True).eval()
+    cfg = model.pretrained_cfg
+    assert model.num_classes == 4 and cfg["label_names"] == ["a", "b", "c", "d"]
+    assert tuple(cfg["input_size"]) == (1, 12, 12)
+    assert (cfg["mean"], cfg["std"]) == ([0.25], [0.5])
+    data = timm.data.resolve_data_config(model=model)
+    recipe = (data["crop_pct"], data["crop_mode"], data["interpolation"])
+    assert recipe == (1.0, "squash", "bilinear")  # the whole image resized, as kdplug does
     x = torch.rand(3, 1, 20, 20)
     resized = F.interpolate(x, size=(12, 12), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(config["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(config["std"]).view(1, -1, 1, 1)
+    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
     with torch.no_grad():
         expected = model((resized - mean) / std)
-        assert torch.allclose(model(resized), student(resized))
+        assert torch.equal(model(resized), student(resized))
 
         # the same directory as a kdplug teacher (DIR/student or the run directory above it)
         for ref in (tmp_path / "student", tmp_path):
@@ -64,6 +74,92 @@ def test_student_directory_loads_with_timm_alone(tmp_path):
             assert teacher.classes == ["a", "b", "c", "d"]
             assert teacher.fingerprint.startswith("sha256:")
             assert torch.allclose(teacher(x), expected, atol=1e-5)
+
+
+def test_student_directory_is_what_timms_save_for_hf_writes(tmp_path):
+    """The config timm.models.save_for_hf (push_to_hub's writer) writes for the same model,
+    labels and preprocessing; and a directory timm writes from it reads as the same student."""
+    import timm
+    from timm.models import save_for_hf
+
+    from kdplug.model_dir import INPUT_RECIPE, load_classifier
+
+    student = _scrambled(create("students", f"timm:{ARCH}", 4, 1), seed=3)
+    _save(tmp_path / "ours", student)
+    ours = json.loads((tmp_path / "ours" / "config.json").read_text())
+    data_config = {"input_size": (1, 12, 12), "mean": (0.25,), "std": (0.5,), **INPUT_RECIPE}
+    labels = {"label_names": ["a", "b", "c", "d"]}
+    save_for_hf(
+        student, tmp_path / "timm", labels, safe_serialization=True, data_config=data_config
+    )
+    theirs = json.loads((tmp_path / "timm" / "config.json").read_text())
+    for key in ("architecture", "num_classes", "label_names"):
+        assert ours[key] == theirs[key]
+    assert ours["model_args"].items() <= theirs["model_args"].items()
+    assert ours["pretrained_cfg"].items() <= theirs["pretrained_cfg"].items()
+    assert set(ours) - set(theirs) == {"kdplug_version"}  # kdplug's own field, beside timm's
+
+    # what push_to_hub would upload for the model timm loads from our directory
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'ours'}", pretrained=True)
+    save_for_hf(loaded, tmp_path / "pushed", safe_serialization=True)
+    assert _normalized(tmp_path / "pushed") == _normalized(tmp_path / "ours")
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(
+            load_classifier(tmp_path / "pushed")(x), load_classifier(tmp_path / "ours")(x)
+        )
+
+
+def test_an_older_flat_student_directory_is_still_read(tmp_path):
+    """The flat config.json kdplug wrote before the hub format, written here by hand."""
+    import safetensors.torch
+
+    from kdplug.model_dir import load_classifier, read_config
+
+    student = _scrambled(create("students", f"timm:{ARCH}", 3, 1), seed=4)
+    old = tmp_path / "old"
+    old.mkdir()
+    safetensors.torch.save_file(student.state_dict(), old / "model.safetensors")
+    flat = {
+        "architecture": ARCH,
+        "num_classes": 3,
+        "in_chans": 1,
+        "classes": ["x", "y", "z"],
+        "input_size": [1, 10, 10],
+        "mean": [0.2],
+        "std": [0.4],
+        "kdplug_version": "0.1.0",
+    }
+    (old / "config.json").write_text(json.dumps(flat))
+    _save(tmp_path / "new", student, classes="xyz", size=(1, 10, 10), mean=0.2, std=0.4)
+    assert _normalized(old) == _normalized(tmp_path / "new")
+    assert read_config(old)["model_args"] == {"num_classes": 3, "in_chans": 1}
+    x = torch.rand(2, 1, 14, 14)
+    with torch.no_grad():
+        expected = load_classifier(tmp_path / "new")(x)
+        assert torch.equal(load_classifier(old)(x), expected)
+        assert torch.allclose(create("teachers", f"kdplug:{old}")(x), expected)
+    # and it still starts a student with its normalization
+    assert create("students", f"timm:{ARCH},checkpoint={old}", 3, 1).input_normalization == (
+        [0.2],
+        [0.4],
+    )
+    del flat["in_chans"], flat["std"]
+    (old / "config.json").write_text(json.dumps(flat))
+    with pytest.raises(UsageError, match=r"config.json lacks in_chans, std$"):
+        read_config(old)
+
+
+def test_a_hub_config_missing_what_kdplug_needs_is_named(tmp_path):
+    from kdplug.model_dir import read_config
+
+    _save(tmp_path / "s", create("students", f"timm:{ARCH}", 4, 1))
+    file = tmp_path / "s" / "config.json"
+    config = json.loads(file.read_text())
+    del config["label_names"], config["pretrained_cfg"]["mean"]
+    file.write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=r"config.json lacks label_names, pretrained_cfg.mean$"):
+        read_config(tmp_path / "s")
 
 
 def test_timm_teacher_from_safetensors_and_state_dict(tmp_path):

@@ -373,8 +373,9 @@ def carried_inputs(file: Path) -> tuple[dict[str, Any], str]:
 
 
 def is_student_directory(path: Path) -> bool:
-    """A directory with a config.json that is not timm's own (which has ``pretrained_cfg``,
-    the architecture's defaults rather than the checkpoint's): a student directory."""
+    """A directory with a config.json kdplug wrote (``kdplug_version``, or the older flat
+    format), not timm's own, whose ``pretrained_cfg`` may hold the architecture's defaults
+    rather than the checkpoint's: a student directory."""
     file = path / STUDENT_CONFIG
     if not file.is_file():
         return False
@@ -382,7 +383,9 @@ def is_student_directory(path: Path) -> bool:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return True  # read_student_config names the problem
-    return not (isinstance(config, dict) and "pretrained_cfg" in config)
+    return (
+        not isinstance(config, dict) or "kdplug_version" in config or "pretrained_cfg" not in config
+    )
 
 
 def load_student_teacher(path: str) -> ModelTeacher:
