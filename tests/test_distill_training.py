@@ -178,3 +178,49 @@ def test_config_file_and_flags_set_the_training_options(digits_splits, tmp_path)
     recorded = json.loads((out / "run.json").read_text())["config"]
     assert (recorded["opt"], recorded["sched"], recorded["clip_grad"]) == ("sgd", "constant", 2.0)
     assert (recorded["weight_decay"], recorded["label_smoothing"]) == (1e-4, 0.1)
+
+
+@pytest.fixture(scope="module")
+def logistic_teacher(digits_splits, tmp_path_factory):
+    import skops.io
+
+    from tests.teacher_fixtures import fit_logistic
+
+    path = tmp_path_factory.mktemp("training-teacher") / "logreg.skops"
+    skops.io.dump(fit_logistic(digits_splits["labeled"]), path)
+    return f"sklearn:{path}"
+
+
+def _self_train(digits_splits, teacher, out, *options):
+    from click.testing import CliRunner
+
+    from kdplug.cli import build_cli
+
+    args = ["self-train", "--teacher", teacher, "--student", STUDENT, "--out", str(out)]
+    args += ["--train", digits_splits["labeled"], "--unlabeled", digits_splits["unlabeled"]]
+    args += ["--val", digits_splits["test"], "--rounds", "1", "--epochs", "2", "--device", "cpu"]
+    args += ["--generator", "threshold,tau=0.5", *options]
+    return CliRunner().invoke(build_cli(), args)
+
+
+def test_self_train_hands_the_training_options_to_every_distill(
+    digits_splits, logistic_teacher, tmp_path
+):
+    out = tmp_path / "self"
+    options = ["--opt", "sgd", "--sched", "step", "--decay-epochs", "1", "--label-smoothing", "0.1"]
+    result = _self_train(digits_splits, logistic_teacher, out, *options)
+    assert result.exit_code == 0, result.output
+    for run in (out / "baseline", out / "round-1" / "distill"):
+        recorded = json.loads((run / "run.json").read_text())["config"]
+        assert (recorded["opt"], recorded["sched"], recorded["decay_epochs"]) == ("sgd", "step", 1)
+        assert recorded["label_smoothing"] == 0.1 and recorded["weight_decay"] == 0.05
+
+
+def test_self_train_refuses_a_bad_training_option_before_any_work(
+    digits_splits, logistic_teacher, tmp_path
+):
+    out = tmp_path / "self"
+    result = _self_train(digits_splits, logistic_teacher, out, "--opt", "adamx")
+    assert result.exit_code == 2
+    assert "self-train: unknown opt 'adamx' (did you mean 'adamax'?" in result.output
+    assert not out.exists()

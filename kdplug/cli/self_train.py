@@ -11,6 +11,7 @@ from kdplug.cli.options import (
     device_option,
     teachers_option,
 )
+from kdplug.cli.training import given_training, training_options
 
 
 @click.command("self-train")
@@ -58,6 +59,7 @@ from kdplug.cli.options import (
     help="Rows per batch (distill's default; also the label step's).",
 )
 @click.option("--lr", type=float, default=1e-3, show_default=True)
+@training_options
 @click.option(
     "--augment",
     default=None,
@@ -105,6 +107,7 @@ def self_train_command(**options) -> None:
     from kdplug.engines.self_train import SelfTrainConfig, best_line, run_self_train
 
     options["teachers"] = list(options["teachers"])
+    options["training"] = given_training(options)  # to each round's distill
     summary = run_self_train(SelfTrainConfig(**options), echo=click.echo)
     click.echo("")
     click.echo("round  teachers  pseudo-labels  pseudo-label acc  student val acc")

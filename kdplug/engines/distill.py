@@ -85,6 +85,21 @@ FLOATS = (
     "label_smoothing",
 )
 INTS = ("epochs", "batch_size", "seed", "workers", "warmup_epochs", "log_interval")
+# the optimizer and schedule options (kdplug.cli.training's flags), which self-train passes on
+TRAINING = (
+    "opt",
+    "weight_decay",
+    "momentum",
+    "sched",
+    "warmup_epochs",
+    "warmup_lr",
+    "min_lr",
+    "decay_epochs",
+    "decay_rate",
+    "clip_grad",
+    "clip_mode",
+    "label_smoothing",
+)
 NUMBERS = {**dict.fromkeys(INTS, int), **dict.fromkeys(FLOATS, float)}
 
 

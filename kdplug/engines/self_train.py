@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class SelfTrainConfig:
     device: str = "auto"
     seed: int = 0
     eval_labels: str | None = None  # true labels of --unlabeled, row for row
+    # distill's optimizer and schedule options (--opt, --sched, ...) by DistillConfig field
+    training: dict[str, Any] = field(default_factory=dict)
     resume: bool = False
     overwrite: bool = False
 
@@ -202,6 +204,7 @@ def train_student(cfg: SelfTrainConfig, number: int, out: Path, **what: Any) -> 
             augment=cfg.augment,
             device=cfg.device,
             seed=cfg.seed + number,
+            **cfg.training,
             resume=cfg.resume,
             **what,
         )
@@ -305,6 +308,18 @@ def image_source(spec: str, flag: str, classes: list[str] | None = None) -> Any:
     return source
 
 
+def check_training(cfg: SelfTrainConfig) -> None:
+    """distill's checks of the optimizer and schedule options, made before any work."""
+    from kdplug.engines.distill import TRAINING, DistillConfig
+
+    unknown = sorted(set(cfg.training) - set(TRAINING))
+    if unknown:
+        raise UsageError(f"self-train: unknown training option(s) {', '.join(unknown)}")
+    config = DistillConfig(student=cfg.student, train=cfg.train, out=cfg.out, **cfg.training)
+    config.epochs, config.lr = cfg.epochs, cfg.lr
+    config.validate_training("self-train")
+
+
 def check_eval_labels(spec: str, unlabeled: Any, classes: list[str]) -> None:
     """``--eval-labels``: labeled, and row for row with ``--unlabeled``."""
     from kdplug.data import load_data
@@ -351,6 +366,7 @@ def run_self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) 
         raise UsageError(f"{cfg.train}: every --train row needs a label")
     unlabeled = image_source(cfg.unlabeled, "unlabeled")
     image_source(cfg.val, "val", train.classes)
+    check_training(cfg)
     create("label-generators", cfg.generator)
     fit_rows = combiner_fit_rows(cfg)
     if cfg.eval_labels:
