@@ -54,6 +54,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "parse_spec": "kdplug.spec:parse_spec",
             "quote": "kdplug.spec:quote",
             "quote_list": "kdplug.spec:quote_list",
+            "path_source": "kdplug.data_paths:path_source",
         },
     ),
     "teacher files": (

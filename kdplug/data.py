@@ -22,9 +22,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from kdplug.data_paths import data_spec
 from kdplug.errors import KdplugError, UsageError
 from kdplug.plugins import get_manager
-from kdplug.spec import Spec, parse_spec
+from kdplug.spec import Spec
 
 log = logging.getLogger("kdplug")
 
@@ -396,8 +397,9 @@ def _one_line(exc: Exception) -> str:
 
 
 def load_data(spec: str | Spec, classes: list[str] | None = None) -> DataSource:
-    """Build the dataset named by ``spec`` and detect its columns and classes."""
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    """Build the dataset named by ``spec`` (a bare path too: ``kdplug.data_paths``) and
+    detect its columns and classes."""
+    spec = data_spec(spec)
     written = spec.raw if spec.raw is not None else spec.options  # as written: label_column=01
     data_options = {k: written[k] for k in DATA_OPTIONS if k in written}
     dataset = get_manager().create("datasets", spec.without(*DATA_OPTIONS))

@@ -107,8 +107,9 @@ def round_data(path: Path, pool: str) -> Spec:
     """The data spec of a round's saved rows, read as the pool ``pool`` is read: with its
     data options (``image_size=``, ``image_mode=``, ``image_column=``, ...) as written."""
     from kdplug.data import DATA_OPTIONS
+    from kdplug.data_paths import data_spec
 
-    written = parse_spec(pool).raw or {}
+    written = data_spec(pool).raw or {}
     return Spec.of("disk", str(path), **{k: written[k] for k in DATA_OPTIONS if k in written})
 
 

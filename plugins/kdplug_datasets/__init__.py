@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 import kdplug
-from kdplug.api import UsageError, describe
+from kdplug.api import UsageError, describe, path_source
 
 __version__ = kdplug.__version__
 log = logging.getLogger("kdplug")
@@ -67,7 +67,10 @@ def disk(ref: str, split: str | None = None):
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises many types for a bad or empty directory
-        raise UsageError(f"disk:{ref} is not a readable saved dataset ({describe(exc)})") from exc
+        instead = _instead(path, ref, "disk")
+        raise UsageError(
+            f"disk:{ref} is not a readable saved dataset ({describe(exc)}){instead}"
+        ) from exc
     data = _one_split(data, split, ref)
     if splits is not None:
         _say_split(f"disk:{_shown(ref)}", split, splits, given, len(data))
@@ -94,6 +97,15 @@ def _say_split(name: str, split: str, splits: list[str], given: str | None, rows
         )
     else:
         log.info("%s: read the %r split (%d rows); it also holds %s", name, split, rows, also)
+
+
+def _instead(path: Path, ref: str, source: str) -> str:
+    """``; it is a folder of class subfolders: read it with imagefolder:PATH`` where another
+    source reads ``path``, else ""."""
+    other, holds = path_source(path)
+    if other is None or other == source:
+        return ""
+    return f"; it is {holds}: read it with {other}:{_shown(ref)}"
 
 
 def _saved_splits(path: Path) -> list[str] | None:
