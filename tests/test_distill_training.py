@@ -224,3 +224,8 @@ def test_self_train_refuses_a_bad_training_option_before_any_work(
     assert result.exit_code == 2
     assert "self-train: unknown opt 'adamx' (did you mean 'adamax'?" in result.output
     assert not out.exists()
+
+
+def test_an_optimizer_timm_cannot_create_here_is_one_line(digits_splits, tmp_path):
+    with pytest.raises(UsageError, match=r"^--opt bnbadam: timm could not create it \(.+\)$"):
+        _trainer(digits_splits, tmp_path, opt="bnbadam")

@@ -276,8 +276,10 @@ def _check_choice(source: str, key: str, value: Any, choices: Any) -> None:
         return
     close = closest(str(value), choices)
     hint = f"did you mean {close!r}? " if close else ""
-    shown = ", ".join(choices) if len(choices) <= 12 else "see timm.optim.list_optimizers()"
-    raise UsageError(f"{source}: unknown {key} {value!r} ({hint}known: {shown})")
+    shown = (
+        f"known: {', '.join(choices)}" if len(choices) <= 12 else "see timm.optim.list_optimizers()"
+    )
+    raise UsageError(f"{source}: unknown {key} {value!r} ({hint}{shown})")
 
 
 def timm_optimizers(opt: Any) -> list[str]:
@@ -670,7 +672,7 @@ def build_optimizer(model: torch.nn.Module, config: DistillConfig) -> torch.opti
             weight_decay=config.weight_decay,
             momentum=config.momentum,
         )
-    except (ImportError, ValueError, TypeError) as exc:  # e.g. bnb* without bitsandbytes
+    except (ImportError, ValueError, TypeError, AssertionError) as exc:  # e.g. bnb* on a CPU
         raise UsageError(f"--opt {config.opt}: timm could not create it ({exc})") from None
 
 
