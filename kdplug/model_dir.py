@@ -10,6 +10,11 @@ keyword arguments that rebuild the model: ``num_classes``, ``in_chans``, ...) an
 pretrained=True)`` builds the model with its weights. Inference: resize ``[0, 1]`` images to
 ``input_size``, then ``(x - mean) / std``, then the model.
 
+A tabular student (``data_kind`` ``tabular``, e.g. ``tabular:mlp``) has ``input_size``
+``[D]`` (its feature count) and no image ``mean``/``std`` (it normalizes its features
+itself); kdplug's field ``student`` names the students-registry component that rebuilds it
+from ``architecture`` and ``model_args``, as it does for any student that is not timm's.
+
 Older student directories (a flat ``config.json``: ``architecture``, ``num_classes``,
 ``in_chans``, ``classes``, ``input_size``, ``mean``, ``std``) are still read; ``read_config``
 returns one normalized dict for both. ``distill`` writes this format, ``eval`` reads it, and
@@ -48,8 +53,8 @@ def hub_config(
     architecture: str,
     classes: list[str],
     input_size: list[int],
-    mean: list[float],
-    std: list[float],
+    mean: list[float] | None,
+    std: list[float] | None,
     model_args: Mapping[str, Any] | None = None,
     fields: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -61,12 +66,11 @@ def hub_config(
     in_chans = int(input_size[0])
     own_cfg = getattr(model, "pretrained_cfg", None) or {}
     pretrained_cfg = {k: own_cfg[k] for k in MODEL_FACTS if own_cfg.get(k) is not None}
+    recipe = {}  # feature rows (mean None): the model normalizes them itself
+    if mean is not None and std is not None:
+        recipe = {**INPUT_RECIPE, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
     pretrained_cfg.update(
-        input_size=[int(s) for s in input_size],
-        **INPUT_RECIPE,
-        mean=[float(m) for m in mean],
-        std=[float(s) for s in std],
-        num_classes=num_classes,
+        input_size=[int(s) for s in input_size], **recipe, num_classes=num_classes
     )
     return {
         "architecture": architecture,
@@ -86,8 +90,8 @@ def save_student(
     architecture: str,
     classes: list[str],
     input_size: list[int],
-    mean: list[float],
-    std: list[float],
+    mean: list[float] | None,
+    std: list[float] | None,
     model_args: Mapping[str, Any] | None = None,
     fields: Mapping[str, Any] | None = None,
 ) -> None:
@@ -138,11 +142,17 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UsageError(f"{file} lacks {', '.join(REQUIRED)}")
     config = from_hub(file, raw) if "pretrained_cfg" in raw else from_flat(file, raw)
-    if len(config["classes"]) != config["num_classes"] or len(config["input_size"]) != 3:
-        raise UsageError(f"{file}: classes/num_classes or input_size [C, H, W] disagree")
-    for key in ("mean", "std"):
+    dims, shape = (1, "[D]") if is_tabular(config) else (3, "[C, H, W]")
+    if len(config["classes"]) != config["num_classes"] or len(config["input_size"]) != dims:
+        raise UsageError(f"{file}: classes/num_classes or input_size {shape} disagree")
+    for key in ("mean", "std") if not is_tabular(config) else ():
         check_normalization(file, key, config[key], config["in_chans"])
     return config
+
+
+def is_tabular(config: Mapping[str, Any]) -> bool:
+    """Whether the student of ``config`` reads feature rows ``[B, D]`` (not images)."""
+    return config.get("data_kind") == "tabular"
 
 
 def from_flat(file: Path, raw: dict[str, Any]) -> dict[str, Any]:
@@ -170,6 +180,8 @@ def from_hub(file: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "pretrained_cfg.mean": cfg.get("mean"),
         "pretrained_cfg.std": cfg.get("std"),
     }
+    if is_tabular(raw):  # feature rows: the model normalizes them itself
+        del wanted["pretrained_cfg.mean"], wanted["pretrained_cfg.std"]
     missing = [k for k, v in wanted.items() if v is None]
     if missing:
         raise UsageError(f"{file} lacks {', '.join(missing)}")
@@ -187,8 +199,8 @@ def from_hub(file: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "in_chans": in_chans,
         "classes": [str(c) for c in labels],
         "input_size": input_size,
-        "mean": cfg["mean"],
-        "std": cfg["std"],
+        "mean": cfg.get("mean"),
+        "std": cfg.get("std"),
         "model_args": {**model_args, "num_classes": num_classes, "in_chans": in_chans},
     }
 
@@ -219,10 +231,19 @@ def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, An
 
     path = student_path(path)
     config = read_config(path)
+    student = config.get("student", "timm")
+    builder = "timm" if student == "timm" else f"student {student!r}"
     try:
-        model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
+        if student == "timm":
+            model = timm.create_model(
+                config["architecture"], pretrained=False, **config["model_args"]
+            )
+        else:
+            model = registry_student(student, config)
     except (RuntimeError, TypeError) as exc:
-        raise UsageError(f"{path}: timm cannot build {config['architecture']!r} ({exc})") from None
+        raise UsageError(
+            f"{path}: {builder} cannot build {config['architecture']!r} ({exc})"
+        ) from None
     weights = path / WEIGHTS
     try:
         model.load_state_dict(load_file(str(weights)))
@@ -234,9 +255,23 @@ def load_student(path: str | os.PathLike) -> tuple[torch.nn.Module, dict[str, An
     return model.eval(), config
 
 
+def registry_student(student: str, config: Mapping[str, Any]) -> torch.nn.Module:
+    """A student that is not timm's, rebuilt by the students-registry component ``student``
+    (its plugin) from ``architecture`` and ``model_args``, as ``distill`` built it."""
+    from kdplug.plugins import create
+    from kdplug.spec import Spec
+
+    args = dict(config["model_args"])
+    num_classes, in_chans = args.pop("num_classes"), args.pop("in_chans")
+    spec = Spec.of(student, config["architecture"], **args)
+    return create("students", spec, num_classes, in_chans)
+
+
 def student_preprocess(config: dict[str, Any]) -> Preprocess:
     """The student's input recipe from its ``config``: resize to ``input_size``, then
-    ``(x - mean) / std``."""
+    ``(x - mean) / std``; none for feature rows (a tabular student normalizes them)."""
+    if is_tabular(config):
+        return Preprocess()  # [B, D] rows pass through
     return Preprocess(
         size=config["input_size"],
         mean=config["mean"],

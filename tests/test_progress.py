@@ -21,9 +21,7 @@ def logistic_teacher(digits_splits, tmp_path_factory):
     return f"sklearn:{path}"
 
 
-def test_distill_without_a_terminal_logs_loss_lr_and_speed_every_n_steps(
-    digits_splits, tmp_path
-):
+def test_distill_without_a_terminal_logs_loss_lr_and_speed_every_n_steps(digits_splits, tmp_path):
     args = ["distill", "--student", "timm:test_resnet", "--train", digits_splits["labeled"]]
     args += ["--loss", "ce", "--epochs", "2", "--batch-size", "10", "--device", "cpu"]
     args += ["--log-interval", "5", "--out", str(tmp_path / "run")]
@@ -84,3 +82,22 @@ def test_progress_asks_for_its_numbers_only_when_a_line_is_due(monkeypatch, capl
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("loop: step 4/10, loss 0.5, ")
     assert lines[-1].startswith("loop: step 10/10, loss 0.5, ") and "done in" in lines[-1]
+
+
+def test_cache_without_a_terminal_logs_lines_not_bars(
+    digits_splits, logistic_teacher, tmp_path, caplog
+):
+    from click.testing import CliRunner
+
+    from kdplug.cli import build_cli
+
+    caplog.set_level("INFO", logger="kdplug.progress")
+    args = ["cache", "--teacher", logistic_teacher, "--data", digits_splits["labeled"]]
+    args += ["--batch-size", "10", "--device", "cpu", "--out", str(tmp_path / "store")]
+    result = CliRunner().invoke(build_cli(), args)  # its stderr is no terminal
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.output
+    lines = [r.getMessage() for r in caplog.records if r.name == "kdplug.progress"]
+    assert lines and re.fullmatch(
+        rf"cache: batch 15/15, {NUMBER} samples/s, done in .* s", lines[-1]
+    )

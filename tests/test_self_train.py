@@ -209,8 +209,9 @@ def test_eval_labels_of_another_length_are_refused_before_any_work(digits_splits
 
 @pytest.mark.parametrize("flag", ["train", "unlabeled", "val"])
 def test_tabular_data_is_refused_before_any_work_leaving_out_as_found(flag, tmp_path):
-    """The teacher labels iris well; self-train still refuses at once, as no student can
-    learn it, and an --out given with --overwrite keeps what it held."""
+    """The teacher labels iris well; self-train still refuses at once data of another kind
+    than the student's (or than --train's), and an --out given with --overwrite keeps what
+    it held."""
     from sklearn.datasets import load_iris
 
     iris = load_iris()
@@ -227,22 +228,25 @@ def test_tabular_data_is_refused_before_any_work_leaving_out_as_found(flag, tmp_
         *["--out", out, "--overwrite", "--epochs", "1", "--device", "cpu"],
     )
     assert result.exit_code == 2, result.output
-    columns = "['sepal_length_cm', 'sepal_width_cm', 'petal_length_cm', 'petal_width_cm', 'label']"
-    assert result.stderr.strip().splitlines() == [
-        f"Error: --{flag} sklearn:iris: self-train trains image students; this is tabular "
-        f"(columns: {columns})"
-    ]
+    refused = {
+        "train": "Error: --unlabeled sklearn:digits holds images but --train sklearn:iris is "
+        "tabular",
+        "unlabeled": "Error: --unlabeled sklearn:iris is tabular but --train sklearn:digits "
+        "holds images",
+        "val": "Error: --val sklearn:iris is tabular but --train sklearn:digits holds images",
+    }
+    assert result.stderr.strip().splitlines() == [refused[flag]]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("command", ["distill", "eval", "self-train"])
-def test_the_commands_that_train_or_score_students_say_they_take_images_only(command):
+def test_the_commands_that_train_or_score_students_name_the_student_of_each_kind(command):
     from pathlib import Path
 
     page = Path(__file__).resolve().parents[1] / "docs" / f"{command}.md"
     shown = invoke(command, "--help").output
     for text in (" ".join(shown.split()), " ".join(page.read_text().split())):
-        assert "Images only" in text and "tabular" in text
+        assert "timm" in text and "tabular:mlp" in text
 
 
 def test_a_combiner_that_fits_is_fitted_on_the_train_rows(digits_splits, tmp_path):

@@ -84,8 +84,8 @@ from kdplug.cli.training import training_options
 def distill_command(ctx: click.Context, **flags) -> None:
     """Distill one or more teachers into a small student on labeled (+ unlabeled) data.
 
-    Images only: the student is a timm image model, so tabular --train data is refused
-    (teachers of tabular data can still label it: see `kdplug label`).
+    Images train a timm student (timm:ARCH); tabular data (feature columns) trains the
+    MLP tabular:mlp. A student of the other kind than --train's is refused.
 
     \b
     kdplug distill --teacher timm:resnet50,checkpoint=t.safetensors \\

@@ -35,7 +35,7 @@ def eval_command(
 ) -> None:
     """Evaluate a student directory (DIR/student of a distill run) on labeled DATA.
 
-    Images only: students are timm image models, so tabular DATA is refused.
+    Images for a timm student, feature rows (as many features) for a tabular:mlp one.
     """
     from kdplug.engines.eval import evaluate_student, plot_confusion
     from kdplug.outputs import check_out, write_json

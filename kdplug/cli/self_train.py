@@ -95,8 +95,8 @@ from kdplug.cli.training import given_training, training_options
 def self_train_command(**options) -> None:
     """Noisy Student: teachers label, a noised student learns, the student joins the teachers.
 
-    Images only: the student is a timm image model (tabular --train, --unlabeled or --val
-    is refused before any work). Round 0 trains the same student on the labeled rows
+    Images with a timm student, tabular data with tabular:mlp (other data is refused
+    before any work). Round 0 trains the same student on the labeled rows
     alone; the best round by val accuracy is named at the end and in self_train.json.
 
     \b

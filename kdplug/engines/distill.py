@@ -335,13 +335,14 @@ class Parts:
     classes: list[str]
     model: torch.nn.Module
     architecture: str
-    mean: list[float]
-    std: list[float]
+    mean: list[float] | None  # the images' per-channel normalization; None: tabular
+    std: list[float] | None
     loss: Any
     combiner: Any
     producer: Any
     augment: tuple[Any, Any] | None
     calibration_data: DataSource | None = None  # the rows fits use instead of --train's
+    student_name: str = "timm"  # the student's component (a spec's NAME), which rebuilds it
 
 
 def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
@@ -365,8 +366,7 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
             raise UsageError(f"loss {config.loss} uses labels only: {flag} rows would be unused")
 
     train = load_data(config.train)
-    if train.kind != "image":
-        raise UsageError(f"--train {config.train}: distill trains image students; this is tabular")
+    check_augment(config.augment, train)
     if train.classes is None:
         raise UsageError(
             f"--train {config.train}: no label column (it needs labels; columns: {train.columns})"
@@ -375,28 +375,18 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
     if not (train.labels() >= 0).any():
         raise UsageError(f"--train {config.train}: no labeled rows (all labels are missing)")
     unlabeled = load_data(config.unlabeled) if config.unlabeled else None
-    if unlabeled is not None and tuple(unlabeled.input_shape) != tuple(train.input_shape):
-        raise UsageError(
-            f"--unlabeled images are {list(unlabeled.input_shape)} but --train images are "
-            f"{list(train.input_shape)} (use image_size=N on both data specs)"
-        )
+    if unlabeled is not None:
+        check_like_train(unlabeled, train, "--unlabeled")
     val = load_data(config.val, classes=classes) if config.val else None
     if val is not None:
-        if tuple(val.input_shape) != tuple(train.input_shape):
-            raise UsageError(
-                f"--val images are {list(val.input_shape)} but --train images are "
-                f"{list(train.input_shape)} (use image_size=N on both data specs)"
-            )
+        check_like_train(val, train, "--val")
         if not (val.labels() >= 0).any():
             raise UsageError(f"--val {config.val}: no rows labeled with the train classes")
 
     # the student before the teachers, so its initial weights depend on the seed alone
     spec = parse_spec(config.student) if isinstance(config.student, str) else config.student
-    if {"num_classes", "in_chans"} & set(spec.options):
-        raise UsageError(f"--student {config.student}: num_classes and in_chans come from the data")
-    model = create("students", spec, len(classes), train.in_chans)
-    normalization = getattr(model, "input_normalization", None)
-    mean, std = normalization if normalization is not None else data_normalization(train)
+    model = build_student(spec, classes, train)
+    mean, std = student_normalization(model, train)
     architecture = getattr(model, "pretrained_cfg", {}).get("architecture") or spec.ref
     if loss.uses_teachers and producer is None and config.store:
         from kdplug.store.producer import store_producer
@@ -419,8 +409,9 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
         classes=classes,
         model=model,
         architecture=architecture,
-        mean=list(mean),
-        std=list(std),
+        mean=mean,
+        std=std,
+        student_name=spec.name,
         loss=loss,
         combiner=combiner,
         producer=producer,
@@ -438,13 +429,90 @@ def fit_rows_source(
     from kdplug.fitting import calibration_rows
 
     rows = calibration_rows(config.calibration_data, classes, producer, "--train and --unlabeled")
-    if rows.kind != "image" or tuple(rows.input_shape) != tuple(train.input_shape):
-        shape = list(rows.input_shape) if rows.kind == "image" else "tabular"
+    check_like_train(rows, train, "--calibration-data")
+    return rows
+
+
+def check_augment(augment: str | None, train: DataSource) -> None:
+    """``--augment`` transforms images: refused for tabular --train rows."""
+    if augment is not None and train.kind == "tabular":
         raise UsageError(
-            f"--calibration-data rows are {shape} but --train images are "
+            f"--augment {augment} transforms images; --train {train.spec} is tabular (a "
+            "tabular student's noise is its own, e.g. tabular:mlp,dropout=0.2)"
+        )
+
+
+def check_like_train(rows: DataSource, train: DataSource, flag: str) -> None:
+    """``flag``'s rows are of --train's kind and shape: images of its ``[C, H, W]``, or
+    feature rows with as many features (named differently: said in the log)."""
+    if rows.kind != train.kind:
+        held = {"image": "holds images", "tabular": "is tabular"}
+        raise UsageError(
+            f"{flag} {rows.spec} {held[rows.kind]} but --train {train.spec} {held[train.kind]}"
+        )
+    if train.kind == "image" and tuple(rows.input_shape) != tuple(train.input_shape):
+        raise UsageError(
+            f"{flag} images are {list(rows.input_shape)} but --train images are "
             f"{list(train.input_shape)} (use image_size=N on both data specs)"
         )
-    return rows
+    if train.kind == "tabular" and len(rows.input_columns) != len(train.input_columns):
+        raise UsageError(
+            f"{flag} rows have {len(rows.input_columns)} features {rows.input_columns} but "
+            f"--train rows have {len(train.input_columns)} {train.input_columns}"
+        )
+    if train.kind == "tabular" and rows.input_columns != train.input_columns:
+        log.warning(
+            "%s's features are named %s, --train's %s: they are matched by position",
+            flag,
+            rows.input_columns,
+            train.input_columns,
+        )
+
+
+def build_student(spec: Spec, classes: list[str], train: DataSource) -> torch.nn.Module:
+    """The student for ``train``'s rows: built with the class count and ``in_chans`` (the
+    images' channels, or the feature count of tabular rows); refused unless it takes rows
+    of the data's kind (its ``data_kind``)."""
+    from kdplug.plugins import create
+
+    if {"num_classes", "in_chans"} & set(spec.options):
+        raise UsageError(f"--student {spec}: num_classes and in_chans come from the data")
+    model = create("students", spec, len(classes), train.input_shape[0])
+    kind = getattr(model, "data_kind", "image")
+    if kind != train.kind:
+        hint = "tabular:mlp" if train.kind == "tabular" else "timm:ARCH"
+        raise UsageError(
+            f"--student {spec} takes {'images' if kind == 'image' else 'tabular rows'}; "
+            f"--train {train.spec} is {'tabular' if train.kind == 'tabular' else 'images'} "
+            f"(a student for it: --student {hint})"
+        )
+    return model
+
+
+def student_normalization(
+    model: torch.nn.Module, train: DataSource
+) -> tuple[list[float] | None, list[float] | None]:
+    """Images: the per-channel ``(mean, std)`` the student's inputs are normalized with (its
+    own, else measured on --train). Tabular: ``(None, None)``, the student fitting its own
+    on every --train row (``fit_inputs``)."""
+    if train.kind == "image":
+        normalization = getattr(model, "input_normalization", None)
+        mean, std = normalization if normalization is not None else data_normalization(train)
+        return list(mean), list(std)
+    fit = getattr(model, "fit_inputs", None)
+    if fit is not None:
+        x = torch.cat([x for x, _, _ in batches(train, 4096, workers=0)])
+        bad = (~torch.isfinite(x)).nonzero()
+        if len(bad):
+            row, column = bad[0].tolist()
+            raise UsageError(
+                f"--train {train.spec}: row {row} has a missing (NaN) or infinite value in "
+                f"feature {train.input_columns[column]!r}; the student fits its feature "
+                "normalization on finite rows"
+            )
+        with running(model, "the student"):
+            fit(x)
+    return None, None
 
 
 def check_store_options(config: DistillConfig) -> None:
@@ -490,7 +558,8 @@ class Trainer:
         from timm.utils import ModelEmaV3
 
         self.device, self.cuda = device, device.type == "cuda"
-        self.memory_format = memory_format(device)
+        images = parts.train.kind == "image"  # feature rows [B, D] have no channels_last
+        self.memory_format = memory_format(device) if images else torch.contiguous_format
         if self.cuda:  # fixed input sizes: let cuDNN pick its fastest kernels once
             torch.backends.cudnn.benchmark = True
         self.model = parts.model.to(device, memory_format=self.memory_format)
@@ -1073,8 +1142,16 @@ def validate(trainer: Trainer, loader: Any) -> tuple[float | None, float | None]
 
 
 def save_model_dir(out: Path, model: torch.nn.Module, parts: Parts) -> None:
+    """The student directory (``kdplug.model_dir``); a student that is not timm's records
+    its component and its factory's options (``model_args``), and one of feature rows its
+    kind and the features it reads, in order."""
     from kdplug.model_dir import save_student
 
+    fields: dict[str, Any] = {}
+    if parts.student_name != "timm":
+        fields["student"] = parts.student_name
+    if parts.train.kind == "tabular":
+        fields.update(data_kind="tabular", feature_names=list(parts.train.input_columns))
     save_student(
         out / STUDENT,
         model,
@@ -1083,6 +1160,8 @@ def save_model_dir(out: Path, model: torch.nn.Module, parts: Parts) -> None:
         input_size=list(parts.train.input_shape),
         mean=parts.mean,
         std=parts.std,
+        model_args=getattr(model, "model_args", None),
+        fields=fields or None,
     )
 
 

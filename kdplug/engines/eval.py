@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -14,6 +15,8 @@ from kdplug import metrics
 from kdplug.data import batches
 from kdplug.device import autocast
 from kdplug.errors import UsageError
+
+log = logging.getLogger("kdplug")
 
 
 @torch.inference_mode()
@@ -81,6 +84,37 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: str | os.P
     save_figure(fig, Path(path))
 
 
+def check_readable(config: dict[str, Any], source: Any, data: str) -> None:
+    """The student of ``config`` reads ``source``'s rows: images for an image student,
+    feature rows of its feature count for a tabular one (``data_kind``)."""
+    from kdplug.model_dir import is_tabular
+
+    if not is_tabular(config):
+        if source.kind != "image":
+            raise UsageError(
+                f"{data}: the student takes images; this dataset is tabular (a tabular "
+                "student: --student tabular:mlp)"
+            )
+        return
+    count, names = config["in_chans"], config.get("feature_names")
+    if source.kind != "tabular":
+        raise UsageError(
+            f"{data}: the student takes tabular rows of {count} features; this dataset holds images"
+        )
+    if len(source.input_columns) != count:
+        raise UsageError(
+            f"{data}: the student takes {count} features {names}; this dataset has "
+            f"{len(source.input_columns)} {source.input_columns}"
+        )
+    if names and list(names) != source.input_columns:
+        log.warning(
+            "%s's features are named %s, the student's %s: they are matched by position",
+            data,
+            source.input_columns,
+            names,
+        )
+
+
 def evaluate_student(
     model_dir: str,
     data: str,
@@ -93,9 +127,9 @@ def evaluate_student(
     from kdplug.device import pick_device
     from kdplug.model_dir import load_classifier, read_config
 
-    source = load_data(data, classes=read_config(model_dir)["classes"])
-    if source.kind != "image":
-        raise UsageError(f"{data}: a student needs image data, this dataset is tabular")
+    config = read_config(model_dir)
+    source = load_data(data, classes=config["classes"])
+    check_readable(config, source, data)
     if source.label_column is None:
         raise UsageError(f"{data}: no label column to evaluate on (columns: {source.columns})")
     if not (source.labels() >= 0).any():

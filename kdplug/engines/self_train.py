@@ -13,8 +13,9 @@ spec text it formatted, so class names and paths arrive as they are.
 After the rounds, a baseline (round 0, ``baseline/``) trains the same student on the
 labeled rows alone with the same budget (last, so that a teacher that fails stops the run
 before any training); the best of rounds 0..N by validation accuracy is the run's answer
-(``best_round``, ``best_student`` in ``self_train.json``). Students are timm image models:
-tabular data is refused before any work.
+(``best_round``, ``best_student`` in ``self_train.json``). Images with an image student
+(``timm:ARCH``) or feature rows with a tabular one (``tabular:mlp``): data of another kind
+than the student's, or ``--augment`` on feature rows, is refused before any work.
 """
 
 from __future__ import annotations
@@ -74,11 +75,20 @@ class SelfTrainConfig:
 
 
 def student_spec(text: str, drop_path: float) -> Spec:
-    """The student spec with stochastic depth added (noise), unless it sets its own."""
+    """The student spec with stochastic depth added (noise), unless it sets its own or its
+    factory has no ``drop_path_rate`` (a tabular MLP: its noise is its ``dropout=``)."""
     spec = parse_spec(text)
-    if drop_path <= 0 or "drop_path_rate" in spec.options:
+    if drop_path <= 0 or "drop_path_rate" in spec.options or not takes_drop_path(spec):
         return spec
     return spec.plus(drop_path_rate=drop_path)
+
+
+def takes_drop_path(spec: Spec) -> bool:
+    """Whether the student factory of ``spec`` has a ``drop_path_rate`` option."""
+    from kdplug.plugins import get_manager
+
+    options = get_manager().registries["students"].get(spec.name).options()
+    return options is None or "drop_path_rate" in options
 
 
 def pseudo_rows(labels_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -296,17 +306,19 @@ def label_default(name: str) -> Any:
     return next(f.default for f in dataclasses.fields(LabelConfig) if f.name == name)
 
 
-def image_source(spec: str, flag: str, classes: list[str] | None = None) -> Any:
-    """The data of ``--flag``, refused unless it holds images (students are timm models)."""
+def check_data_and_student(cfg: SelfTrainConfig, train: Any, unlabeled: Any) -> None:
+    """--unlabeled and --val hold rows like --train's, the student takes them and no
+    --augment is given for feature rows (distill's checks, made before any work)."""
     from kdplug.data import load_data
+    from kdplug.engines.distill import build_student, check_augment, check_like_train
 
-    source = load_data(spec, classes)
-    if source.kind != "image":
-        raise UsageError(
-            f"--{flag} {spec}: self-train trains image students; this is tabular "
-            f"(columns: {source.columns})"
-        )
-    return source
+    check_like_train(unlabeled, train, "--unlabeled")
+    check_like_train(load_data(cfg.val, train.classes), train, "--val")
+    check_augment(cfg.augment, train)
+    spec = parse_spec(cfg.student)
+    build_student(spec, train.classes, train)
+    if cfg.drop_path > 0 and not takes_drop_path(spec):
+        log.info("--drop-path: student %s has no drop_path_rate; its noise is its own", spec)
 
 
 def check_training(cfg: SelfTrainConfig) -> None:
@@ -352,6 +364,7 @@ def combiner_fit_rows(cfg: SelfTrainConfig) -> str | None:
 def run_self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) -> dict:
     """Run the baseline and ``cfg.rounds`` rounds into ``cfg.out``; return self_train.json's
     content: the config, ``baseline``, ``rounds``, ``best_round`` and ``best_student``."""
+    from kdplug.data import load_data
     from kdplug.outputs import check_out, prepare_out_dir
     from kdplug.plugins import create
 
@@ -362,11 +375,11 @@ def run_self_train(cfg: SelfTrainConfig, echo: Callable[[str], Any] = log.info) 
     cfg = dataclasses.replace(cfg, generator=cfg.generator or label_default("generator"))
     inputs = [*cfg.teachers, cfg.student, cfg.train, cfg.unlabeled, cfg.val, cfg.eval_labels]
     check_out(cfg.out, inputs=inputs, overwrite=cfg.overwrite)
-    train = image_source(cfg.train, "train")
+    train = load_data(cfg.train)
     if train.classes is None or (train.labels() < 0).any():
         raise UsageError(f"{cfg.train}: every --train row needs a label")
-    unlabeled = image_source(cfg.unlabeled, "unlabeled")
-    image_source(cfg.val, "val", train.classes)
+    unlabeled = load_data(cfg.unlabeled)
+    check_data_and_student(cfg, train, unlabeled)
     check_training(cfg)
     create("label-generators", cfg.generator)
     fit_rows = combiner_fit_rows(cfg)

@@ -41,6 +41,8 @@ def on_fit_start(run: kdplug.Run) -> None:
     from kdplug_tensorboard.scalars import config_text
 
     done = int(run.state.get("epoch", 0))
+    if directory in _writers:  # left open by a run of this process that failed
+        _writers.pop(directory).close()
     writer = _writer(directory, purge_step=done + 1 if done else None)
     writer.add_text("distill/config", config_text(run.config), global_step=done)
     writer.flush()

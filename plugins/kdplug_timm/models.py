@@ -195,7 +195,8 @@ class ModelTeacher(torch.nn.Module):
     each setting came from): the ``timm:`` and ``kdplug:`` teachers. ``sources`` says where
     ``size``, ``mean`` and ``std`` came from; ``DATA`` marks those that nothing gave, which
     ``normalize_like_data`` then takes from the data (mean and std; a size nothing gave is
-    the data's own: no resize).
+    the data's own: no resize). ``sources`` None: a model of feature rows ``[B, D]`` (a
+    tabular student), fed them as they are (``inputs`` None).
     """
 
     def __init__(
@@ -204,13 +205,16 @@ class ModelTeacher(torch.nn.Module):
         preprocess: Preprocess,
         classes: list[str] | None,
         fingerprint: str,
-        sources: dict[str, str],
+        sources: dict[str, str] | None,
     ):
         super().__init__()
         self.model = model.eval()
         self.preprocess = preprocess
         self.classes = classes
         self.fingerprint = fingerprint
+        if sources is None:  # feature rows: nothing to resize or normalize here
+            self.inputs, self.normalize_like_data = None, None
+            return
         size = preprocess.size
         self.inputs = {
             "size": list(size) if size is not None else None,
@@ -394,10 +398,11 @@ def load_student_teacher(path: str) -> ModelTeacher:
     model, config = load_student(path)
     directory = student_path(path)
     where = f"the student directory {directory}"
+    images = config.get("data_kind", "image") == "image"
     return ModelTeacher(
         model,
         student_preprocess(config),
         list(config["classes"]),
         file_hash(directory),
-        dict.fromkeys(("size", "mean", "std"), where),
+        dict.fromkeys(("size", "mean", "std"), where) if images else None,
     )
