@@ -44,6 +44,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "UsageError": "kdplug.errors:UsageError",
             "PluginError": "kdplug.errors:PluginError",
             "BadRowsError": "kdplug.errors:BadRowsError",
+            "UntrustedTypes": "kdplug.errors:UntrustedTypes",
             "describe": "kdplug.errors:describe",
         },
     ),

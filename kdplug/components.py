@@ -50,6 +50,11 @@ class Teacher(Protocol):
     """Label names in output order: outputs are aligned to the run's classes by name, and a
     run class it lacks is one it abstains on. None: its outputs are in the run's order."""
 
+    name: str | None = None
+    """What tables, figures and logs call it when its spec sets no ``name=`` (a store
+    teacher: the name it was cached under). None: the stem of its REF's file
+    (``kdplug.teacher_names``)."""
+
     fingerprint: str | None = None
     """A hash of the files it came from: recorded in every run's outputs; a calibration
     file's temperature and a store's outputs count only for the same fingerprint."""
@@ -266,7 +271,11 @@ class Producer(Protocol):
     """
 
     names: Sequence[str]
-    """One per teacher (``[K]``): summary.json's teachers and metrics' teacher_weights."""
+    """One per teacher (``[K]``): what summary.json, metrics' teacher_weights and messages
+    call them (``kdplug.teacher_names``)."""
+
+    specs: Sequence[str] | None = None
+    """One per teacher: its spec's text, recorded in summary.json. None: ``names``."""
 
     known: torch.Tensor
     """``[K, C]`` bool: teacher k can predict class c (used when no row is labeled)."""

@@ -47,6 +47,20 @@ class BadRowsError(UsageError):
         return BadRowsError(self.message, [int(index[r]) for r in self.rows])
 
 
+class UntrustedTypes(UsageError):
+    """A model file needs types its safe loader does not trust by default (skops):
+    ``source`` names the component and file, ``types`` the type names. Teachers are built
+    all at once so that one error lists every teacher's (``kdplug.teachers.create_teachers``)."""
+
+    def __init__(self, source: str, types: Sequence[str]):
+        self.source, self.types = source, list(types)
+        super().__init__(
+            f"{source}: the file needs types skops does not trust by default: {self.types}; "
+            f"if you trust them add trusted={';'.join(self.types)} to the spec (or pass "
+            "--allow-pickle to trust every type in the file)"
+        )
+
+
 # id(component) -> (weak reference to it, its plugin, what it is: "combiner 'mean'")
 _origins: dict[int, tuple[weakref.ref, str, str]] = {}
 

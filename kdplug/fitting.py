@@ -378,7 +378,7 @@ def calibration_rows(spec: str, classes: list[str], producer: Any, data: str) ->
     index: its rows belong to ``data`` (named in the message), not to these."""
     from kdplug.data import load_data
 
-    for name, teacher in zip(producer.names, producer.teachers):
+    for name, teacher in zip(getattr(producer, "specs", None) or producer.names, producer.teachers):
         if getattr(teacher, "uses_row_index", False):
             raise UsageError(
                 f"--calibration-data: teacher {name} reads precomputed outputs by row index, "

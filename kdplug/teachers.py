@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from kdplug.calibration import apply_temperature, load_temperatures
-from kdplug.errors import BadRowsError, UsageError, running
+from kdplug.errors import BadRowsError, UntrustedTypes, UsageError, running
 from kdplug.ops import IMPOSSIBLE
 from kdplug.spec import Spec
 from kdplug.teacher_checks import class_notes
+from kdplug.teacher_names import NAME_OPTION, as_spec, teacher_names
 
 log = logging.getLogger("kdplug")
 
@@ -92,7 +93,7 @@ class TeacherSet:
     def __init__(
         self,
         teachers: Sequence[Any],
-        names: Sequence[str],
+        specs: Sequence[str | Spec],
         classes: Sequence[str],
         temperatures: Sequence[float] | None = None,
         skip_bad_rows: bool = False,
@@ -101,14 +102,15 @@ class TeacherSet:
         if not teachers:
             raise UsageError("no teacher given (use --teacher SPEC)")
         self.teachers = list(teachers)
-        self.names = list(names)
+        self.specs = [str(spec) for spec in specs]
+        self.names = teacher_names(specs, teachers)
         self.classes = list(classes)
         refuse_duplicates(self.classes, "the run's classes (--classes, else the data's)")
         self.temperatures = list(temperatures) if temperatures else [1.0] * len(self.teachers)
         self.skip_bad_rows = skip_bad_rows
         self.index = [
-            alignment(getattr(teacher, "classes", None), self.classes, name)
-            for teacher, name in zip(self.teachers, self.names)
+            alignment(getattr(teacher, "classes", None), self.classes, spec)
+            for teacher, spec in zip(self.teachers, self.specs)
         ]
         C = len(self.classes)
         self.known = torch.stack(
@@ -148,7 +150,7 @@ class TeacherSet:
 
     def check_rows(self, rows: int) -> None:
         """Refuse precomputed-logit teachers whose row count differs from the data's."""
-        for teacher, name in zip(self.teachers, self.names):
+        for teacher, name in zip(self.teachers, self.specs):
             count = getattr(teacher, "num_rows", None)
             if getattr(teacher, "uses_row_index", False) and count is not None and count != rows:
                 raise UsageError(
@@ -162,7 +164,7 @@ class TeacherSet:
         when ``source`` has another one."""
         self.check_rows(len(source))
         fingerprint = source.fingerprint
-        for teacher, name in zip(self.teachers, self.names):
+        for teacher, name in zip(self.teachers, self.specs):
             made_from = getattr(teacher, "data_fingerprint", None)
             if made_from and fingerprint and made_from != fingerprint:
                 raise UsageError(
@@ -186,7 +188,7 @@ class TeacherSet:
             out = torch.full(shape, IMPOSSIBLE, dtype=torch.float32, device=x.device)
         nonfinite = torch.zeros((len(self.teachers), B), dtype=torch.bool, device=x.device)
         for k, (teacher, name, columns, temperature) in enumerate(
-            zip(self.teachers, self.names, self.index, self.temperatures)
+            zip(self.teachers, self.specs, self.index, self.temperatures)
         ):
             z = self._run(teacher, name, x, index)
             wanted = C if columns is None else len(teacher.classes)  # columns: it has classes
@@ -215,7 +217,7 @@ class TeacherSet:
             k = int(nonfinite.any(1).nonzero()[0])
             rows = nonfinite[k].nonzero().flatten()[:5].tolist()
             raise UsageError(
-                f"teacher {self.names[k]} returned NaN or Inf logits in batch "
+                f"teacher {self.specs[k]} returned NaN or Inf logits in batch "
                 f"{self.batches_seen - 1} (rows {rows} of the batch); pass "
                 "--skip-bad-rows to drop such rows and count them"
             )
@@ -264,10 +266,27 @@ def _columns(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def create_teachers(specs: Sequence[str | Spec]) -> list[Any]:
-    """Build each teacher from its spec through the plugins (fails on the first bad one)."""
+    """Build each teacher from its spec through the plugins, ``name=`` taken off
+    (``kdplug.teacher_names``). Fails on the first bad one, except that files needing
+    untrusted types are all listed in one error."""
     from kdplug.plugins import create
 
-    return [create("teachers", spec) for spec in specs]
+    teachers, untrusted = [], []
+    for spec in specs:
+        try:
+            teachers.append(create("teachers", as_spec(spec).without(NAME_OPTION)))
+        except UntrustedTypes as exc:
+            untrusted.append(exc)
+    if len(untrusted) == 1:
+        raise untrusted[0]
+    if untrusted:
+        listed = "; ".join(f"{exc.source} needs {exc.types}" for exc in untrusted)
+        raise UsageError(
+            f"{len(untrusted)} teacher files need types skops does not trust by default: "
+            f"{listed}; if you trust them add trusted=TYPE;TYPE... to each spec (or pass "
+            "--allow-pickle to trust every type in the files)"
+        )
+    return teachers
 
 
 def build_teacher_set(
@@ -279,16 +298,17 @@ def build_teacher_set(
     teachers: Sequence[Any] | None = None,
 ) -> TeacherSet:
     """Build every teacher from its spec (a user's text or an engine's ``Spec.of``) through
-    the plugins into one TeacherSet (``teachers``: already built from ``specs``); each
-    teacher is named by its spec's text; ``data`` as in TeacherSet."""
+    the plugins into one TeacherSet (``teachers``: already built from ``specs``); a
+    calibration file's temperatures are found by spec text; ``data`` as in TeacherSet."""
     teachers = create_teachers(specs) if teachers is None else list(teachers)
-    names = [str(spec) for spec in specs]
     temperatures = None
     if calibration:
         temperatures = load_temperatures(
-            calibration, names, [getattr(teacher, "fingerprint", None) for teacher in teachers]
+            calibration,
+            [str(spec) for spec in specs],
+            [getattr(teacher, "fingerprint", None) for teacher in teachers],
         )
-    return TeacherSet(teachers, names, classes, temperatures, skip_bad_rows, data)
+    return TeacherSet(teachers, specs, classes, temperatures, skip_bad_rows, data)
 
 
 def feed_teachers(teachers: Sequence[Any], names: Sequence[str], data: Any) -> list[Any]:

@@ -268,6 +268,7 @@ VALID = {
     "__call__": callable,
     "classes": lambda v: v is None or all(isinstance(c, str) for c in v),
     "fingerprint": lambda v: v is None or isinstance(v, str),
+    "name": lambda v: v is None or (isinstance(v, str) and bool(v)),
     "uses_row_index": lambda v: isinstance(v, bool),
     "uses_inputs": lambda v: isinstance(v, bool),
     "num_rows": lambda v: v is None or (isinstance(v, int) and v >= 0),
@@ -294,6 +295,9 @@ VALID = {
     "decide": callable,
     "summary": callable,
     "names": lambda v: isinstance(v, Sequence) and all(isinstance(n, str) for n in v),
+    "specs": lambda v: (
+        v is None or (isinstance(v, Sequence) and all(isinstance(n, str) for n in v))
+    ),
     "known": lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.bool and v.dim() == 2,
     "teachers": lambda v: isinstance(v, Sequence),
     "rebuild_views": optional_callable,

@@ -245,7 +245,7 @@ def test_stale_teacher_or_changed_data_is_refused_unless_forced(
     run_cache(CacheConfig([teacher], [data], str(tmp_path / "s"), device="cpu", progress=False))
     train = load_data(data)
     producer = store_producer(str(tmp_path / "s"), train, None, train.classes)
-    assert producer.names == [teacher] and producer.rows == 150
+    assert producer.specs == [teacher] and producer.names == ["t"] and producer.rows == 150
 
     shutil.copy(teacher_file, tmp_path / "t.orig")
     torch.manual_seed(1)

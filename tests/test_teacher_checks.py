@@ -8,6 +8,7 @@ import torch
 
 from kdplug import UsageError
 from kdplug.teacher_checks import DISAGREE, MIN_ROWS, flag_teachers
+from kdplug.teacher_names import teacher_names
 from tests.teacher_fixtures import digits_arrays, save_torchscript
 
 DIGITS = [str(c) for c in range(10)]
@@ -66,6 +67,11 @@ def unlabeled(digits_splits, tmp_path_factory) -> str:
 
 def by_check(flags: list[dict]) -> dict[tuple[str, str], dict]:
     return {(flag["check"], flag["teacher"]): flag for flag in flags}
+
+
+def name(spec: str) -> str:
+    """What the checks call the teacher of ``spec`` (its file's stem)."""
+    return teacher_names([spec])[0]
 
 
 # -- the checks on tensors ------------------------------------------------------------------
@@ -127,10 +133,11 @@ def test_a_near_chance_teacher_is_flagged_by_report_label_and_distill(
     with caplog.at_level(logging.WARNING, logger="kdplug"):
         result = report(specs[1:], labeled)  # one teacher: the report's combiners are slow
     flags = by_check(result["teacher_checks"]["flags"])
-    assert set(flags) == {("near_chance", teachers["chance"])}
-    flag = flags["near_chance", teachers["chance"]]
+    assert set(flags) == {("near_chance", name(teachers["chance"]))}
+    flag = flags["near_chance", name(teachers["chance"])]
     assert flag["rows"] == 150 and flag["accuracy"] < 0.3 and flag["chance"] < 0.2
-    assert f"teacher {teachers['chance']} is near chance on 150 labeled rows of" in caplog.text
+    chance = name(teachers["chance"])
+    assert f"teacher {chance} is near chance on 150 labeled rows of" in caplog.text
 
     labels = run_label(LabelConfig(specs, labeled, str(tmp_path / "l"), progress=False))
     assert set(by_check(labels["teacher_checks"]["flags"])) == set(flags)
@@ -155,10 +162,10 @@ def test_reversed_classes_are_flagged_with_the_class_order(teachers, unlabeled, 
     specs = [teachers["named"], teachers["unnamed"]]
     config = LabelConfig(specs, unlabeled, str(tmp_path / "l"), classes=REVERSED, progress=False)
     flags = by_check(run_label(config)["teacher_checks"]["flags"])
-    assert set(flags) == {("disagrees", spec) for spec in specs}
-    message = flags["disagrees", teachers["unnamed"]]["message"]
-    assert f"{teachers['named']} names its classes and is aligned to the run's by name" in message
-    assert f"while {teachers['unnamed']} names none" in message
+    assert set(flags) == {("disagrees", name(spec)) for spec in specs}
+    message = flags["disagrees", name(teachers["unnamed"])]["message"]
+    assert f"{name(teachers['named'])} names its classes and is aligned to the run's by" in message
+    assert f"while {name(teachers['unnamed'])} names none" in message
     assert "check that order (--classes)" in message and str(REVERSED[:3])[:-1] in message
 
 
@@ -182,8 +189,8 @@ def test_a_named_teacher_is_aligned_by_name_whatever_the_class_order(
         specs, digits_splits["labeled"], str(tmp_path / "l"), classes=REVERSED, progress=False
     )
     flags = by_check(run_label(config)["teacher_checks"]["flags"])
-    assert set(flags) == {("near_chance", specs[1]), ("disagrees", specs[1])}
-    assert "check that order (--classes)" in flags["disagrees", specs[1]]["message"]
+    assert set(flags) == {("near_chance", name(specs[1])), ("disagrees", name(specs[1]))}
+    assert "check that order (--classes)" in flags["disagrees", name(specs[1])]["message"]
 
 
 def test_a_named_teacher_lacking_run_classes_is_said(teachers, digits_splits, tmp_path, caplog):
@@ -193,9 +200,10 @@ def test_a_named_teacher_lacking_run_classes_is_said(teachers, digits_splits, tm
     with caplog.at_level(logging.WARNING, logger="kdplug"):
         report = run_label(LabelConfig(specs, digits_splits["labeled"], out, progress=False))
     flags = by_check(report["teacher_checks"]["flags"])
-    assert set(flags) == {("lacks_classes", teachers["low"])}
-    assert flags["lacks_classes", teachers["low"]]["lacks"] == ["5", "6", "7", "8", "9"]
-    assert f"teacher {teachers['low']} names 5 classes and lacks 5 of the run's 10" in caplog.text
+    assert set(flags) == {("lacks_classes", name(teachers["low"]))}
+    assert flags["lacks_classes", name(teachers["low"])]["lacks"] == ["5", "6", "7", "8", "9"]
+    low = name(teachers["low"])
+    assert f"teacher {low} names 5 classes and lacks 5 of the run's 10" in caplog.text
 
 
 def test_label_takes_its_classes_from_teachers_that_name_them(

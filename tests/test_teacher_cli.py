@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,7 +101,10 @@ def test_calibrate_then_report_with_figures(files, tmp_path):
     assert judged == set(get_manager().registries["combiners"].names())
     for name in ("agreement.png", "reliability-0.png", "reliability-1.png", "reliability-2.png"):
         assert (out / name).read_bytes().startswith(PNG)
-    assert "ECE after" in result.stdout and "cnn.ts" in result.stdout
+    names = [Path(spec.split(":", 1)[1]).stem for spec in teachers]
+    assert [t["name"] for t in report["teachers"]] == names  # file stems, not cut specs
+    table = result.stdout.splitlines()
+    assert "ECE after" in result.stdout and any(line.split()[1:2] == ["cnn"] for line in table)
 
 
 def bad_input_cases():
@@ -184,7 +188,7 @@ def test_combiner_scores_with_and_without_the_combiner_plugin(kdplug_manager):
     report = {
         "data": "d", "rows": 2, "skipped_rows": 0, "calibration": None, "combiners": [],
         "skipped_combiners": [], "agreement": [[1.0]],
-        "teachers": [{"spec": "t", "accuracy": 1.0, "nll": 0.1, "ece": 0.05}],
+        "teachers": [{"name": "t", "spec": "t", "accuracy": 1.0, "nll": 0.1, "ece": 0.05}],
     }  # fmt: skip
     assert "no combiner plugin is installed" in format_report(report)
 

@@ -119,7 +119,7 @@ def test_per_class_figure_names_each_teachers_best_and_worst_classes(tmp_path):
     classes = [f"class-{c}" for c in range(CLASSES)]
     result = {
         "classes": classes,
-        "teachers": [{"spec": "logits:a.npy", "class_accuracy": accuracy.tolist()}],
+        "teachers": [{"name": "a", "spec": "logits:a.npy", "class_accuracy": accuracy.tolist()}],
     }
     fig = per_class_figure(result)
     text = "\n".join(t.get_text() for t in fig.axes[0].texts)

@@ -187,7 +187,7 @@ def check_teacher_inputs(
     cfg: CacheConfig, teacher_set: TeacherSet, sources: list[DataSource]
 ) -> None:
     """Row-indexed teachers (precomputed logits) see no views and fit one row count."""
-    for teacher, name in zip(teacher_set.teachers, teacher_set.names):
+    for teacher, name in zip(teacher_set.teachers, teacher_set.specs):
         if cfg.views > 1 and getattr(teacher, "uses_row_index", False):
             raise UsageError(
                 f"teacher {name} serves precomputed outputs by row and cannot see augmented "
@@ -217,13 +217,19 @@ def cache_record(
         "teachers": [
             {
                 "spec": spec,
+                "name": name,
                 "fingerprint": fingerprint,
                 "files": teacher_files(spec),
                 "temperature": temperature,
                 "unknown_classes": (~known[k]).nonzero().flatten().tolist(),
             }
-            for k, (spec, fingerprint, temperature) in enumerate(
-                zip(teacher_set.names, teacher_set.fingerprints(), teacher_set.temperatures)
+            for k, (spec, name, fingerprint, temperature) in enumerate(
+                zip(
+                    teacher_set.specs,
+                    teacher_set.names,
+                    teacher_set.fingerprints(),
+                    teacher_set.temperatures,
+                )
             )
         ],
         "splits": [

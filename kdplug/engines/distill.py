@@ -978,6 +978,12 @@ def teacher_names(parts: Parts) -> list[str]:
     return list(parts.producer.names) if parts.loss.uses_teachers else []
 
 
+def teacher_specs(parts: Parts) -> list[str]:
+    """The spec text of each teacher in ``teacher_names``' order (a producer without
+    ``specs``: its names)."""
+    return list(getattr(parts.producer, "specs", None) or teacher_names(parts))
+
+
 def keeps_best(config: DistillConfig, parts: Parts) -> bool:
     """The student kept is the best by val accuracy (else the last epoch's)."""
     return config.keep == "best" and parts.val is not None
@@ -1218,7 +1224,10 @@ def make_summary(
         "peak_memory": peak_memory(device),
         "bad_rows": sum(h["bad_rows"] for h in history),
         "device": str(device),
-        "teachers": [{"spec": n, "fingerprint": f} for n, f in zip(names, fingerprints)],
+        "teachers": [
+            {"name": n, "spec": s, "fingerprint": f}
+            for n, s, f in zip(names, teacher_specs(parts), fingerprints)
+        ],
         "data": {
             "train": _describe(parts.train, config.train),
             "unlabeled": _describe(parts.unlabeled, config.unlabeled),

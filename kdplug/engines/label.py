@@ -341,8 +341,10 @@ def run_record(
     (written to run.json). The generator and the output options may change on resume."""
     return {
         "teachers": [
-            {"spec": name, "fingerprint": fp}
-            for name, fp in zip(teacher_set.names, teacher_set.fingerprints())
+            {"spec": spec, "name": name, "fingerprint": fp}
+            for spec, name, fp in zip(
+                teacher_set.specs, teacher_set.names, teacher_set.fingerprints()
+            )
         ],
         "data": {
             "spec": cfg.data,

@@ -27,7 +27,6 @@ from kdplug.reports.teachers import (
     Scores,
     Tally,
     reliability_figure,  # noqa: F401 (imported from here too)
-    short,
     write_report,
 )
 from kdplug.teachers import TeacherSet, create_teachers
@@ -122,6 +121,7 @@ def calibrate(
         after = scores(apply_temperature(logits, temperature), known, found.labels)
         entries.append(
             {
+                "name": teacher_set.names[k],
                 "spec": spec,
                 "fingerprint": fingerprint,
                 "temperature": temperature,
@@ -285,6 +285,7 @@ def report(
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
         figures = tally.teacher(k)
         entry = {
+            "name": teacher_set.names[k],
             "spec": spec,
             "fingerprint": fingerprint,
             "known_classes": int(known[k].sum()),
@@ -311,7 +312,7 @@ def report(
         "agreement": tally.agreement(),
         "combiners": combiners,
         "skipped_combiners": skipped_combiners,
-        "selection": select_teachers(logits, known, labels, list(specs)),
+        "selection": select_teachers(logits, known, labels, teacher_set),
         "teacher_checks": teacher_checks.record(teacher_set, flags),
         "versions": versions(),
     }
@@ -377,18 +378,21 @@ def judge(
 
 
 def select_teachers(
-    logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, specs: list[str]
+    logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, teacher_set: TeacherSet
 ) -> dict[str, Any] | None:
     """Greedy backward elimination of teachers by the held-out NLL of the ``auto``
-    ensemble (kdplug.selection); None with one teacher or without ``auto`` installed."""
+    ensemble (kdplug.selection), teachers by name, the recommended ones' specs too; None
+    with one teacher or without ``auto`` installed."""
     from kdplug.plugins import get_manager
     from kdplug.selection import backward_elimination
 
     registry = get_manager().registries["combiners"]
-    if len(specs) < 2 or "auto" not in registry:
+    names = teacher_set.names
+    if len(names) < 2 or "auto" not in registry:
         return None
-    record = backward_elimination(lambda: registry.create("auto"), logits, known, labels, specs)
-    return {"combiner": "auto", **record}
+    record = backward_elimination(lambda: registry.create("auto"), logits, known, labels, names)
+    kept = record["recommended_indices"]
+    return {"combiner": "auto", **record, "recommended_specs": [teacher_set.specs[k] for k in kept]}
 
 
 def _check_out(out: Path, overwrite: bool, inputs: list[str | None]) -> None:
@@ -409,7 +413,7 @@ def format_report(result: dict[str, Any]) -> str:
         head += ["T", "NLL after", "ECE after"]
     rows = [head]
     for k, t in enumerate(result["teachers"]):
-        row = [str(k), short(t["spec"]), f"{t['accuracy']:.4f}", f"{t['nll']:.4f}"]
+        row = [str(k), t["name"], f"{t['accuracy']:.4f}", f"{t['nll']:.4f}"]
         row.append(f"{t['ece']:.4f}")
         if partial:
             own = t.get("accuracy_known_classes")
@@ -463,12 +467,12 @@ def format_selection(selection: dict[str, Any] | None) -> list[str]:
     lines = ["", "teacher selection (greedy backward elimination, held-out NLL of auto)"]
     for flagged in selection["flagged"]:
         lines.append(
-            f"  flagged: {short(flagged['teacher'])} (NLL without it {flagged['nll_without']:.4f})"
+            f"  flagged: {flagged['teacher']} (NLL without it {flagged['nll_without']:.4f})"
         )
     if not selection["flagged"]:
         lines.append("  no teacher's removal lowers the ensemble's NLL")
     lines.append(
-        f"  recommended: {', '.join(short(s) for s in selection['recommended'])} "
+        f"  recommended: {', '.join(selection['recommended'])} "
         f"(NLL {selection['nll_all']:.4f} -> {selection['nll_recommended']:.4f})"
     )
     return lines

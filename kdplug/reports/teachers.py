@@ -181,15 +181,10 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
     with atomic_path(out, directory=True) as tmp:
         for k, teacher in enumerate(result["teachers"]):
             save_figure(reliability_figure(teacher), tmp / f"reliability-{k}.png")
-        names = [short(t["spec"]) for t in result["teachers"]]
+        names = [t["name"] for t in result["teachers"]]
         save_figure(agreement_figure(result["agreement"], names), tmp / "agreement.png")
         save_figure(per_class_figure(result), tmp / "per_class.png")
         write_json(tmp / "report.json", result)
-
-
-def short(spec: str, width: int = 32) -> str:
-    """A spec cut to ``width`` characters for plots and tables (keeps its end)."""
-    return spec if len(spec) <= width else "…" + spec[-(width - 1) :]
 
 
 def per_class_figure(result: dict[str, Any]):
@@ -204,7 +199,7 @@ def per_class_figure(result: dict[str, Any]):
     fig, axes = new_figure(len(teachers), 1, figsize=(width, 2.8 * len(teachers)), squeeze=False)
     for ax, teacher in zip(axes[:, 0], teachers):
         values = [np.nan if v is None else v for v in teacher["class_accuracy"]]
-        title = f"{short(teacher['spec'], 40)}: accuracy per class"
+        title = f"{teacher['name']}: accuracy per class"
         per_class_panel(ax, classes, values, title, xlabel="accuracy on the class's rows")
         if not many:
             ax.set_ylim(0, 1)
@@ -245,7 +240,7 @@ def reliability_figure(teacher: dict[str, Any]):
                 color=line.get_color(),
             )
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
-    ax.set_title(short(teacher["spec"], 48), fontsize=9)
+    ax.set_title(teacher["name"], fontsize=9)
     ax.legend(loc="best", fontsize=8)  # clear of the points and their counts
     return fig
 

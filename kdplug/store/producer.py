@@ -28,7 +28,8 @@ class StoreProducer:
     def __init__(self, store: Store, parts: list[tuple[Split, int]]):
         self.store = store
         self.parts = parts  # (split, first distill row)
-        self.names = [teacher["spec"] for teacher in store.teachers]
+        self.names = list(store.names)
+        self.specs = [teacher["spec"] for teacher in store.teachers]
         self.known = store.known
         self.rows = sum(split.rows for split, _ in parts)
         # the view picked last, per row: the narrowest integer that holds a view (a byte)

@@ -30,6 +30,7 @@ from kdplug.store.layout import (
     split_dir,
 )
 from kdplug.store.topk import full_log_probs
+from kdplug.teacher_names import teacher_names
 
 log = logging.getLogger("kdplug")
 
@@ -78,6 +79,9 @@ class Store:
                 )
             known[k, unknown] = False
         self.known = known  # [T, C]
+        # what tables call them: the names they were cached under (older stores: their specs')
+        derived = teacher_names([teacher["spec"] for teacher in self.teachers])
+        self.names = [str(t.get("name") or d) for t, d in zip(self.teachers, derived)]
 
     def check_teachers(self, force: bool = False) -> None:
         """Refuse the store when a teacher file it was made from has changed since.

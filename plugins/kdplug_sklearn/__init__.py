@@ -16,11 +16,14 @@ def sklearn(
     allow_pickle: bool = False,
     trusted: str | list[str] | None = None,
     classes: str | int | list[str | int] | None = None,
+    scale: float = 1.0,
 ):
-    """A fitted scikit-learn estimator (.skops safe; .pkl/.joblib only with allow_pickle)."""
+    """A fitted scikit-learn estimator (.skops safe; .pkl/.joblib only with allow_pickle);
+    ``scale``: its inputs are multiplied by it (255 for a model fitted on 0-255 pixels:
+    kdplug gives images in [0, 1])."""
     from kdplug_sklearn.estimator import load_estimator
 
-    return load_estimator(ref, allow_pickle, trusted, classes)
+    return load_estimator(ref, allow_pickle, trusted, classes, scale)
 
 
 @kdplug.hookimpl

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from kdplug.api import (
     PICKLE_SUFFIXES,
     BadRowsError,
+    UntrustedTypes,
     UsageError,
     class_names,
     existing_file,
@@ -21,6 +23,13 @@ from kdplug.api import (
     to_device,
 )
 
+log = logging.getLogger("kdplug")
+
+# attributes where estimators keep their training rows' feature means or centroids:
+# StandardScaler, GaussianNB, LDA/QDA, NearestCentroid, KMeans-like
+FITTED_MEANS = ("mean_", "theta_", "means_", "centroids_", "cluster_centers_")
+SCALE_GAP = 10.0  # a ratio of mean magnitudes this large is another scale, not other data
+
 
 class EstimatorTeacher:
     """``teacher(x [B, ...]) -> logits [B, C]``: the estimator on ``x`` flattened to ``[B, D]``.
@@ -29,13 +38,22 @@ class EstimatorTeacher:
     decision_function scores are used as logits (binary scores ``s`` as ``[0, s]``).
     """
 
-    def __init__(self, estimator: Any, classes: list[str], fingerprint: str, source: str):
+    def __init__(
+        self,
+        estimator: Any,
+        classes: list[str],
+        fingerprint: str,
+        source: str,
+        scale: float = 1.0,
+    ):
         self.estimator = estimator
         self.classes = classes
         self.fingerprint = fingerprint
         self.source = source
+        self.scale = scale
         self.probs = hasattr(estimator, "predict_proba")
         self.features = getattr(estimator, "n_features_in_", None)
+        self.checked = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.detach().reshape(len(x), -1).float().cpu().numpy()
@@ -44,6 +62,11 @@ class EstimatorTeacher:
                 f"{self.source} expects {self.features} features, the data gives "
                 f"{rows.shape[1]} per row (x flattened from {tuple(x.shape[1:])})"
             )
+        if self.scale != 1.0:
+            rows = rows * np.float32(self.scale)
+        if not self.checked:
+            self.checked = True
+            check_scale(self, rows, images=x.dim() > 2)
         try:
             if self.probs:
                 out = np.asarray(self.estimator.predict_proba(rows), np.float32)
@@ -64,7 +87,45 @@ class EstimatorTeacher:
         return to_device(torch.from_numpy(scores), x.device)
 
 
-def load_estimator(ref: str, allow_pickle: bool, trusted: Any, classes: Any) -> EstimatorTeacher:
+def check_scale(teacher: EstimatorTeacher, rows: np.ndarray, images: bool) -> None:
+    """Say what the estimator is fed, and warn when the features it was fitted on (as far
+    as it keeps them: ``training_means``) are on another scale than the first batch's."""
+    fed = f"{rows.shape[1]} features" + (" (image pixels in [0, 1])" if images else "")
+    log.info("%s is fed %s times scale=%g", teacher.source, fed, teacher.scale)
+    fitted = training_means(teacher.estimator)
+    finite = rows[np.isfinite(rows).all(axis=1)]
+    if fitted is None or not len(finite):
+        return
+    trained, given = float(np.abs(fitted).mean()), float(np.abs(finite).mean())
+    if trained > 0 and given > 0 and max(trained, given) / min(trained, given) >= SCALE_GAP:
+        log.warning(
+            "%s was fitted on features of mean magnitude %.3g but is fed %.3g (times "
+            "scale=%g); if its training data was on another scale (e.g. 0-255 pixels), set "
+            "scale= on its spec (e.g. scale=%.3g)",
+            teacher.source,
+            trained,
+            given,
+            teacher.scale,
+            teacher.scale * trained / given,
+        )
+
+
+def training_means(estimator: Any) -> np.ndarray | None:
+    """The per-feature means (or centroids) of the rows ``estimator`` was fitted on, where
+    it keeps them: its first step when a Pipeline; None otherwise."""
+    steps = getattr(estimator, "steps", None)
+    if steps:
+        estimator = steps[0][1]
+    for attribute in FITTED_MEANS:
+        value = getattr(estimator, attribute, None)
+        if value is not None:
+            return np.asarray(value, dtype=np.float64)
+    return None
+
+
+def load_estimator(
+    ref: str, allow_pickle: bool, trusted: Any, classes: Any, scale: float = 1.0
+) -> EstimatorTeacher:
     """Load ``ref`` (.skops, or a pickle with the opt-in) and check it is a fitted classifier."""
     source = f"sklearn:{ref}"
     path = existing_file(ref, "sklearn")
@@ -93,7 +154,9 @@ def load_estimator(ref: str, allow_pickle: bool, trusted: Any, classes: Any) -> 
         raise UsageError(
             f"{source}: {len(names)} class names given but the estimator has {len(own)} classes"
         )
-    return EstimatorTeacher(estimator, names, file_hash(path), source)
+    if not (np.isfinite(scale) and scale > 0):
+        raise UsageError(f"{source}: scale must be a finite number > 0, got {scale}")
+    return EstimatorTeacher(estimator, names, file_hash(path), source, scale)
 
 
 def _load_skops(path: Path, source: str, allow_pickle: bool, trusted: Any) -> Any:
@@ -106,11 +169,7 @@ def _load_skops(path: Path, source: str, allow_pickle: bool, trusted: Any) -> An
         needed = skops.io.get_untrusted_types(file=path)
         refused = [t for t in needed if t not in allowed]
         if refused and not pickle_allowed(allow_pickle):
-            raise UsageError(
-                f"{source}: the file needs types skops does not trust by default: {refused}; "
-                f"if you trust them add trusted={';'.join(refused)} to the spec (or pass "
-                "--allow-pickle to trust every type in the file)"
-            )
+            raise UntrustedTypes(source, refused)
         return skops.io.load(path, trusted=needed or None)
     except UsageError:
         raise

@@ -31,6 +31,7 @@ class StoreTeacher:
         self.store = store
         self.split = split
         self.teacher = teacher
+        self.name = store.names[teacher]
         self.columns = store.known[teacher].nonzero().flatten()
         self.classes = [store.classes[c] for c in self.columns.tolist()]
         self.fingerprint = fingerprint
