@@ -119,6 +119,17 @@ def test_nan_rows_are_marked_with_skip_bad_rows():
     assert clean.bad_rows is None
 
 
+def test_only_rows_with_nan_or_inf_are_bad_however_large_the_finite_values():
+    from kdplug.teachers import nonfinite_rows
+
+    z = torch.zeros(6, 1000)
+    z[1, 7], z[2, 999], z[3, 0] = float("nan"), float("inf"), -float("inf")
+    z[4] = 3e38  # finite, though its float32 sum overflows
+    z[5, :2] = torch.tensor([3e38, -3e38])
+    assert nonfinite_rows(z).tolist() == [False, True, True, True, False, False]
+    assert nonfinite_rows(z).tolist() == (~torch.isfinite(z).all(1)).tolist()
+
+
 def test_temperatures_never_put_mass_on_impossible_classes():
     probabilities = Fixed([0.0, 0.4, 0.6])  # as a probability teacher passes them: log p
     probabilities.row = torch.where(
