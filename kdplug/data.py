@@ -32,7 +32,14 @@ log = logging.getLogger("kdplug")
 IMAGE_NAMES = ("image", "img", "pixel_values")
 LABEL_NAMES = ("label", "labels")
 # options every DATA spec accepts; the data path takes them, the source never sees them
-DATA_OPTIONS = ("image_column", "label_column", "image_size", "image_mode", "max_pixels")
+DATA_OPTIONS = (
+    "image_column",
+    "label_column",
+    "image_size",
+    "image_mode",
+    "max_pixels",
+    "id_column",
+)
 IMAGE_MODES = {"L": 1, "RGB": 3}
 COLOR_MODES = ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
 # one-channel modes of more than 8 bits: scaled by their bit depth, not clipped to 255
@@ -55,6 +62,8 @@ class DataSource:
     resize: bool = False  # resize images to input_shape (the spec asked for image_size)
     mode_given: bool = False  # the spec chose the channels (image_mode): convert every image
     max_pixels: int | None = None  # PIL's decompression-bomb limit (max_pixels), None: PIL's
+    id_column: str | None = None  # a column naming each row (id_column=NAME), not a feature
+    root: str | None = None  # the folder the spec's REF names (absolute): files are under it
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -399,6 +408,15 @@ def _one_line(exc: Exception) -> str:
 def load_data(spec: str | Spec, classes: list[str] | None = None) -> DataSource:
     """Build the dataset named by ``spec`` (a bare path too: ``kdplug.data_paths``) and
     detect its columns and classes."""
+    dataset, name, data_options, spec = open_dataset(spec)
+    source = describe(dataset, name, **data_options)
+    source.root = _folder(spec.ref)
+    return source.with_classes(classes) if classes is not None else source
+
+
+def open_dataset(spec: str | Spec) -> tuple[Any, str, dict[str, Any], Spec]:
+    """The (non-empty) dataset ``spec`` names, its name for messages, the data options
+    written on it (``DATA_OPTIONS``) and the spec as resolved."""
     spec = data_spec(spec)
     written = spec.raw if spec.raw is not None else spec.options  # as written: label_column=01
     data_options = {k: written[k] for k in DATA_OPTIONS if k in written}
@@ -406,8 +424,14 @@ def load_data(spec: str | Spec, classes: list[str] | None = None) -> DataSource:
     name = str(spec) if str(spec).isprintable() else repr(str(spec))  # messages: one line
     if len(dataset) == 0:
         raise UsageError(f"{name}: the dataset is empty")
-    source = describe(dataset, name, **data_options)
-    return source.with_classes(classes) if classes is not None else source
+    return dataset, name, data_options, spec
+
+
+def _folder(ref: str | None) -> str | None:
+    """The absolute path of the folder ``ref`` names, or None (no ref, not a folder)."""
+    if not ref or not os.path.isdir(os.path.expanduser(ref)):
+        return None
+    return os.path.abspath(os.path.expanduser(ref))
 
 
 def describe(
@@ -418,8 +442,10 @@ def describe(
     image_size: Any = None,
     image_mode: str | None = None,
     max_pixels: Any = None,
+    id_column: str | None = None,
 ) -> DataSource:
-    """Detect the image (or feature) columns, the label column and the class names."""
+    """Detect the image (or feature) columns, the label column and the class names;
+    ``id_column`` names each row (it is never a feature)."""
     from datasets import ClassLabel, Image, Value
 
     features = dataset.features
@@ -435,6 +461,11 @@ def describe(
 
     label = pick(label_column, ClassLabel, LABEL_NAMES, "label")
     image = pick(image_column, Image, IMAGE_NAMES, "image")
+    if id_column is not None:
+        if not isinstance(id_column, str) or id_column not in features:
+            raise UsageError(f"{name}: no id column {id_column!r} (columns: {columns})")
+        if id_column in (label, image):
+            raise UsageError(f"{name}: id_column {id_column!r} is its label or image column")
     classes, values = None, None
     if label is not None:
         feature = features[label]
@@ -465,11 +496,12 @@ def describe(
             resize=image_size is not None,
             mode_given=image_mode is not None,
             max_pixels=max_pixels,
+            id_column=id_column,
         )
     numeric = [
         c
         for c in columns
-        if c != label
+        if c not in (label, id_column)
         and isinstance(features[c], Value)
         and features[c].dtype.startswith(("int", "uint", "float", "bool"))
     ]
@@ -478,7 +510,10 @@ def describe(
             f"{name}: no image column ({', '.join(IMAGE_NAMES)} or an Image feature) and no "
             f"numeric feature columns; columns are {columns} (use image_column=NAME)"
         )
-    return DataSource(name, dataset, "tabular", numeric, label, classes, (len(numeric),), values)
+    shape = (len(numeric),)
+    return DataSource(
+        name, dataset, "tabular", numeric, label, classes, shape, values, id_column=id_column
+    )
 
 
 def distinct_labels(values: list[Any], name: str, column: str) -> list[Any]:

@@ -58,12 +58,16 @@ def describe_mode(mode: str, k: int | None) -> str:
     return f"topk={k}" if mode == "topk" else mode
 
 
-def features(classes: list[str], mode: str, k: int | None, private: bool) -> Any:
-    """The ``datasets.Features`` of our columns."""
+def features(
+    classes: list[str], mode: str, k: int | None, private: bool, keys: list[str] = ()
+) -> Any:
+    """The ``datasets.Features`` of our columns (``keys``: ``file``, ``id``; see
+    ``kdplug.row_keys``)."""
     import datasets
 
     found = {
         "index": datasets.Value("int64"),
+        **{key: datasets.Value("string") for key in keys},
         "label": datasets.ClassLabel(names=classes),
         "accepted": datasets.Value("bool"),
         "confidence": datasets.Value("float32"),
@@ -120,6 +124,8 @@ def arrow_table(columns: dict[str, np.ndarray], feats: Any, mode: str, k: int | 
         if name in lists:
             flat = lists[name]
             arrays[name] = pa.FixedSizeListArray.from_arrays(flat.reshape(-1), flat.shape[1])
+        elif isinstance(columns[name], pa.Array):  # a row key, read as Arrow
+            arrays[name] = columns[name]
         else:
             arrays[name] = pa.array(columns[name])
     return pa.Table.from_arrays(list(arrays.values()), schema=feats.arrow_schema)

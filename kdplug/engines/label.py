@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdplug import distributed, teacher_checks
+from kdplug import distributed, eval_labels, teacher_checks
 from kdplug.data import (
     DataSource,
     batch_count,
@@ -64,6 +64,7 @@ from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_d
 from kdplug.plugins import create, get_manager
 from kdplug.registry import typed_options
 from kdplug.reports.label import LabelTally, save_report_figure
+from kdplug.row_keys import key_columns, key_names
 from kdplug.run import Run, check_tensorboard
 from kdplug.shards import (
     Shard,
@@ -189,7 +190,8 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
             reader,
             generator,
             name,
-            source if cfg.with_inputs else None,
+            source,
+            cfg.with_inputs,
             classes,
             (mode, k),
             truth,
@@ -253,14 +255,17 @@ def fit_combiner(
 ) -> dict[str, Any]:
     """Fit a combiner that has ``fit`` (``auto``) on the teachers' outputs for the labeled
     calibration rows (none without ``--calibration-data``, or where the teachers look
-    trained on them: ``kdplug.fitting.fit_components`` then says what it does instead)."""
+    trained on them: ``kdplug.fitting.fit_components`` then says what it does instead).
+    Every rank calls it: each runs the teachers on its share of the rows (``shared``)."""
     if not can_fit(combiner):
         if rows is not None:
             log.warning("--calibration-data is unused: this combiner has no fit step")
         return {}
     labeled = [] if rows is None else np.flatnonzero(rows.labels() >= 0).tolist()
     names = "labeled --calibration-data rows"
-    return fit_on_rows(combiner, None, teacher_set, rows, labeled, batch_size, device, names)
+    return fit_on_rows(
+        combiner, None, teacher_set, rows, labeled, batch_size, device, names, shared=True
+    )
 
 
 def run_classes(cfg: LabelConfig, source: DataSource, teachers: list[Any]) -> tuple[list[str], str]:
@@ -317,18 +322,7 @@ def check_label_teachers(
 def true_labels(cfg: LabelConfig, source: DataSource, classes: list[str]) -> np.ndarray | None:
     """True labels ``[N]`` (-1 unknown) from ``--eval-labels`` or DATA, or None if none."""
     if cfg.eval_labels:
-        eval_source = load_data(cfg.eval_labels, classes)
-        if len(eval_source) != len(source):
-            raise UsageError(
-                f"--eval-labels {cfg.eval_labels} has {len(eval_source)} rows, "
-                f"DATA has {len(source)}; they must match row for row"
-            )
-        if eval_source.label_column is None:
-            raise UsageError(
-                f"--eval-labels {cfg.eval_labels} has no label column "
-                f"(columns: {list(eval_source.dataset.features)})"
-            )
-        labels = eval_source.labels()
+        labels = eval_labels.true_labels(cfg.eval_labels, source, classes)
     else:
         labels = source.labels()
     return labels if (labels >= 0).any() else None
@@ -664,20 +658,23 @@ def write_dataset(
     reader: ShardReader,
     generator: Any,
     name: str,
-    source: DataSource | None,
+    source: DataSource,
+    with_inputs: bool,
     classes: list[str],
     probs: tuple[str, int | None],
     truth: np.ndarray | None,
 ) -> LabelTally:
     """Decide every shard with ``generator`` (``name`` names it) and write its rows into
-    the dataset at ``directory`` (the inputs first, when ``source`` is given) and the
-    report's tally, one shard at a time."""
+    the dataset at ``directory`` (DATA's inputs first, ``with_inputs``; the rows' ``file``
+    and ``id`` where DATA has them: ``kdplug.row_keys``) and the report's tally, one shard
+    at a time."""
     import pyarrow as pa
 
     mode, k = probs
     private = is_private(generator)
-    ours = label_features(classes, mode, k, private)
-    feats, renamed = with_input_features(ours, source)
+    keys = key_names(source)
+    ours = label_features(classes, mode, k, private, keys)
+    feats, renamed = with_input_features(ours, source if with_inputs else None)
     writer = DatasetWriter(directory, feats, len(reader.shards))
     tally = LabelTally(len(reader.known), len(classes), reader.known.numpy())
     for shard in reader.shards:
@@ -687,8 +684,9 @@ def write_dataset(
             decided = generator.decide(rows)
         label, accepted, soft = spread(generator, name, decided, rows, tensors["bad"])
         columns = shard_columns(shard.start, label, accepted, soft, tensors["votes"], private)
+        columns.update(key_columns(source, shard.start, shard.stop, keys))
         table = arrow_table(columns, ours, mode, k)
-        if source is not None:
+        if with_inputs:
             inputs = input_table(source, shard, renamed)
             table = pa.Table.from_arrays(inputs.columns + table.columns, schema=feats.arrow_schema)
         writer.write(table)

@@ -334,17 +334,11 @@ def check_training(cfg: SelfTrainConfig) -> None:
 
 
 def check_eval_labels(spec: str, unlabeled: Any, classes: list[str]) -> None:
-    """``--eval-labels``: labeled, and row for row with ``--unlabeled``."""
-    from kdplug.data import load_data
+    """``--eval-labels``: labels of ``--unlabeled``'s rows, row for row or by file name
+    (``kdplug.eval_labels``), checked before any work."""
+    from kdplug.eval_labels import true_labels
 
-    truth = load_data(spec, classes)
-    if len(truth) != len(unlabeled):
-        raise UsageError(
-            f"--eval-labels {spec} has {len(truth)} rows, --unlabeled has {len(unlabeled)}; "
-            "they must match row for row"
-        )
-    if truth.label_column is None:
-        raise UsageError(f"--eval-labels {spec} has no label column (columns: {truth.columns})")
+    true_labels(spec, unlabeled, classes, "--unlabeled")
 
 
 def combiner_fit_rows(cfg: SelfTrainConfig) -> str | None:
