@@ -253,6 +253,39 @@ def test_each_rank_runs_the_teachers_on_its_share_of_the_fit_rows(digits_splits,
     assert seen == rows[1::2] and logits.shape == (1, 10, 10) and len(labels) == 10
 
 
+def test_labels_calibration_fit_is_shared_by_the_ranks(digits_splits, tmp_path, monkeypatch):
+    """``label --calibration-data`` fits ``auto`` with each rank running the teachers on its
+    share of the rows (``collect_outputs(shared=True)``), as distill's fit does."""
+    import inspect
+
+    import skops.io
+
+    from kdplug import fitting
+    from kdplug.engines.label import LabelConfig, run_label
+    from tests.teacher_fixtures import fit_logistic
+
+    skops.io.dump(fit_logistic(digits_splits["labeled"]), tmp_path / "lr.skops")
+    calls = []
+    real = fitting.collect_outputs
+
+    def collect(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        calls.append(bound.arguments.get("shared", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fitting, "collect_outputs", collect)
+    config = LabelConfig(
+        [f"sklearn:{tmp_path / 'lr.skops'}"],
+        digits_splits["test"],
+        str(tmp_path / "out"),
+        combiner="auto",
+        calibration_data=digits_splits["unlabeled"],
+        progress=False,
+    )
+    assert run_label(config)["fitted"]["combiner"]["fitted"] is True
+    assert calls == [True]
+
+
 def test_label_reads_every_shard_through_one_loader(digits_splits, tmp_path, monkeypatch):
     """One DataLoader (one set of workers) for a run's shards, with no batch crossing a
     shard's edge (so a resumed shard computes its rows in the same batches)."""
