@@ -235,7 +235,47 @@ def test_augment_and_unlike_rows_are_refused_with_feature_rows(tiny, tmp_path):
     assert not out.exists()
 
 
-def test_eval_refuses_data_the_student_cannot_read(distilled, tmp_path):
+def test_a_missing_feature_value_in_the_train_rows_is_refused_naming_it(tmp_path):
+    x, y = rows(20, 4)
+    x[5, 1] = np.nan
+    train = write_csv(tmp_path / "gap.csv", x, y)
+    result = invoke(
+        "distill",
+        "--student",
+        "tabular:mlp",
+        "--train",
+        train,
+        "--loss",
+        "ce",
+        "--out",
+        tmp_path / "o",
+    )
+    assert refusal(result) == (
+        f"Error: --train {train}: row 5 has a missing (NaN) or infinite value in feature 'b'; "
+        "the student fits its feature normalization on finite rows"
+    )
+
+
+def test_eval_refuses_data_the_student_cannot_read(distilled, tiny, tmp_path):
+    from kdplug.model_dir import save_student
+    from kdplug.plugins import create
+
+    images = tmp_path / "cnn"
+    cnn = create("students", "timm:test_resnet", 2, 1)
+    save_student(
+        images,
+        cnn,
+        architecture="test_resnet",
+        classes=["0", "1"],
+        input_size=[1, 8, 8],
+        mean=[0.5],
+        std=[0.25],
+    )
+    line = refusal(invoke("eval", "--model", images, "--data", tiny["val"]))
+    assert line == (
+        f"Error: {tiny['val']}: the student takes images; this dataset is tabular (a tabular "
+        "student: --student tabular:mlp)"
+    )
     line = refusal(invoke("eval", "--model", distilled, "--data", "sklearn:digits"))
     assert line == (
         "Error: sklearn:digits: the student takes tabular rows of 3 features; this dataset "
