@@ -100,3 +100,15 @@ def test_a_required_option_may_come_from_the_file_and_missing_ones_are_named(tmp
     result = invoke("teachers", "report", "--config", config, "--data", inputs["data"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["rows"] == 30
+
+
+def test_distill_takes_its_optional_value_flag_from_the_file_and_names_the_file(tmp_path):
+    """``augment: true`` is ``--augment`` alone; a bad value is refused naming the file."""
+    config = tmp_path / "distill.yaml"
+    values = {"student": "timm:test_resnet", "train": "sklearn:digits", "augment": True}
+    config.write_text(yaml.safe_dump({**values, "out": str(tmp_path / "o"), "epochs": 0}))
+    result = invoke("distill", "--config", config)
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == (
+        f"Error: config file {config}: epochs must be an integer >= 1, got 0"
+    )

@@ -113,7 +113,7 @@ def _typed_one(param: click.Parameter, key: str, value: Any, where: str, ctx: cl
         if not isinstance(value, bool):
             raise UsageError(f"{where}: {key} must be true or false, got {value!r}")
         return value
-    if isinstance(value, bool) and getattr(param, "is_flag", False):
+    if isinstance(value, bool) and getattr(param, "_flag_needs_value", False):
         return param.flag_value if value else None  # --augment alone, or not at all
     kind = param.type.name
     number = isinstance(param.type, click.types._NumberParamTypeBase)
