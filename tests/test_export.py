@@ -131,7 +131,8 @@ def test_an_export_off_by_more_than_the_tolerance_is_refused_and_not_written(
     data = digits_splits["test"]
     assert error_line(result) == (
         f"Error: the torchscript export of {run_dir} gives logits 0 away from the student's "
-        f"(more than -1) on the first 2 rows of {data} (--data); nothing written"
+        f"(more than -1) on the first 2 rows of {data} (--data); nothing written; try another "
+        "--format"
     )
     assert list(tmp_path.iterdir()) == []
 

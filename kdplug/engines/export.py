@@ -139,7 +139,8 @@ def export_student(
         if not worst <= TOLERANCE:  # NaN fails too
             raise UsageError(
                 f"the {fmt} export of {model_dir} gives logits {worst:.3g} away from the "
-                f"student's (more than {TOLERANCE:g}) on {rows_used}; nothing written"
+                f"student's (more than {TOLERANCE:g}) on {rows_used}; nothing written; "
+                "try another --format"
             )
     shape = ["batch", *x.shape[1:2], "height", "width"] if image else ["batch", *x.shape[1:]]
     return {
