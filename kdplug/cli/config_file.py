@@ -109,14 +109,16 @@ def typed(param: click.Parameter, key: str, value: Any, where: str, ctx: click.C
 
 
 def _typed_one(param: click.Parameter, key: str, value: Any, where: str, ctx: click.Context) -> Any:
+    """One value: a flag's true/false, else a string (or a number) the type converts."""
     if getattr(param, "is_bool_flag", False):
         if not isinstance(value, bool):
             raise UsageError(f"{where}: {key} must be true or false, got {value!r}")
         return value
     if isinstance(value, bool) and getattr(param, "_flag_needs_value", False):
-        return param.flag_value if value else None  # --augment alone, or not at all
+        # an option whose value may be left out (distill's --augment): true is the flag alone
+        return param.flag_value if value else None
     kind = param.type.name
-    number = isinstance(param.type, click.types._NumberParamTypeBase)
+    number = isinstance(param.type, click.types.IntParamType | click.types.FloatParamType)
     scalar = isinstance(value, str) or (
         number and isinstance(value, int | float) and not isinstance(value, bool)
     )
