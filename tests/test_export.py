@@ -154,3 +154,38 @@ def test_export_refuses_without_rows_to_check_on(run_dir, tmp_path):
         ".onnx (onnx), .ts (torchscript), .torchscript (torchscript), .pt2 (export))"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lone"]
+
+
+def test_a_tabular_student_exports_as_feature_rows_with_its_normalization(tmp_path):
+    """A tabular:mlp student directory (its feature normalization fitted and saved with it)
+    as a torch.export program: [batch, D] float32 rows in, logits out, like the student."""
+    from kdplug.model_dir import load_classifier, save_student
+    from kdplug.plugins import create
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, generator=generator) * torch.tensor([1.0, 10.0, 100.0, 0.1]) + 5
+    model = create("students", "tabular:mlp,widths=8,dropout=0.0", 3, 4)
+    model.fit_inputs(x)
+    features = ["a", "b", "c", "d"]
+    fields = {"student": "tabular", "data_kind": "tabular", "feature_names": features}
+    options = dict(input_size=[4], mean=None, std=None, model_args=model.model_args)
+    save_student(tmp_path / "mlp", model.eval(), architecture="mlp", classes=["x", "y", "z"],
+                 fields=fields, **options)  # fmt: skip
+    csv = tmp_path / "rows.csv"
+    lines = [",".join([*features, "label"])]
+    lines += [",".join([*(f"{v:.6f}" for v in row.tolist()), "x"]) for row in x]
+    csv.write_text("\n".join(lines) + "\n")
+
+    out = tmp_path / "mlp.pt2"
+    result = invoke("export", "--model", tmp_path / "mlp", "--out", out, "--data", f"csv:{csv}")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["input"]["shape"] == ["batch", 4] and summary["rows_checked"] == 12
+    assert summary["checked_shapes"] == [[12, 4], [1, 4]]
+    assert summary["preprocessing_included"] == "the model's own"
+
+    program = torch.export.load(str(out)).module()
+    rows = torch.randn(5, 4, generator=generator) * 50
+    with torch.no_grad():
+        expected = load_classifier(tmp_path / "mlp")(rows)
+        torch.testing.assert_close(program(rows), expected, atol=1e-4, rtol=0)
