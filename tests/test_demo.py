@@ -18,6 +18,10 @@ def test_demo_distilled_student_beats_labeled_only(tmp_path):
     for name, accuracy in rows.items():
         assert f"{accuracy:.4f}" in table and name in table
     assert "pseudo-labels:" in result.stdout
+    # never silent for long, and no carriage-return bars in a log: progress lines per stage
+    assert "\r" not in result.stderr
+    assert "kdplug: INFO: label: batch " in result.stderr
+    assert "kdplug: INFO: epoch 1: loss " in result.stderr
     assert (out / "distilled" / "student" / "model.safetensors").exists()
     assert (out / "labels" / "report.json").exists()
     again = run_cli("demo", "--out", str(out), "--epochs", "1", "--labeled", "40")
