@@ -11,6 +11,7 @@ import kdplug
 from kdplug import UsageError
 from kdplug.engines.distill import DistillConfig, distill
 from kdplug.engines.eval import evaluate_student
+from kdplug.teacher_names import teacher_names
 from kdplug.teachers import TeacherOutputs
 
 STUDENT = "timm:test_resnet"
@@ -75,7 +76,9 @@ def test_distilled_student_beats_the_labels_only_student(digits_splits, teachers
     lines = _lines(tmp_path / "kd")
     assert len(lines) == 3 and all(line["kd"] > 0 for line in lines)
     # the mean combiner weighs both teachers 1/2 on every row
-    assert lines[-1]["teacher_weights"] == pytest.approx({teachers[0]: 0.5, teachers[1]: 0.5})
+    names = [t["name"] for t in summary["teachers"]]  # what tables call them: file stems
+    assert names == teacher_names(teachers)
+    assert lines[-1]["teacher_weights"] == pytest.approx({names[0]: 0.5, names[1]: 0.5})
 
 
 class TableProducer:
