@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 LOG_INTERVAL = 50  # steps between lines (timm's train.py --log-interval default)
@@ -126,8 +126,8 @@ def track(
 ) -> Iterator[Any]:
     """Iterate ``batches`` (tuples whose first item holds the rows, ``x``) with a
     ``Progress``: one step per batch, ``total`` steps (default ``len(batches)``)."""
-    if total is None and hasattr(batches, "__len__"):
-        total = len(batches)  # type: ignore[arg-type]
+    if total is None and isinstance(batches, Sized):
+        total = len(batches)
     with Progress(desc, total, show=show, every=every) as progress:
         for batch in batches:
             yield batch
