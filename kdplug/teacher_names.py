@@ -3,9 +3,10 @@
 A teacher's name is its spec's ``name=`` option (an option of every teacher, taken off
 before the plugin's factory sees the spec), else the name it gives itself
 (``Teacher.name``: a store teacher, the name it was cached under), else the stem of the
-file its REF names (``onnx:models/big.onnx`` is ``big``), else its REF, else its
-component's name. Names shared by several teachers get ``-2``, ``-3``... in spec order.
-Runs still record each teacher's spec text, which names its file.
+file its spec names (``onnx:models/big.onnx`` is ``big``;
+``timm:resnet50,checkpoint=mine.pt`` is ``mine``), else its REF, else its component's
+name. Names shared by several teachers get ``-2``, ``-3``... in spec order. Runs still
+record each teacher's spec text, which names its file.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ def given_name(spec: str | Spec) -> str | None:
 
 
 def ref_name(spec: str | Spec) -> str:
-    """The stem of the file ``spec``'s REF names (a REF with a suffix or a folder), else the
-    REF, else the component's name."""
+    """The stem of the file ``spec`` names: its REF when that is a path (it has a suffix or
+    a folder), else its ``checkpoint=`` option (``timm:resnet50,checkpoint=mine.pt`` is
+    ``mine``); else the REF, else the component's name."""
     spec = as_spec(spec)
-    if not spec.ref:
-        return spec.name
-    path = PurePath(spec.ref.rstrip("/\\"))
-    return (path.stem or spec.ref) if path.suffix or len(path.parts) > 1 else spec.ref
+    for text in (spec.ref, spec.options.get("checkpoint")):
+        path = PurePath(str(text).rstrip("/\\")) if text else None
+        if path is not None and path.stem and (path.suffix or len(path.parts) > 1):
+            return path.stem
+    return spec.ref or spec.name
 
 
 def teacher_names(specs: Sequence[str | Spec], teachers: Sequence[Any] = ()) -> list[str]:

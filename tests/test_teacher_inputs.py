@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from kdplug import UsageError
 from kdplug.plugins import create
+from kdplug.teacher_names import teacher_names
 from tests.teacher_fixtures import digits_arrays
 
 ARCH = "test_resnet"
@@ -69,7 +70,8 @@ def test_a_checkpoint_teacher_is_fed_the_datas_size_and_normalization(
     assert inputs["from"]["mean"].startswith("measured on 150 rows of disk:")
     assert result["teacher_checks"]["flags"] == []
     line = next(r.getMessage() for r in caplog.records if "is fed" in r.getMessage())
-    assert line.startswith(f"teacher {spec} is fed 8x8 images (the data's own, no resize)")
+    name = teacher_names([spec])[0]  # the checkpoint's stem
+    assert line.startswith(f"teacher {name} is fed 8x8 images (the data's own, no resize)")
     assert "set size=, mean=, std= on its spec" in line
 
 

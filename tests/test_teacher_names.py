@@ -22,15 +22,17 @@ def test_a_teacher_is_named_by_name_option_its_own_name_or_its_files_stem():
         "onnx:models/big.onnx",
         "onnx:models/big.onnx,name=Big one",
         "timm:resnet18",
+        "timm:resnet50,checkpoint=runs/own/finetuned.safetensors",
         "torchscript:/very/long/path/to/the/teachers/folder/of/this/user/resnet50_a1.pt",
         "store:runs/store4,teacher=0,split=2",
         "mine",
     ]
-    teachers = [None, None, None, None, Named(), None]
+    teachers = [None, None, None, None, None, Named(), None]
     assert teacher_names(specs, teachers) == [
         "big",
         "Big one",
         "resnet18",
+        "finetuned",
         "resnet50_a1",
         "cached-big",
         "mine",
