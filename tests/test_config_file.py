@@ -41,6 +41,16 @@ def test_every_unknown_key_is_named_at_once_with_the_nearest_flag(command, tmp_p
     assert "config" not in line.split("known: ")[1].split(", ")
 
 
+def test_export_reads_a_config_file_too(tmp_path):
+    config = tmp_path / "export.yaml"
+    config.write_text(yaml.safe_dump({"rowz": 8, "format": "onnx"}))
+    result = invoke("export", "--config", config)
+    assert result.exit_code == 2, result.output
+    assert error_line(result).startswith(
+        f"Error: config file {config}: unknown key 'rowz' (did you mean 'rows'?); known: "
+    )
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
