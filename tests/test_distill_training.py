@@ -229,3 +229,35 @@ def test_self_train_refuses_a_bad_training_option_before_any_work(
 def test_an_optimizer_timm_cannot_create_here_is_one_line(digits_splits, tmp_path):
     with pytest.raises(UsageError, match=r"^--opt bnbadam: timm could not create it \(.+\)$"):
         _trainer(digits_splits, tmp_path, opt="bnbadam")
+
+
+def test_a_resumed_run_follows_the_same_schedule_as_an_uninterrupted_one(
+    digits_splits, tmp_path, monkeypatch
+):
+    """The scheduler and the update count are in checkpoint.pt: a run stopped after epoch 1
+    (its second checkpoint cannot be written) resumes on the same warm-up and steps."""
+    import errno
+
+    options = dict(opt="momentum", lr=0.1, sched="step", decay_epochs=1, warmup_epochs=1)
+    whole = tmp_path / "whole"
+    distill(_config(digits_splits, tmp_path, out=str(whole), **options))
+    out = tmp_path / "cut"
+    real_save, calls = torch.save, []
+
+    def fills_up(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    with pytest.raises(UsageError, match="disk is full"):
+        distill(_config(digits_splits, tmp_path, out=str(out), **options))
+    monkeypatch.setattr(torch, "save", real_save)
+    distill(_config(digits_splits, tmp_path, out=str(out), resume=True, **options))
+
+    def lines(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [x["lr"] for x in lines(out)] == [x["lr"] for x in lines(whole)]
+    assert [x["loss"] for x in lines(out)] == pytest.approx([x["loss"] for x in lines(whole)])
