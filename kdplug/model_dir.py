@@ -64,7 +64,7 @@ def hub_config(
 
     num_classes = len(classes)
     in_chans = int(input_size[0])
-    own_cfg = getattr(model, "pretrained_cfg", None) or {}
+    own_cfg = getattr(model, "pretrained_cfg", {}) or {}
     pretrained_cfg = {k: own_cfg[k] for k in MODEL_FACTS if own_cfg.get(k) is not None}
     recipe = {}  # feature rows (mean None): the model normalizes them itself
     if mean is not None and std is not None:

@@ -471,8 +471,10 @@ def test_teachers_report_recommends_a_subset_and_scores_auto_held_out(
 
     result = report(digit_teachers, digits_splits["unlabeled"])
     selection = result["selection"]
-    assert [f["teacher"] for f in selection["flagged"]] == [digit_teachers[1]]
-    assert selection["recommended"] == [digit_teachers[0]]
+    names = [t["name"] for t in result["teachers"]]
+    assert [f["teacher"] for f in selection["flagged"]] == [names[1]]
+    assert selection["recommended"] == [names[0]]
+    assert selection["recommended_specs"] == [digit_teachers[0]]
     auto = next(c for c in result["combiners"] if c["name"] == "auto")
     assert auto["held_out"] and auto["accuracy"] >= result["teachers"][0]["accuracy"] - 0.01
     text = format_report(result)

@@ -95,13 +95,13 @@ def run_data(model_dir: str) -> tuple[str, str]:
     from its summary.json, and where it was read."""
     from kdplug.model_dir import student_path
 
-    student = student_path(model_dir)
-    summary = student.parent / "summary.json"
+    folder = student_path(model_dir)
+    summary = folder.parent / "summary.json"
     try:
         recorded = json.loads(summary.read_text(encoding="utf-8"))["data"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(
-            f"{student} is not in a distill run directory whose summary.json names its data: "
+            f"{folder} is not in a distill run directory whose summary.json names its data: "
             "give --data DATA, rows the student reads, to check the export on"
         ) from None
     for split in ("val", "train"):
@@ -129,12 +129,13 @@ def export_student(
     x, rows_used = check_rows(model_dir, data, rows)
     image = x.dim() == 4
     size = tuple(config["input_size"][1:]) if image else None
-    model = Deployable(load_classifier(model_dir), size).eval()
+    classifier = load_classifier(model_dir)
+    deployable = Deployable(classifier, size).eval()
     carried = (student_path(model_dir) / "config.json").read_text(encoding="utf-8")
     with atomic_path(out) as tmp:
         with torch.no_grad():
-            WRITERS[fmt](model, x[:2], tmp, carried)
-        checks = check_export(fmt, tmp, model.classifier, x)
+            WRITERS[fmt](deployable, x[:2], tmp, carried)
+        checks = check_export(fmt, tmp, classifier, x)
         worst = max(diff for _, diff in checks)
         if not worst <= TOLERANCE:  # NaN fails too
             raise UsageError(
