@@ -330,3 +330,19 @@ def test_the_docs_torch_only_snippet_predicts_as_kdplug_does(distilled):
     with torch.no_grad():
         expected = load_classifier(distilled)(x)
     assert torch.allclose(namespace["logits"](x), expected, atol=1e-5)
+
+
+def test_distill_from_a_teacher_store_of_feature_rows(tiny, tmp_path):
+    """kdplug cache of feature rows, then distill --store, as with images."""
+    store = tmp_path / "store"
+    cached = invoke(
+        *["cache", "--teacher", tiny["teacher"], "--data", tiny["train"]],
+        *["--data", tiny["unlabeled"], "--out", store],
+    )
+    assert cached.exit_code == 0, cached.output
+    out = tmp_path / "run"
+    result = invoke(*distill_args(tiny, out, "--unlabeled", tiny["unlabeled"], "--store", store))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["unlabeled"]["rows"] == 120
+    assert json.loads((out / "student" / "config.json").read_text())["data_kind"] == "tabular"
