@@ -24,7 +24,9 @@ from kdplug.cli.training import training_options
 @click.option(
     "--store", metavar="STORE", help="A teacher store (kdplug cache) instead of --teacher."
 )
-@click.option("--student", metavar="SPEC", help="The student, e.g. timm:resnet18.")
+@click.option(
+    "--student", metavar="SPEC", help="The student, e.g. timm:resnet18 (tabular: tabular:mlp)."
+)
 @click.option("--train", metavar="DATA", help="Labeled training data (a DATA spec).")
 @click.option("--unlabeled", metavar="DATA", help="Unlabeled data: teachers' targets only.")
 @click.option("--val", metavar="DATA", help="Labeled validation data (picks the best epoch).")

@@ -16,16 +16,19 @@ from kdplug.cli.training import given_training, training_options
 
 @click.command("self-train")
 @teachers_option()
-@click.option("--student", required=True, metavar="SPEC", help="The student, e.g. timm:resnet18.")
 @click.option(
-    "--train", required=True, metavar="DATA", help="Labeled training images (a DATA spec)."
+    "--student",
+    required=True,
+    metavar="SPEC",
+    help="The student, e.g. timm:resnet18 (tabular: tabular:mlp).",
 )
+@click.option("--train", required=True, metavar="DATA", help="Labeled training rows (a DATA spec).")
 @click.option("--unlabeled", required=True, metavar="DATA", help="Images to pseudo-label.")
 @click.option(
     "--val",
     required=True,
     metavar="DATA",
-    help="Labeled images to score each round (and pick the best).",
+    help="Labeled rows to score each round (and pick the best).",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
