@@ -482,7 +482,8 @@ def build_student(spec: Spec, classes: list[str], train: DataSource) -> torch.nn
     if kind != train.kind:
         hint = "tabular:mlp" if train.kind == "tabular" else "timm:ARCH"
         raise UsageError(
-            f"--student {spec} takes {'images' if kind == 'image' else 'tabular rows'}; "
+            f"--student {spec.name}:{spec.ref} takes "
+            f"{'images' if kind == 'image' else 'tabular rows'}; "
             f"--train {train.spec} is {'tabular' if train.kind == 'tabular' else 'images'} "
             f"(a student for it: --student {hint})"
         )

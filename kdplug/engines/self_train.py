@@ -315,7 +315,7 @@ def check_data_and_student(cfg: SelfTrainConfig, train: Any, unlabeled: Any) -> 
     check_like_train(unlabeled, train, "--unlabeled")
     check_like_train(load_data(cfg.val, train.classes), train, "--val")
     check_augment(cfg.augment, train)
-    spec = parse_spec(cfg.student)
+    spec = student_spec(cfg.student, cfg.drop_path)  # as every round builds it
     build_student(spec, train.classes, train)
     if cfg.drop_path > 0 and not takes_drop_path(spec):
         log.info("--drop-path: student %s has no drop_path_rate; its noise is its own", spec)
