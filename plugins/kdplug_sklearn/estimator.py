@@ -90,8 +90,9 @@ class EstimatorTeacher:
 def check_scale(teacher: EstimatorTeacher, rows: np.ndarray, images: bool) -> None:
     """Say what the estimator is fed, and warn when the features it was fitted on (as far
     as it keeps them: ``training_means``) are on another scale than the first batch's."""
-    fed = f"{rows.shape[1]} features" + (" (image pixels in [0, 1])" if images else "")
-    log.info("%s is fed %s times scale=%g", teacher.source, fed, teacher.scale)
+    if images or teacher.scale != 1.0:  # feature rows at scale 1: nothing was chosen
+        fed = f"{rows.shape[1]} features" + (" (image pixels in [0, 1])" if images else "")
+        log.info("%s is fed %s times scale=%g", teacher.source, fed, teacher.scale)
     fitted = training_means(teacher.estimator)
     finite = rows[np.isfinite(rows).all(axis=1)]
     if fitted is None or not len(finite):
