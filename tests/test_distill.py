@@ -119,7 +119,8 @@ def test_a_producer_replaces_the_live_teachers(digits_splits, tmp_path):
     # then every row once: train rows are 0..149, then the unlabeled rows 150..596
     assert sorted(rows.tolist()) == list(range(597))
     assert [len(batch) for batch in producer.seen[1:]] == [199, 199, 199]
-    assert summary["teachers"] == [{"spec": "table", "fingerprint": "table-v1"}]
+    # a producer without specs: its names stand for them
+    assert summary["teachers"] == [{"name": "table", "spec": "table", "fingerprint": "table-v1"}]
 
 
 class NanRowsPlugin:

@@ -56,7 +56,7 @@ def test_distill_from_the_store_end_to_end(store, teachers, digits_splits, tmp_p
     assert stored["store"] == store and stored["teachers"] == []
     info = open_store(store).teachers
     assert summary["teachers"] == [
-        {"spec": t["spec"], "fingerprint": t["fingerprint"]} for t in info
+        {"name": t["name"], "spec": t["spec"], "fingerprint": t["fingerprint"]} for t in info
     ]
     assert [t["spec"] for t in summary["teachers"]] == teachers
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

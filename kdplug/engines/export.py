@@ -243,7 +243,10 @@ def runner(fmt: str, path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation
             return torch.jit.load(str(path), map_location="cpu").eval()
-    return torch.export.load(str(path)).module()
+    from kdplug.teacher_io import weights_only_loads
+
+    with weights_only_loads():  # the file just written, yet never unpickled
+        return torch.export.load(str(path)).module()
 
 
 def check_inputs(x: torch.Tensor) -> list[torch.Tensor]:
