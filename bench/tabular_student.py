@@ -3,7 +3,10 @@
 scikit-learn's breast_cancer (569 rows, 30 features, 2 classes), split anew per seed
 (stratified): 30% test rows that nothing is fitted or selected on, and of the rest
 ``--labeled`` rows with labels, the others an unlabeled pool written without its labels.
-Four scikit-learn teachers are fitted on the labeled rows alone and saved as ``.skops``:
+Four scikit-learn teachers are fitted on the labeled rows alone (or, with
+``--teacher-labeled N``, on N labeled rows that hold the student's: teachers trained on
+more labels than the student gets, the student seeing the others without their labels)
+and saved as ``.skops``:
 a logistic regression and a k-nearest-neighbours classifier (each after a StandardScaler),
 a random forest and gradient boosting. Then, through kdplug's engine exactly as ``kdplug
 distill`` runs it (``kdplug.engines.distill``): the MLP distilled from the four teachers
@@ -37,9 +40,11 @@ TEACHERS = ("logreg", "knn", "forest", "boosting")
 TREES = "trusted=sklearn.tree._tree.Tree"  # skops' opt-in for the tree ensembles' type
 
 
-def split_rows(seed: int, labeled: int):
+def split_rows(seed: int, labeled: int, teacher_labeled: int):
     """breast_cancer's features, labels, feature names and the row indices of the test,
-    labeled and unlabeled rows (stratified, ``seed``-ed)."""
+    teachers' (``teacher_labeled`` rows, the student's ``labeled`` among them), labeled and
+    unlabeled rows (stratified, ``seed``-ed); the teachers' rows the student has no labels
+    for are in its unlabeled pool."""
     import numpy as np
     from sklearn.datasets import load_breast_cancer
     from sklearn.model_selection import train_test_split
@@ -47,15 +52,28 @@ def split_rows(seed: int, labeled: int):
     data = load_breast_cancer()
     rows = np.arange(len(data.target))
     rest, test = train_test_split(rows, test_size=0.3, stratify=data.target, random_state=seed)
-    labeled_rows, unlabeled_rows = train_test_split(
-        rest, train_size=labeled, stratify=data.target[rest], random_state=seed
-    )
+    teacher_rows = rest
+    if teacher_labeled < len(rest):
+        teacher_rows, _ = train_test_split(
+            rest, train_size=teacher_labeled, stratify=data.target[rest], random_state=seed
+        )
+    labeled_rows = teacher_rows
+    if labeled < len(teacher_rows):
+        labeled_rows, _ = train_test_split(
+            teacher_rows, train_size=labeled, stratify=data.target[teacher_rows], random_state=seed
+        )
+    unlabeled_rows = np.setdiff1d(rest, labeled_rows)
     names = [str(n).replace(" ", "_") for n in data.feature_names]
     return (
         data.data,
         data.target,
         names,
-        {"test": test, "labeled": labeled_rows, "unlabeled": unlabeled_rows},
+        {
+            "test": test,
+            "teachers": teacher_rows,
+            "labeled": labeled_rows,
+            "unlabeled": unlabeled_rows,
+        },
     )
 
 
@@ -139,14 +157,14 @@ def run_student(out: Path, data: dict[str, str], seed: int, epochs: int, **what)
 
 def one_seed(root: Path, seed: int) -> dict:
     """Teachers, the distilled MLP and the labels-only MLPs of one split."""
-    x, y, names, rows = split_rows(seed, ARGS.labeled)
+    x, y, names, rows = split_rows(seed, ARGS.labeled, max(ARGS.labeled, ARGS.teacher_labeled))
     root.mkdir(parents=True, exist_ok=True)
     data = {
         "labeled": write_csv(root / "labeled.csv", x[rows["labeled"]], y[rows["labeled"]], names),
         "unlabeled": write_csv(root / "unlabeled.csv", x[rows["unlabeled"]], None, names),
         "test": write_csv(root / "test.csv", x[rows["test"]], y[rows["test"]], names),
     }
-    teachers = fit_teachers(x[rows["labeled"]], y[rows["labeled"]], root, seed)
+    teachers = fit_teachers(x[rows["teachers"]], y[rows["teachers"]], root, seed)
     outputs = {name: teacher_probs(spec, data["test"]) for name, spec in teachers.items()}
     result = {name: accuracy(*out) for name, out in outputs.items()}
     # what distill's target is here: `auto` falls back to `mean` (the teachers look
@@ -254,6 +272,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default="bench-results/tabular_student")
     parser.add_argument("--student", default="tabular:mlp", help="the student spec")
     parser.add_argument("--labeled", type=int, default=60, help="labeled rows (of 398)")
+    parser.add_argument(
+        "--teacher-labeled",
+        type=int,
+        default=0,
+        help="the teachers are fitted on this many labeled rows, the student's among them "
+        "(the rest in the student's unlabeled pool, without labels); default: the student's",
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
