@@ -61,8 +61,9 @@ def teacher_outputs(specs: list[str], spec: str):
     teachers = build_teacher_set(specs, source.classes)
     bar = Progress("label", None, show=False)
     cpu = torch.device("cpu")
+    mean = create("combiners", "mean")
     rows = label_rows(
-        batches(source, 256, workers=0), teachers, create("combiners", "mean"), cpu, bar
+        batches(source, 256, workers=0), len(source), teachers, mean, cpu, bar, keep_probs=True
     )
     return rows["teacher_probs"], teachers.known.cpu(), rows["target"], source.labels()
 

@@ -406,6 +406,7 @@ def test_label_writes_the_calibrated_prediction(digits_splits, digit_teachers):
     assert fitted["combiner"]["distillation_target"] == "the teachers' own outputs"
     written = label_rows(
         batches(source, 100, workers=0),
+        len(source),
         teacher_set,
         auto,
         cpu,

@@ -420,7 +420,9 @@ def label_shards(
         writing = None  # the previous shard's write, done while this one computes
         for shard, count in zip(shards, counts):
             rows = itertools.islice(stream, count)
-            tensors = label_rows(rows, teacher_set, combiner, device, bar, keep_probs, all_known)
+            tensors = label_rows(
+                rows, len(shard.rows), teacher_set, combiner, device, bar, keep_probs, all_known
+            )
             if writing is not None:
                 writing.result()  # at most one shard waits in memory; its error surfaces here
             writing = writer.submit(write_shard, shard, tensors, metadata)
@@ -437,6 +439,7 @@ def loader_workers(source: DataSource) -> int:
 @torch.inference_mode()
 def label_rows(
     rows: Any,
+    count: int,
     teacher_set: TeacherSet,
     combiner: Any,
     device: torch.device,
@@ -444,15 +447,15 @@ def label_rows(
     keep_probs: bool = False,
     all_known: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of the batches ``rows`` (``(x, y, idx)``): ``target [R, C]`` (the
-    combined prediction), ``votes`` and ``weights [K, R]``, ``bad [R]`` (a teacher gave
-    NaN/Inf) and, with ``keep_probs``, ``teacher_probs [K, R, C]``.
+    """The tensors of the batches ``rows`` (``(x, y, idx)``, ``count`` rows in all):
+    ``target [R, C]`` (the combined prediction), ``votes`` and ``weights [K, R]``, ``bad
+    [R]`` (a teacher gave NaN/Inf) and, with ``keep_probs``, ``teacher_probs [K, R, C]``.
 
-    The batches' results stay on ``device`` until the last one, then come to the host
-    together and are checked there: a batch waits for the device only in the teacher set."""
-    keys = ("target", "votes", "weights", *(("teacher_probs",) if keep_probs else ()))
-    parts: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
-    bad_parts, row_parts = [], []
+    Each batch's results are copied straight into the shard's host tensors (``ShardBuffers``:
+    no list of batches, no concatenation; pinned and without blocking on CUDA); the host
+    waits for the device once, at the shard's end, then checks them."""
+    K, C = len(teacher_set.teachers), len(teacher_set.classes)
+    out_rows = ShardBuffers(count, K, C, keep_probs, device)
     for x, _, idx in rows:
         x = x.to(device, non_blocking=True)
         with autocast(device):
@@ -463,24 +466,65 @@ def label_rows(
         with running(combiner, "the combiner", batch):
             weights, target = combined_prediction(combiner, logits, out.known, unlabeled)
         scores = logits if all_known else logits.masked_fill(~out.known.unsqueeze(1), -math.inf)
-        parts["votes"].append(scores.argmax(-1).int())  # a class the teacher knows
+        found = {
+            "target": target.float(),
+            "votes": scores.argmax(-1).int(),  # a class the teacher knows
+            "weights": weights.float(),
+            "bad": out.bad_rows,
+        }
         if keep_probs:
-            parts["teacher_probs"].append(teacher_probs(logits, out.known))
-        parts["target"].append(target.float())
-        parts["weights"].append(weights.float())
-        bad = out.bad_rows if out.bad_rows is not None else torch.zeros_like(unlabeled, dtype=bool)
-        bad_parts.append(bad)
-        row_parts.append(idx)
+            found["teacher_probs"] = teacher_probs(logits, out.known)
+        out_rows.add(found, idx)
         bar.update(1, rows=len(idx))
-    dims = {"teacher_probs": 1, "target": 0, "weights": 1, "votes": 1}
-    merged = {key: torch.cat(values, dim=dims[key]).cpu() for key, values in parts.items()}
-    merged["bad"] = torch.cat(bad_parts).cpu()
-    data_rows = torch.cat(row_parts)
+    merged, data_rows = out_rows.finish()
     refuse_invalid(
         combiner, "the combiner", "weights", merged["weights"].T, data_rows, finite_only=True
     )
     refuse_invalid(combiner, "the combiner", "probabilities", merged["target"], data_rows)
     return merged
+
+
+class ShardBuffers:
+    """A shard's results on the host, filled batch by batch: rows along dim 0 of ``target``
+    and ``bad``, dim 1 of ``votes``, ``weights`` and ``teacher_probs``."""
+
+    ROW_DIM = {"target": 0, "bad": 0, "votes": 1, "weights": 1, "teacher_probs": 1}
+
+    def __init__(self, rows: int, K: int, C: int, keep_probs: bool, device: torch.device):
+        pin = device.type == "cuda"
+        shapes = {
+            "target": ((rows, C), torch.float32),
+            "votes": ((K, rows), torch.int32),
+            "weights": ((K, rows), torch.float32),
+            "bad": ((rows,), torch.bool),
+        }
+        if keep_probs:
+            shapes["teacher_probs"] = ((K, rows, C), torch.float32)
+        self.tensors = {
+            key: torch.empty(shape, dtype=dtype, pin_memory=pin)
+            for key, (shape, dtype) in shapes.items()
+        }
+        self.tensors["bad"].zero_()
+        self.index = torch.empty(rows, dtype=torch.long)
+        self.filled, self.device = 0, device
+
+    def add(self, found: dict[str, torch.Tensor | None], idx: torch.Tensor) -> None:
+        """Copy one batch's results (``bad`` None: no bad row) after the rows so far."""
+        start, stop = self.filled, self.filled + len(idx)
+        for key, value in found.items():
+            if value is not None:
+                part = self.tensors[key].narrow(self.ROW_DIM[key], start, stop - start)
+                part.copy_(value, non_blocking=True)
+        self.index[start:stop] = idx
+        self.filled = stop
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The filled tensors and the rows' data positions, once the device is done."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the shard's one wait
+        if self.filled != len(self.index):
+            raise RuntimeError(f"a shard of {len(self.index)} rows got {self.filled}")
+        return self.tensors, self.index
 
 
 @dataclass
