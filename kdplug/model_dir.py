@@ -59,7 +59,9 @@ def hub_config(
     fields: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``config.json`` of a student directory: timm's hub config for ``model`` (rebuilt
-    by ``timm.create_model(architecture, **model_args)``), with kdplug's ``fields``."""
+    by ``timm.create_model(architecture, **model_args)``; ``model_args``: the keyword
+    arguments beyond ``num_classes`` and ``in_chans``), with kdplug's own keys ``fields``
+    beside timm's (timm ignores them)."""
     from kdplug import __version__
 
     num_classes = len(classes)
@@ -83,35 +85,13 @@ def hub_config(
     }
 
 
-def save_student(
-    path: str | os.PathLike,
-    model: torch.nn.Module,
-    *,
-    architecture: str,
-    classes: list[str],
-    input_size: list[int],
-    mean: list[float] | None,
-    std: list[float] | None,
-    model_args: Mapping[str, Any] | None = None,
-    fields: Mapping[str, Any] | None = None,
-) -> None:
-    """Write ``model``'s weights and config as a student directory, atomically (whole dir).
-
-    ``model_args``: keyword arguments beyond ``num_classes`` and ``in_chans`` that rebuild
-    the model; ``fields``: kdplug's own keys beside timm's (timm ignores them)."""
+def save_student(path: str | os.PathLike, model: torch.nn.Module, **options: Any) -> None:
+    """Write ``model``'s weights and its config, ``hub_config(model, **options)``, as a
+    student directory, atomically (whole dir)."""
     from safetensors.torch import save
 
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    config = hub_config(
-        model,
-        architecture=architecture,
-        classes=classes,
-        input_size=input_size,
-        mean=mean,
-        std=std,
-        model_args=model_args,
-        fields=fields,
-    )
+    config = hub_config(model, **options)
     with atomic_path(path, directory=True) as tmp:
         # bytes written by Python, so a full disk raises OSError (atomic_path names it)
         (tmp / WEIGHTS).write_bytes(save(state))
