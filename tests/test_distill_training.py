@@ -66,6 +66,16 @@ def test_the_defaults_are_the_adamw_and_cosine_kdplug_always_used():
     assert _lrs(now, now_sched, 28) == _lrs(before, before_sched, 28)
 
 
+def test_the_cli_flags_are_the_options_self_train_passes_on():
+    """kdplug.cli.training's flags (imported without torch) name exactly distill.TRAINING,
+    the options self-train checks and hands to every round."""
+    from kdplug.cli.training import NAMES
+    from kdplug.engines.distill import TRAINING, DistillConfig
+
+    assert NAMES == TRAINING
+    assert set(TRAINING) <= set(DistillConfig.__dataclass_fields__)
+
+
 def test_timm_options_reach_the_factories_and_the_run_follows_them(digits_splits, tmp_path):
     options = dict(
         opt="sgd",
