@@ -434,6 +434,20 @@ def _folder(ref: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(ref))
 
 
+def pick_column(
+    features: Any, wanted: Any, typed: type, names: tuple[str, ...], role: str, where: str
+) -> str | None:
+    """The ``role`` column of ``features``: ``wanted`` (refused unless it is one), else the
+    first of type ``typed``, else the first of ``names``; None if none."""
+    columns = list(features)
+    if wanted is not None:
+        if not isinstance(wanted, str) or wanted not in features:
+            raise UsageError(f"{where}: no {role} column {wanted!r} (columns: {columns})")
+        return wanted
+    typed_cols = [c for c in columns if isinstance(features[c], typed)]
+    return typed_cols[0] if typed_cols else next((c for c in names if c in features), None)
+
+
 def describe(
     dataset: Any,
     name: str,
@@ -450,17 +464,8 @@ def describe(
 
     features = dataset.features
     columns = list(features)
-
-    def pick(wanted: str | None, typed: type, names: tuple[str, ...], role: str) -> str | None:
-        if wanted is not None:
-            if not isinstance(wanted, str) or wanted not in features:
-                raise UsageError(f"{name}: no {role} column {wanted!r} (columns: {columns})")
-            return wanted
-        typed_cols = [c for c in columns if isinstance(features[c], typed)]
-        return typed_cols[0] if typed_cols else next((c for c in names if c in features), None)
-
-    label = pick(label_column, ClassLabel, LABEL_NAMES, "label")
-    image = pick(image_column, Image, IMAGE_NAMES, "image")
+    label = pick_column(features, label_column, ClassLabel, LABEL_NAMES, "label", name)
+    image = pick_column(features, image_column, Image, IMAGE_NAMES, "image", name)
     if id_column is not None:
         if not isinstance(id_column, str) or id_column not in features:
             raise UsageError(f"{name}: no id column {id_column!r} (columns: {columns})")

@@ -48,17 +48,11 @@ def label_column(dataset: Any, wanted: str | None, where: str) -> str:
     """The labels' column: ``label_column=NAME``, else a ClassLabel, else ``label(s)``."""
     from datasets import ClassLabel
 
-    from kdplug.data import LABEL_NAMES
+    from kdplug.data import LABEL_NAMES, pick_column
 
-    columns = list(dataset.features)
-    if wanted is not None:
-        if wanted not in columns:
-            raise UsageError(f"{where}: no label column {wanted!r} (columns: {columns})")
-        return wanted
-    typed = [c for c in columns if isinstance(dataset.features[c], ClassLabel)]
-    found = typed[0] if typed else next((c for c in LABEL_NAMES if c in columns), None)
+    found = pick_column(dataset.features, wanted, ClassLabel, LABEL_NAMES, "label", where)
     if found is None:
-        raise UsageError(f"{where} has no label column (columns: {columns})")
+        raise UsageError(f"{where} has no label column (columns: {list(dataset.features)})")
     return found
 
 
