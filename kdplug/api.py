@@ -35,6 +35,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "StreamingGenerator": "kdplug.label_shards:StreamingGenerator",
             "hard_labels": "kdplug.label_shards:hard_labels",
             "Run": "kdplug.run:Run",
+            "create_component": "kdplug.plugins:create",
         },
     ),
     "errors": (

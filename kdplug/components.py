@@ -89,6 +89,13 @@ class Teacher(Protocol):
     per-channel mean and std of the data it runs on, measured as ``distill`` measures a
     student's, and ``where`` says how. None: it knows its own."""
 
+    intermediates: (
+        Callable[[torch.Tensor, Sequence[int]], tuple[torch.Tensor, list[torch.Tensor]]] | None
+    ) = None
+    """``intermediates(x, stages) -> (logits [B, C_t], features)``: one forward giving its
+    logits and its features ``[B, C_i, H_i, W_i]`` at ``stages`` (timm's
+    ``forward_intermediates`` indices), for feature losses. None: it offers no features."""
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -122,6 +129,11 @@ class Student(Protocol):
     counts), recorded in the student directory: a student that is not a timm model is
     rebuilt from them through the students registry. None: a timm model
     (``timm.create_model(architecture)``)."""
+
+    forward_intermediates: Callable[..., Any] | None = None
+    """timm's ``forward_intermediates(x, indices=stages, intermediates_only=False) ->
+    (final, features)`` with ``forward_head(final)`` the logits: what a feature loss reads.
+    None: refused by feature losses."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -158,6 +170,62 @@ class LossStrategy(Protocol):
     @optional
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Called before each epoch (``epoch`` from 0), e.g. for a warm-up."""
+
+    strong_augment: Mapping[str, Any] | None = None
+    """Set: a consistency loss (FixMatch family). Each row is served twice, its weak view
+    (``--augment``'s, else the row as it is) and a strong one (timm's ``create_transform``
+    with these options, e.g. ``{"auto_augment": "rand-m10-n2-mstd0.5"}``, on the decoded
+    image); teachers see the weak view, the student both in one forward, and ``consistency``
+    is added to each step's total. None: one view."""
+
+    unlabeled_ratio: float | None = None
+    """μ, with ``strong_augment``: each step holds ``batch_size / (1 + μ)`` labeled rows
+    (cycled) and the rest unlabeled; an epoch is one pass over the unlabeled rows. None: the
+    train and unlabeled rows shuffled together."""
+
+    @optional
+    def set_unlabeled_rows(self, rows: int) -> None:
+        """With ``strong_augment``: called once before training with the run's number of
+        unlabeled rows (``consistency``'s ``rows`` are below it)."""
+
+    consistency: Callable[..., torch.Tensor] | None = None
+    """``consistency(weak_logits, strong_logits, teacher_probs, rows) -> scalar``, with
+    ``strong_augment``: the weighted term of the step's unlabeled rows (added to the total):
+    the student's logits ``[U, C]`` on their weak views (no gradient) and strong views, the
+    teachers' combined prediction at temperature 1 ``[U, C]`` (None when ``uses_teachers``
+    is False), ``rows [U]`` their positions among the unlabeled rows."""
+
+    feature_stages: Sequence[int] | None = None
+    """Set: a feature loss (FitNets, ReviewKD). The student's and one teacher's features at
+    these stages (timm's ``forward_intermediates`` ``indices``; negative from the last) reach
+    ``feature_loss``; a student without ``forward_intermediates``, or no teacher with
+    ``intermediates``, is refused. None: logits only."""
+
+    feature_teacher: str | None = None
+    """With ``feature_stages``: the name of the teacher whose features are read; None: the
+    first teacher that has ``intermediates``."""
+
+    build_projector: Callable[..., torch.nn.Module] | None = None
+    """``build_projector(student_shapes, teacher_shapes) -> module``, with
+    ``feature_stages``: called once before training with each stage's feature shape
+    ``(C, H, W)`` of the student and of the teacher; the learned modules between them (a
+    regressor), trained with the student by its optimizer and kept in the run's checkpoint,
+    not in the student directory."""
+
+    feature_loss: Callable[..., torch.Tensor] | None = None
+    """``feature_loss(projector, student_features, teacher_features) -> scalar``, with
+    ``feature_stages``: the weighted term (added to the step's total) from the features
+    ``[B, C_i, H_i, W_i]`` of each stage, in ``feature_stages``' order."""
+
+    @optional
+    def state_dict(self) -> dict[str, Any]:
+        """What the loss learns while training (FlexMatch's per-row predictions), kept in
+        the checkpoint for ``--resume``. Default: nothing."""
+        return {}
+
+    @optional
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s result on ``--resume``."""
 
     def __call__(
         self, student_logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor
@@ -289,6 +357,12 @@ class Producer(Protocol):
     """``rebuild_views(x [B, ...], idx [B]) -> x``: picks one stored view per row and
     returns those inputs; the engine calls it on every training batch before ``producer``,
     which then serves the outputs of the views picked last. None: one input per row."""
+
+    request_features: Callable[[str | None, Sequence[int]], str] | None = None
+    """``request_features(teacher, stages) -> name``: from then on every output carries the
+    features at ``stages`` of the teacher named ``teacher`` (None: the first with
+    ``intermediates``) as ``TeacherOutputs.features``; returns its name. None: it has no
+    features (a store: its outputs are logits only)."""
 
     def fingerprints(self) -> list[str | None]:
         """One per teacher: recorded in summary.json."""

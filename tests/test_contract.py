@@ -304,6 +304,19 @@ VALID = {
     "fingerprints": callable,
     "to": callable,
     "check_rows": callable,
+    "intermediates": optional_callable,
+    "forward_intermediates": optional_callable,
+    "strong_augment": lambda v: v is None or isinstance(v, Mapping),
+    "unlabeled_ratio": lambda v: v is None or (is_float(v) and v > 0),
+    "set_unlabeled_rows": callable,
+    "consistency": optional_callable,
+    "feature_stages": lambda v: v is None or (isinstance(v, Sequence) and len(v) > 0),
+    "feature_teacher": lambda v: v is None or (isinstance(v, str) and bool(v)),
+    "build_projector": optional_callable,
+    "feature_loss": optional_callable,
+    "state_dict": callable,
+    "load_state_dict": callable,
+    "request_features": optional_callable,
 }
 
 
