@@ -65,9 +65,47 @@ def dist(
     return DIST(beta=beta, gamma=gamma, tau=tau, ce_weight=ce_weight, kd_weight=kd_weight)
 
 
+def fitnet(
+    base: str = "ce",
+    stage: int = -2,
+    weight: float = 100.0,
+    teacher: str | None = None,
+    **base_options,
+):
+    """FitNets: weight * MSE(regressor(student stage), teacher stage) added to a base loss."""
+    from kdplug_losses.feature_kd import FitNet
+
+    return FitNet(base=base, stage=stage, weight=weight, teacher=teacher, base_options=base_options)
+
+
+def reviewkd(
+    base: str = "ce",
+    stages: int = 3,
+    weight: float = 1.0,
+    warmup: int = 20,
+    max_mid_channel: int = 512,
+    teacher: str | None = None,
+    **base_options,
+):
+    """ReviewKD: fused student stages against the teacher's last stages, added to a base loss."""
+    from kdplug_losses.feature_kd import ReviewKD
+
+    return ReviewKD(
+        base=base,
+        stages=stages,
+        weight=weight,
+        warmup=warmup,
+        max_mid_channel=max_mid_channel,
+        teacher=teacher,
+        base_options=base_options,
+    )
+
+
 @kdplug.hookimpl
 def register_losses(register):
     register("ce", ce)
     register("kd", kd)
     register("dkd", dkd)
     register("dist", dist)
+    register("fitnet", fitnet)
+    register("reviewkd", reviewkd)

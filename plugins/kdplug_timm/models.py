@@ -196,7 +196,8 @@ class ModelTeacher(torch.nn.Module):
     ``size``, ``mean`` and ``std`` came from; ``DATA`` marks those that nothing gave, which
     ``normalize_like_data`` then takes from the data (mean and std; a size nothing gave is
     the data's own: no resize). ``sources`` None: a model of feature rows ``[B, D]`` (a
-    tabular student), fed them as they are (``inputs`` None).
+    tabular student), fed them as they are (``inputs`` None). ``intermediates`` (the
+    contract's) is set for a model with timm's ``forward_intermediates``, else None.
     """
 
     def __init__(
@@ -212,6 +213,8 @@ class ModelTeacher(torch.nn.Module):
         self.preprocess = preprocess
         self.classes = classes
         self.fingerprint = fingerprint
+        has_stages = callable(getattr(model, "forward_intermediates", None))
+        self.intermediates = self._intermediates if has_stages else None
         if sources is None:  # feature rows: nothing to resize or normalize here
             self.inputs, self.normalize_like_data = None, None
             return
@@ -240,7 +243,9 @@ class ModelTeacher(torch.nn.Module):
             self.inputs["from"][key] = where
         self.normalize_like_data = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def model_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as its model takes it (``preprocess``); refused while the mean or std that
+        ``normalize_like_data`` takes from the data is not known."""
         if self.normalize_like_data is not None:
             unknown = [k for k in ("mean", "std") if self.inputs["from"][k] == DATA]
             raise UsageError(
@@ -248,7 +253,20 @@ class ModelTeacher(torch.nn.Module):
                 "carries none): give them as options (mean=, std=), or run it through "
                 "kdplug.teachers.TeacherSet with data=, which measures them on the data"
             )
-        return self.model(self.preprocess(x))
+        return self.preprocess(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.model_inputs(x))
+
+    def _intermediates(
+        self, x: torch.Tensor, stages: list[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``intermediates`` of a model with timm's ``forward_intermediates``: the logits of
+        ``forward`` and the features ``[B, C_i, H_i, W_i]`` at ``stages``, in one forward."""
+        final, features = self.model.forward_intermediates(
+            self.model_inputs(x), indices=list(stages), intermediates_only=False
+        )
+        return self.model.forward_head(final), list(features)
 
 
 def _values(buffer: torch.Tensor) -> list[float]:
