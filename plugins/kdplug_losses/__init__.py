@@ -101,6 +101,55 @@ def reviewkd(
     )
 
 
+def fixmatch(
+    base: str = "ce",
+    threshold: float = 0.95,
+    lambda_u: float = 1.0,
+    mu: float = 7.0,
+    strong: str = "rand-m10-n2-mstd0.5",
+    source: str = "auto",
+    **base_options,
+):
+    """FixMatch consistency on unlabeled rows (weak view's confident class as the strong
+    view's target; confident teachers' class first with source=auto) added to a base loss."""
+    from kdplug_losses.consistency import FixMatch
+
+    return FixMatch(
+        base=base,
+        threshold=threshold,
+        lambda_u=lambda_u,
+        mu=mu,
+        strong=strong,
+        source=source,
+        base_options=base_options,
+    )
+
+
+def flexmatch(
+    base: str = "ce",
+    threshold: float = 0.95,
+    lambda_u: float = 1.0,
+    mu: float = 7.0,
+    strong: str = "rand-m10-n2-mstd0.5",
+    source: str = "auto",
+    warmup: bool = True,
+    **base_options,
+):
+    """fixmatch with FlexMatch's class-adaptive thresholds (warmup: USB's thresh_warmup)."""
+    from kdplug_losses.consistency import FlexMatch
+
+    return FlexMatch(
+        base=base,
+        threshold=threshold,
+        lambda_u=lambda_u,
+        mu=mu,
+        strong=strong,
+        source=source,
+        warmup=warmup,
+        base_options=base_options,
+    )
+
+
 @kdplug.hookimpl
 def register_losses(register):
     register("ce", ce)
@@ -109,3 +158,5 @@ def register_losses(register):
     register("dist", dist)
     register("fitnet", fitnet)
     register("reviewkd", reviewkd)
+    register("fixmatch", fixmatch)
+    register("flexmatch", flexmatch)
