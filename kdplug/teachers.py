@@ -44,6 +44,8 @@ class TeacherOutputs:
     logits: torch.Tensor  # [K, B, C] float32, aligned to the run's classes
     known: torch.Tensor  # [K, C] bool: teacher k can predict class c
     bad_rows: torch.Tensor | None = None  # [B] bool: some teacher gave NaN/Inf (skipped)
+    # one teacher's features [B, C_i, H_i, W_i] per stage, after ``request_features``
+    features: list[torch.Tensor] | None = None
 
 
 def alignment(
@@ -118,6 +120,8 @@ class TeacherSet:
         )
         self.columns = [None if i is None else _columns(i) for i in self.index]
         self.batches_seen = 0
+        self.feature_teacher: int | None = None  # request_features: whose, at which stages
+        self.feature_stages: list[int] = []
         own = [getattr(teacher, "classes", None) for teacher in self.teachers]
         self.class_notes = class_notes(self.names, own, self.classes)
         self.inputs = feed_teachers(self.teachers, self.names, data)
@@ -147,6 +151,24 @@ class TeacherSet:
 
     def fingerprints(self) -> list[str | None]:
         return [getattr(teacher, "fingerprint", None) for teacher in self.teachers]
+
+    def request_features(self, name: str | None, stages: Sequence[int]) -> str:
+        """Every later output carries the features at ``stages`` of the teacher ``name``
+        (None: the first with ``intermediates``); returns its name. A teacher without
+        ``intermediates``, or no such teacher, is refused with the teachers that have them."""
+        offer = [callable(getattr(t, "intermediates", None)) for t in self.teachers]
+        having = [n for n, has in zip(self.names, offer) if has]
+        if name is None and having:
+            name = having[0]
+        if name is None or name not in self.names or not offer[self.names.index(name)]:
+            which = "no teacher" if name is None else f"teacher {name!r}"
+            offered = ", ".join(having) or "none of them (timm: and kdplug: teachers do)"
+            raise UsageError(
+                f"{which} offers intermediate features; teachers that do: {offered} "
+                f"(the run's teachers: {', '.join(self.names)})"
+            )
+        self.feature_teacher, self.feature_stages = self.names.index(name), list(stages)
+        return name
 
     def check_rows(self, rows: int) -> None:
         """Refuse precomputed-logit teachers whose row count differs from the data's."""
@@ -187,10 +209,14 @@ class TeacherSet:
         else:
             out = torch.full(shape, IMPOSSIBLE, dtype=torch.float32, device=x.device)
         nonfinite = torch.zeros((len(self.teachers), B), dtype=torch.bool, device=x.device)
+        features = None
         for k, (teacher, name, columns, temperature) in enumerate(
             zip(self.teachers, self.specs, self.index, self.temperatures)
         ):
-            z = self._run(teacher, name, x, index)
+            if k == self.feature_teacher:
+                z, features = self._run(teacher, name, x, index, self.feature_stages)
+            else:
+                z = self._run(teacher, name, x, index)
             wanted = C if columns is None else len(teacher.classes)  # columns: it has classes
             if z.dim() != 2 or z.shape[0] != B or z.shape[1] != wanted:
                 raise UsageError(self._shape_error(name, tuple(z.shape), B, wanted, columns))
@@ -210,7 +236,7 @@ class TeacherSet:
         self.batches_seen += 1
         bad = nonfinite.any(0)
         if not bad.any():  # the batch's one wait for the device
-            return TeacherOutputs(out, self.known_on(x.device), None)
+            return TeacherOutputs(out, self.known_on(x.device), None, features)
         if not self.skip_bad_rows:
             k = int(nonfinite.any(1).nonzero()[0])
             rows = nonfinite[k].nonzero().flatten()[:5].tolist()
@@ -219,22 +245,32 @@ class TeacherSet:
                 f"{self.batches_seen - 1} (rows {rows} of the batch); pass "
                 "--skip-bad-rows to drop such rows and count them"
             )
-        return TeacherOutputs(out, self.known_on(x.device), bad)
+        return TeacherOutputs(out, self.known_on(x.device), bad, features)
 
     def known_on(self, device: torch.device) -> torch.Tensor:
         """``known`` on ``device`` (moved by ``to``, so copied only for another device)."""
         return self.known if self.known.device == device else self.known.to(device)
 
     def _run(
-        self, teacher: Any, name: str, x: torch.Tensor, index: torch.Tensor | None
-    ) -> torch.Tensor:
-        """One teacher on ``x``: a bug in it is a PluginError naming its plugin and the
-        batch; rows it refuses (BadRowsError) are named as data rows."""
+        self,
+        teacher: Any,
+        name: str,
+        x: torch.Tensor,
+        index: torch.Tensor | None,
+        stages: list[int] | None = None,
+    ) -> Any:
+        """One teacher on ``x``: its logits, or with ``stages`` ``(logits, features)`` from
+        its ``intermediates``. A bug in it is a PluginError naming its plugin and the batch;
+        rows it refuses (BadRowsError) are named as data rows."""
         row_index = getattr(teacher, "uses_row_index", False)
         if row_index and index is None:
             raise UsageError(f"teacher {name} needs row indices, which this run lacks")
         try:
             with running(teacher, f"teacher {name!r}", f" on batch {self.batches_seen}"):
+                if stages is not None:
+                    z, features = teacher.intermediates(x, stages)
+                    z = torch.as_tensor(z).to(device=x.device, dtype=torch.float32)
+                    return z, [f.float() for f in features]
                 z = teacher(x, index) if row_index else teacher(x)
                 return torch.as_tensor(z).to(device=x.device, dtype=torch.float32)
         except BadRowsError as exc:

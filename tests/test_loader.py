@@ -140,6 +140,6 @@ def test_each_rank_runs_the_planned_updates_on_its_share(
         loader = train_loader(rows, config(digits_splits, tmp_path, batch_size=16), False)
         loader.set_epoch(2)
         chunks = list(loader.sampler)
-        assert len(chunks) == len(loader) == updates_per_epoch(447, 16)
+        assert len(chunks) == len(loader) == updates_per_epoch(distributed.rows_per_rank(447), 16)
         share = distributed.epoch_rows(447, 3, 2)
         assert [chunk.rows for chunk in chunks] == batches_of(share, 16, drop_last=True)

@@ -50,7 +50,7 @@ from kdplug.data import (
 )
 from kdplug.device import autocast, full_precision, grad_scaler, memory_format
 from kdplug.errors import PluginError, UsageError, component_name, running
-from kdplug.fitting import invalid_rows
+from kdplug.fitting import combined_prediction, invalid_rows
 from kdplug.ops import standardize
 from kdplug.outputs import discarding_unstarted_runs
 from kdplug.preprocess import Preprocess, data_normalization
@@ -306,22 +306,27 @@ class TrainRows:
     def __len__(self) -> int:
         return self.split + (len(self.unlabeled) if self.unlabeled is not None else 0)
 
+    def labels(self) -> np.ndarray:
+        """``[N]`` int64: the train rows' labels, then -1 for every unlabeled row."""
+        extra = len(self) - self.split
+        return np.concatenate([self.train.labels(), np.full(extra, -1, dtype=np.int64)])
+
     def batch(
         self, indices: list[int], augment: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x`` float32 ``[B, C, H, W]``, ``y`` int64 ``[B]``, ``idx`` int64 ``[B]``
-        (``augment``: see ``DataSource.batch``)."""
+        """``x`` float32 ``[B, C, H, W]`` (``[B, 2, C, H, W]`` with ``TwoViews``), ``y``
+        int64 ``[B]``, ``idx`` int64 ``[B]`` (``augment``: see ``DataSource.batch``)."""
         idx = torch.tensor(indices, dtype=torch.int64)
         is_train = idx < self.split
         if is_train.all():  # no unlabeled rows in the batch: the train rows as they come
             return self.train.batch(indices, augment)
-        x = torch.empty((len(idx), *self.train.input_shape), dtype=torch.float32)
+        xu, _, _ = self.unlabeled.batch((idx[~is_train] - self.split).tolist(), augment)
+        x = torch.empty((len(idx), *xu.shape[1:]), dtype=torch.float32)  # two views: [B, 2, ...]
         y = torch.full((len(idx),), -1, dtype=torch.int64)
+        x[~is_train] = xu
         if is_train.any():
             xt, yt, _ = self.train.batch(idx[is_train].tolist(), augment)
             x[is_train], y[is_train] = xt, yt
-        xu, _, _ = self.unlabeled.batch((idx[~is_train] - self.split).tolist(), augment)
-        x[~is_train] = xu
         return x, y, idx
 
 
@@ -361,12 +366,17 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
         )
     if config.store:
         check_store_options(config)
-    for key, flag in (("unlabeled", "--unlabeled"), ("calibration_data", "--calibration-data")):
-        if not loss.uses_teachers and getattr(config, key):
+    learns_unlabeled = loss.uses_teachers or getattr(loss, "strong_augment", None) is not None
+    for key, flag, used in (
+        ("unlabeled", "--unlabeled", learns_unlabeled),
+        ("calibration_data", "--calibration-data", loss.uses_teachers),
+    ):
+        if not used and getattr(config, key):
             raise UsageError(f"loss {config.loss} uses labels only: {flag} rows would be unused")
 
     train = load_data(config.train)
     check_augment(config.augment, train)
+    check_strong_views(loss, config.loss, augment, train)
     if train.classes is None:
         raise UsageError(
             f"--train {config.train}: no label column (it needs labels; columns: {train.columns})"
@@ -439,6 +449,22 @@ def check_augment(augment: str | None, train: DataSource) -> None:
         raise UsageError(
             f"--augment {augment} transforms images; --train {train.spec} is tabular (a "
             "tabular student's noise is its own, e.g. tabular:mlp,dropout=0.2)"
+        )
+
+
+def check_strong_views(loss: Any, spec: Any, augment: Any, train: DataSource) -> None:
+    """A consistency loss (``strong_augment``) augments images, row by row: refused for
+    tabular rows and with mixup or cutmix (mixed rows have no view of their own)."""
+    if getattr(loss, "strong_augment", None) is None:
+        return
+    if train.kind == "tabular":
+        raise UsageError(
+            f"--loss {spec} learns from strong views of images; --train {train.spec} is tabular"
+        )
+    if augment is not None and augment[1]:
+        raise UsageError(
+            f"--loss {spec} compares each row's weak and strong views; --augment's mixup or "
+            "cutmix mixes rows (leave them out of --augment)"
         )
 
 
@@ -545,6 +571,49 @@ def _describe(source: DataSource | None, spec: str | Spec | None) -> dict[str, A
     }
 
 
+@dataclass
+class TeacherTarget:
+    """The teachers on one batch, as a step uses them: ``weights [K, B]``, ``target [B, C]``
+    at the loss's T, ``bad [B]`` rows to drop (or None), ``prediction [B, C]`` the combined
+    prediction at T = 1 (consistency losses, else None) and ``features`` (feature losses)."""
+
+    weights: torch.Tensor
+    target: torch.Tensor
+    bad: torch.Tensor | None
+    prediction: torch.Tensor | None
+    features: list[torch.Tensor] | None
+
+    def features_of(self, keep: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """The teacher's features of the rows ``keep`` marks (all rows for None)."""
+        if self.features is None or keep is None:
+            return self.features
+        return [f[keep] for f in self.features]
+
+
+def student_features(
+    parts: Parts, model: torch.nn.Module, normalize: Any, device: torch.device
+) -> Any:
+    """For a feature loss: the student with the loss's projector
+    (``kdplug.features.StudentFeatures``), its shapes probed on the first train rows; None
+    for any other loss."""
+    if getattr(parts.loss, "feature_stages", None) is None:
+        return None
+    from kdplug.features import StudentFeatures, add_projector, check_feature_run
+
+    spec = parts.architecture
+    teacher = check_feature_run(parts.loss, model, parts.producer, spec)
+    log.info(
+        "feature loss: the student's and teacher %s's features at stages %s",
+        teacher,
+        list(parts.loss.feature_stages),
+    )
+    features = StudentFeatures(model, parts.loss)
+    rows = list(range(min(2, len(parts.train))))
+    x, _, idx = parts.train.batch(rows)
+    add_projector(features, parts.producer, (x.to(device), idx), normalize)
+    return features
+
+
 class Trainer:
     """The student, its optimizer, scheduler and EMA, and one training step.
 
@@ -571,9 +640,12 @@ class Trainer:
         for teacher in getattr(parts.producer, "teachers", ()):
             if isinstance(teacher, torch.nn.Module):  # or autocast keeps a copy of each weight
                 teacher.requires_grad_(False)
-        forward = distributed.wrap_model(self.model, device)
+        self.features = student_features(parts, self.model, self.normalize, device)
+        trained = self.features if self.features is not None else self.model
+        self.trained = trained  # what the optimizer steps: the student (and a projector)
+        forward = distributed.wrap_model(trained, device)
         self.forward = torch.compile(forward) if config.compile else forward
-        self.optimizer = build_optimizer(self.model, config)
+        self.optimizer = build_optimizer(trained, config)
         self.scheduler = build_scheduler(self.optimizer, config, updates_per_epoch)
         self.clip_grad, self.clip_mode = config.clip_grad, config.clip_mode
         self.label_smoothing = config.label_smoothing
@@ -589,6 +661,16 @@ class Trainer:
             self.mixup = MixupLabels(options, len(parts.classes))
         self.updates = 0
         self.invalid_targets = torch.zeros((), dtype=torch.long, device=device)
+        self.strong = getattr(self.loss, "strong_augment", None) is not None
+        if self.strong:  # each row's position among the unlabeled rows (-1: labeled)
+            labels = TrainRows(parts.train, parts.unlabeled).labels()
+            unlabeled = labels < 0
+            position = np.full(len(labels), -1, dtype=np.int64)
+            position[unlabeled] = np.arange(int(unlabeled.sum()))
+            self.unlabeled_position = torch.from_numpy(position)
+            if hasattr(self.loss, "set_unlabeled_rows"):
+                with running(self.loss, "the loss"):
+                    self.loss.set_unlabeled_rows(int(unlabeled.sum()))
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -597,11 +679,16 @@ class Trainer:
 
     def teacher_target(
         self, x: torch.Tensor, idx: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Teacher weights ``[K, B]``, target ``[B, C]`` and the rows to drop (or None)."""
+    ) -> TeacherTarget:
+        """The teachers' weights, target and extras on the batch (``TeacherTarget``)."""
         with torch.inference_mode():
             out = self.producer(x, idx)  # under the step's autocast, as in label and cache
             logits = out.logits.float()
+            prediction = None
+            if self.strong:  # a consistency loss reads how sure the teachers are
+                with running(self.combiner, "the combiner"), full_precision(x.device):
+                    _, prediction = combined_prediction(self.combiner, logits, out.known, labels)
+                prediction = prediction.float()
             if self.loss.standardize:
                 logits = standardize(logits, out.known)
             # the combiner in float32, as where it was fitted (kdplug.fitting)
@@ -612,8 +699,13 @@ class Trainer:
                 weights, target = self.combiner(logits, out.known, labels, self.loss.temperature)
             target = target.float()
             self.invalid_targets += invalid_rows(target).sum()
-        bad = out.bad_rows.clone() if out.bad_rows is not None else None
-        return weights.clone(), target.clone(), bad
+        return TeacherTarget(
+            weights.clone(),
+            target.clone(),
+            out.bad_rows.clone() if out.bad_rows is not None else None,
+            prediction.clone() if prediction is not None else None,
+            [f.clone() for f in out.features] if out.features is not None else None,
+        )
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         self.model.train()
@@ -636,6 +728,12 @@ class Trainer:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on a CPU batch; see the class docstring for what it returns."""
+        strong = None
+        if self.strong:  # [B, 2, ...]: the weak views, and the unlabeled rows' strong ones
+            unlabeled = y < 0
+            x, strong = x[:, 0], x[:, 1][unlabeled]
+            rows = self.unlabeled_position[idx[unlabeled]].to(self.device, non_blocking=True)
+            unlabeled = unlabeled.to(self.device, non_blocking=True)
         rebuild_views = getattr(self.producer, "rebuild_views", None)
         if self.loss.uses_teachers and rebuild_views is not None:
             x = rebuild_views(x, idx)  # a teacher store: one of each row's stored views
@@ -647,16 +745,29 @@ class Trainer:
             if soft is not None:  # mixed rows have no single label
                 labels = torch.full_like(labels, -1)
         stats: dict[str, torch.Tensor] = {}
+        teachers = None
+        keep = None
         with autocast(self.device):
             if self.loss.uses_teachers:
-                weights, target, bad = self.teacher_target(x, idx, labels)
-            student_x = x.contiguous(memory_format=self.memory_format)
-            logits = self.forward(self.normalize(student_x)).float()
+                teachers = self.teacher_target(x, idx, labels)
+                if teachers.bad is not None:  # --skip-bad-rows: a teacher gave NaN/Inf here
+                    keep = ~teachers.bad
+            student_x = x if strong is None else torch.cat([x, strong.to(self.device)])
+            student_x = self.normalize(student_x.contiguous(memory_format=self.memory_format))
+            if self.features is not None:
+                kept = torch.arange(len(x), device=self.device)
+                kept = kept if keep is None else kept[keep]
+                logits, feature_term = self.forward(student_x, teachers.features_of(keep), kept)
+            else:
+                logits = self.forward(student_x)
+            logits = logits.float()
+        if strong is not None:
+            logits, strong_logits = logits[: len(x)], logits[len(x) :]
         all_logits = logits
-        if self.loss.uses_teachers:
-            if bad is not None:  # --skip-bad-rows: a teacher gave NaN/Inf on these rows
-                keep = ~bad
-                stats["bad_rows"] = bad.sum()
+        if teachers is not None:
+            weights, target = teachers.weights, teachers.target
+            if keep is not None:
+                stats["bad_rows"] = teachers.bad.sum()
                 weights = weights * keep
                 logits, target, labels = logits[keep], target[keep], labels[keep]
                 if soft is not None:
@@ -687,13 +798,20 @@ class Trainer:
                 with running(self.loss, "the loss"):
                     kd = self.loss(logits, target, labels)
             total = self.loss.ce_weight * ce + self.loss.kd_weight * kd
+        if strong is not None:
+            term = self.consistency(all_logits, strong_logits, unlabeled, rows, teachers, keep)
+            stats["consistency"] = term.detach() * len(logits)
+            total = total + term
+        if self.features is not None:
+            stats["features"] = feature_term.detach() * len(logits)
+            total = total + feature_term
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.clip_grad is not None:
             from timm.utils import dispatch_clip_grad
 
             self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op unscaled)
-            dispatch_clip_grad(self.model.parameters(), self.clip_grad, mode=self.clip_mode)
+            dispatch_clip_grad(self.trained.parameters(), self.clip_grad, mode=self.clip_mode)
         self.scaler.step(self.optimizer)  # skipped when float16 gradients overflowed
         self.scaler.update()
         self.updates += 1
@@ -705,11 +823,34 @@ class Trainer:
         stats["rows"] = rows
         return stats
 
+    def consistency(
+        self,
+        logits: torch.Tensor,
+        strong_logits: torch.Tensor,
+        unlabeled: torch.Tensor,
+        rows: torch.Tensor,
+        teachers: TeacherTarget | None,
+        keep: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The consistency loss's term on the batch's unlabeled rows: the student's weak-view
+        ``logits [B, C]`` (those rows, detached), its ``strong_logits [U, C]``, the teachers'
+        prediction at T = 1 (rows dropped by ``keep`` left out)."""
+        weak = logits[unlabeled].detach()
+        prediction = teachers.prediction[unlabeled] if teachers is not None else None
+        if keep is not None:
+            kept = keep[unlabeled]
+            weak, strong_logits, rows = weak[kept], strong_logits[kept], rows[kept]
+            prediction = prediction[kept]
+        if not len(weak):
+            return strong_logits.sum() * 0.0
+        with running(self.loss, "the loss"):
+            return self.loss.consistency(weak, strong_logits, prediction, rows)
+
     def end_epoch(self, epoch: int) -> None:
         self.scheduler.step(epoch + 1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -717,9 +858,20 @@ class Trainer:
             "scaler": self.scaler.state_dict(),  # {} when disabled
             "updates": self.updates,
         }
+        if self.features is not None:  # the projector: the run's, not the student's
+            state["projector"] = self.features.projector.state_dict()
+        if hasattr(self.loss, "state_dict"):  # what the loss learns (FlexMatch's counts)
+            with running(self.loss, "the loss"):
+                state["loss"] = self.loss.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if self.features is not None:
+            self.features.projector.load_state_dict(state["projector"])
+        if state.get("loss") and hasattr(self.loss, "load_state_dict"):
+            with running(self.loss, "the loss"):
+                self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None and state["ema"] is not None:
@@ -796,14 +948,25 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     }
 
 
+def loss_terms(loss: Any) -> list[str]:
+    """The terms metrics.jsonl reports for ``loss``: the total, ``ce``, ``kd``, and
+    ``consistency`` and ``features`` where the loss has them."""
+    extra = [
+        name
+        for name, member in (("consistency", "strong_augment"), ("features", "feature_stages"))
+        if getattr(loss, member, None) is not None
+    ]
+    return ["loss", "ce", "kd", *extra]
+
+
 def losses_that_ran(loss: Any) -> list[str]:
-    """The train losses of ``loss``'s runs: the total, and ``ce`` and ``kd`` where they
-    count in it (a labels-only loss such as ``ce`` runs no kd term)."""
-    ran = ["loss"]
+    """The train losses of ``loss``'s runs: the total, and the terms that count in it
+    (``ce``, ``kd`` where their weights are not 0: a labels-only loss runs no kd term)."""
+    ran = [term for term in loss_terms(loss) if term not in ("ce", "kd")]
     if loss.ce_weight > 0:
-        ran.append("ce")
+        ran.insert(1, "ce")
     if loss.uses_teachers and loss.kd_weight > 0:
-        ran.append("kd")
+        ran.insert(2 if loss.ce_weight > 0 else 1, "kd")
     return ran
 
 
@@ -877,9 +1040,10 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
         parts.producer.check_rows(len(rows))
     fitted = fit_on_labeled_rows(parts, config, device)
     checks = check_teachers(parts, config, device) if main else None
-    trainer = Trainer(parts, config, device, updates_per_epoch(len(rows), config.batch_size))
+    plan = epoch_plan(rows, parts.loss, config)
+    trainer = Trainer(parts, config, device, updates_per_epoch(plan[1], config.batch_size))
     val = val_batches(parts.val, config, trainer.cuda)
-    loader = train_loader(rows, config, pin=trainer.cuda)
+    loader = train_loader(rows, config, trainer.cuda, parts.loss, plan)
     names = teacher_names(parts)
     progress = start_progress(out, trainer, config, main)
     run = Run(
@@ -1015,10 +1179,34 @@ def start_progress(
     return progress
 
 
+def epoch_plan(rows: TrainRows, loss: Any, config: DistillConfig) -> tuple[Any, int]:
+    """``(order, rows)``: ``order(epoch)`` gives this rank's rows of each epoch and ``rows``
+    how many: the train and unlabeled rows shuffled together (``train_order``), or batches
+    of a fixed share of labeled rows when the loss sets ``unlabeled_ratio``
+    (``kdplug.consistency_data.RatioOrder``)."""
+    ratio = getattr(loss, "unlabeled_ratio", None)
+    if ratio is None:
+        return functools.partial(train_order, len(rows), config.seed), distributed.rows_per_rank(
+            len(rows)
+        )
+    from kdplug.consistency_data import RatioOrder
+
+    order = RatioOrder(rows.labels(), config.batch_size, ratio, config.seed)
+    log.info(
+        "each step: %d labeled and %d unlabeled rows (the loss's mu %g); an epoch is %d "
+        "steps, one pass over the unlabeled rows",
+        order.labeled_per_batch,
+        order.unlabeled_per_batch,
+        ratio,
+        order.steps,
+    )
+    return order, order.rows
+
+
 def updates_per_epoch(rows: int, batch_size: int) -> int:
-    """The optimizer steps each rank takes per epoch (``train_epoch``'s batches), which the
-    learning-rate schedule is planned for."""
-    return batch_count(distributed.rows_per_rank(rows), batch_size, drop_last=True)
+    """The optimizer steps each rank takes per epoch of ``rows`` rows per rank
+    (``epoch_plan``), which the learning-rate schedule is planned for."""
+    return batch_count(rows, batch_size, drop_last=True)
 
 
 def train_order(rows: int, seed: int, epoch: int) -> list[int]:
@@ -1028,21 +1216,30 @@ def train_order(rows: int, seed: int, epoch: int) -> list[int]:
     return share if share is not None else shuffled(list(range(rows)), seed, epoch)
 
 
-def train_loader(rows: TrainRows, config: DistillConfig, pin: bool) -> EpochLoader:
-    """The training batches of every epoch (``set_epoch``), built once: decoding and
-    ``--augment``'s per-image transform run in the loader's workers, which persist across
-    epochs, and the batches are pinned when ``pin`` (CUDA). Mixup stays in the step."""
+def train_loader(
+    rows: TrainRows,
+    config: DistillConfig,
+    pin: bool,
+    loss: Any = None,
+    plan: tuple[Any, int] | None = None,
+) -> EpochLoader:
+    """The training batches of every epoch (``set_epoch``) in ``plan``'s order (default:
+    ``epoch_plan`` for ``loss``), built once: decoding and ``--augment``'s per-image
+    transform run in the loader's workers, which persist across epochs, and the batches are
+    pinned when ``pin`` (CUDA). Mixup stays in the step. A consistency loss gets both views of each
+    row (``kdplug.consistency_data.TwoViews``)."""
     from kdplug.augment import Augment, parse_augment
 
     options = parse_augment(config.augment)
-    augment = Augment(rows.train.input_shape, options[0]) if options is not None else None
-    sampler = EpochBatches(
-        functools.partial(train_order, len(rows), config.seed),
-        distributed.rows_per_rank(len(rows)),
-        config.batch_size,
-        config.seed,
-        distributed.rank(),
-    )
+    weak = options[0] if options is not None else None
+    augment = Augment(rows.train.input_shape, weak) if weak is not None else None
+    strong = getattr(loss, "strong_augment", None)
+    if strong is not None:
+        from kdplug.consistency_data import TwoViews
+
+        augment = TwoViews(rows.train.input_shape, weak, dict(strong))
+    order, count = plan if plan is not None else epoch_plan(rows, loss, config)
+    sampler = EpochBatches(order, count, config.batch_size, config.seed, distributed.rank())
     return epoch_loader(rows, sampler, augment=augment, workers=config.workers, pin_memory=pin)
 
 
@@ -1081,7 +1278,7 @@ def train_epoch(
         torch.cuda.synchronize(trainer.device)
     train_time = time.perf_counter() - start
     if distributed.world_size() > 1:
-        totals = reduce_totals(totals, len(names), trainer.device)
+        totals = reduce_totals(totals, len(names), trainer.device, loss_terms(trainer.loss))
         train_time = float(distributed.all_reduce_mean(torch.tensor(train_time).to(trainer.device)))
     seen = max(int(totals.get("rows", 0)), 1)
     accuracy, val_nll = validate(trainer, val)
@@ -1090,7 +1287,8 @@ def train_epoch(
         "epoch": epoch + 1,
         "lr": trainer.optimizer.param_groups[0]["lr"],
         **{
-            key: float(totals[key]) / seen if key in totals else 0.0 for key in ("loss", "ce", "kd")
+            key: float(totals[key]) / seen if key in totals else 0.0
+            for key in loss_terms(trainer.loss)
         },
         "val_accuracy": accuracy,
         "val_nll": val_nll,
@@ -1109,10 +1307,12 @@ def running_numbers(trainer: Trainer, totals: dict[str, Any]) -> dict[str, float
     return {"loss": loss, "lr": trainer.optimizer.param_groups[0]["lr"]}
 
 
-def reduce_totals(totals: dict[str, Any], teachers: int, device: torch.device) -> dict:
+def reduce_totals(
+    totals: dict[str, Any], teachers: int, device: torch.device, terms: list[str]
+) -> dict:
     """The epoch's sums over all ranks (every key on every rank, so the collectives match:
     a rank whose rows were all dropped as bad has no ``weights`` of its own)."""
-    zeros: dict[str, Any] = {"loss": 0.0, "ce": 0.0, "kd": 0.0, "rows": 0, "bad_rows": 0}
+    zeros: dict[str, Any] = {**dict.fromkeys(terms, 0.0), "rows": 0, "bad_rows": 0}
     if teachers:
         zeros["weights"] = torch.zeros(teachers)
     return {

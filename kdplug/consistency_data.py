@@ -1,0 +1,101 @@
+"""What a consistency loss (``LossStrategy.strong_augment``: FixMatch family) needs of the data.
+
+- ``TwoViews``: each decoded image as its weak view (``--augment``'s transform, else the
+  image at the data's size) and its strong view (timm's ``create_transform`` with the
+  ``--augment`` options and the loss's ``strong_augment`` on top), stacked ``[2, C, H, W]``,
+  so a batch is ``[B, 2, C, H, W]``; made in the loader's workers like any augmentation.
+- ``RatioOrder``: the rows of an epoch when the loss sets ``unlabeled_ratio`` μ: each batch
+  holds ``batch_size / (1 + μ)`` labeled rows (cycled through reshuffles) and the rest
+  unlabeled; an epoch is one pass over this rank's unlabeled rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdplug import distributed
+from kdplug.augment import Augment
+from kdplug.errors import UsageError
+
+
+class PlainView:
+    """A decoded image at the data's size, as the data path makes it without augmentation:
+    float32 ``[C, H, W]`` in [0, 1] (bilinear resize where its size differs)."""
+
+    def __init__(self, input_shape: tuple[int, int, int]):
+        self.size = tuple(input_shape[1:])
+
+    def __call__(self, image: Any) -> np.ndarray:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        if isinstance(image, np.ndarray):
+            x = torch.from_numpy(np.asarray(image, dtype=np.float32))
+        else:
+            x = pil_to_tensor(image).float() / 255.0
+        if tuple(x.shape[1:]) != self.size:
+            x = torch.nn.functional.interpolate(
+                x[None], size=self.size, mode="bilinear", antialias=True, align_corners=False
+            )[0].clamp_(0, 1)
+        return x.numpy()
+
+
+class TwoViews:
+    """One decoded image -> float32 ``[2, C, H, W]``: its weak view, then its strong one."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        weak: dict[str, Any] | None,
+        strong: dict[str, Any],
+    ):
+        self.weak = Augment(input_shape, weak) if weak is not None else PlainView(input_shape)
+        self.strong = Augment(input_shape, {**(weak or {}), **strong})
+
+    def __call__(self, image: Any) -> np.ndarray:
+        return np.stack([self.weak(image), self.strong(image)])
+
+
+class RatioOrder:
+    """``order(epoch)``: this rank's rows of ``epoch`` in batches of ``labeled_per_batch``
+    labeled rows then ``batch_size - labeled_per_batch`` unlabeled ones (``labels [N]``:
+    -1 marks an unlabeled row). ``rows`` is how many rows each rank gets per epoch."""
+
+    def __init__(self, labels: np.ndarray, batch_size: int, ratio: float, seed: int):
+        self.labeled = np.flatnonzero(labels >= 0)
+        self.unlabeled = np.flatnonzero(labels < 0)
+        if not len(self.unlabeled):
+            raise UsageError(
+                "the loss learns from unlabeled rows and this run has none: give --unlabeled "
+                "DATA (or --train rows without a label)"
+            )
+        if batch_size < 2:
+            raise UsageError("--batch-size must be at least 2 to hold labeled and unlabeled rows")
+        self.labeled_per_batch = min(max(1, round(batch_size / (1 + ratio))), batch_size - 1)
+        self.unlabeled_per_batch = batch_size - self.labeled_per_batch
+        self.batch_size, self.seed = batch_size, seed
+        share = distributed.rows_per_rank(len(self.unlabeled))
+        self.steps = max(1, share // self.unlabeled_per_batch)
+        self.rows = self.steps * batch_size
+
+    def __call__(self, epoch: int) -> list[int]:
+        world, rank = distributed.world_size(), distributed.rank()
+        shared = np.random.default_rng([self.seed, epoch])  # the same on every rank
+        unlabeled = self.unlabeled[shared.permutation(len(self.unlabeled))]
+        share = np.resize(unlabeled, distributed.rows_per_rank(len(unlabeled)) * world)
+        own = share[rank::world][: self.steps * self.unlabeled_per_batch]
+        own = np.resize(own, self.steps * self.unlabeled_per_batch)  # a share shorter than a batch
+        rng = np.random.default_rng([self.seed, epoch, rank, 1])
+        needed = self.steps * self.labeled_per_batch
+        cycles = -(-needed // len(self.labeled))  # distill refuses --train without labels
+        stream = np.concatenate([rng.permutation(self.labeled) for _ in range(cycles)])
+        batches = np.concatenate(
+            [
+                stream[:needed].reshape(self.steps, self.labeled_per_batch),
+                own.reshape(self.steps, self.unlabeled_per_batch),
+            ],
+            axis=1,
+        )
+        return batches.reshape(-1).tolist()
