@@ -4,6 +4,8 @@ Per batch ``(x, y, idx)`` of the train rows (then the unlabeled rows, label -1):
 
     producer(x, idx) -> TeacherOutputs -> combiner -> target [B, C] at the loss's T
     total = ce_weight * CE(student, labels of labeled rows) + kd_weight * loss(student, target)
+            (+ loss.consistency(...) on the unlabeled rows' weak and strong views,
+             + loss.feature_loss(...) on the student's and a teacher's features)
 
 The producer is any callable ``producer(x, idx) -> TeacherOutputs`` with ``names`` and
 ``fingerprints()``: the live teachers (``kdplug.teachers.TeacherSet``) or a teacher store,
