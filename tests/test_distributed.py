@@ -65,7 +65,7 @@ def test_the_planned_updates_per_epoch_are_the_batches_each_rank_runs(
     from kdplug.engines.distill import updates_per_epoch
 
     monkeypatch.setattr(distributed, "world_size", lambda: world)
-    planned = updates_per_epoch(rows, batch)
+    planned = updates_per_epoch(distributed.rows_per_rank(rows), batch)
     for rank in range(world):
         monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
         share = distributed.epoch_rows(rows, seed=0, epoch=0)
