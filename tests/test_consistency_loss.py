@@ -189,6 +189,15 @@ def test_flexmatch_keeps_the_accuracy_when_one_value_fills_every_row(warmup):
     assert hook.classwise_acc.tolist() == [0.0, 1.0, 0.0]  # the first batch's, kept
 
 
+def test_a_step_without_unlabeled_rows_adds_zero():
+    for name in ("fixmatch", "flexmatch"):
+        loss = create("losses", name)
+        loss.set_unlabeled_rows(4)
+        empty = torch.zeros(0, 3)
+        value, grad = ours(None, empty, empty, rows=torch.zeros(0, dtype=torch.long), loss=loss)
+        assert value.item() == 0.0 and grad.shape == (0, 3)
+
+
 # -- the teachers: rows where they are confident take their class -----------------------------
 def ce(logits, label):
     return float(-torch.log_softmax(logits, -1)[label])

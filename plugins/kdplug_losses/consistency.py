@@ -90,7 +90,9 @@ class FixMatch(OnBase):
     ) -> torch.Tensor:
         """``lambda_u * mean(mask * CE(pseudo_label, strong_logits))`` over the ``U`` rows:
         weak and strong logits ``[U, C]``, the teachers' combined prediction ``[U, C]`` or
-        None, ``rows [U]`` the rows' positions among the unlabeled rows."""
+        None, ``rows [U]`` the rows' positions among the unlabeled rows. 0 when U is 0."""
+        if len(weak_logits) == 0:
+            return strong_logits.float().sum() * 0.0
         probs = torch.softmax(weak_logits.detach().float(), dim=-1)
         confidence, pseudo_label = probs.max(dim=-1)
         mask = self.student_mask(confidence, pseudo_label, rows.to(probs.device), probs.shape[-1])
@@ -120,6 +122,9 @@ class FixMatch(OnBase):
         if self.source == "teachers":
             return teacher_label, confident.to(mask.dtype)
         return torch.where(confident, teacher_label, label), torch.where(confident, 1.0, mask)
+
+    def set_unlabeled_rows(self, rows: int) -> None:
+        """A fixed threshold keeps nothing per row."""
 
     def state_dict(self) -> dict[str, Any]:
         """A fixed threshold learns nothing."""
