@@ -39,3 +39,10 @@ def loss_weights(loss: str, ce_weight: float, kd_weight: float) -> tuple[float, 
     if ce_weight == 0 and kd_weight == 0:
         raise UsageError(f"{loss}: ce_weight and kd_weight cannot both be 0")
     return ce_weight, kd_weight
+
+
+def integer_at_least(loss: str, option: str, value: int, minimum: int) -> int:
+    """``value``, refused unless an integer (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"{loss}: {option} must be an integer >= {minimum}, got {value!r}")
+    return value

@@ -20,17 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdplug.api import UsageError
-from kdplug_losses.checks import positive
+from kdplug_losses.checks import integer_at_least, positive
 from kdplug_losses.on_base import OnBase
 
 Shape = Sequence[int]  # one stage's feature shape (C, H, W)
-
-
-def whole(loss: str, option: str, value: int, minimum: int) -> int:
-    """``value`` as an int, refused unless an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{loss}: {option} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def teacher_name(loss: str, teacher: str | None) -> str | None:
@@ -225,10 +218,10 @@ class ReviewKD(OnBase):
         base_options: dict,
     ):
         super().__init__("reviewkd", base, base_options, teachers=True)
-        self.stages = whole("reviewkd", "stages", stages, 1)
+        self.stages = integer_at_least("reviewkd", "stages", stages, 1)
         self.weight = positive("reviewkd", "weight", weight)
-        self.warmup = whole("reviewkd", "warmup", warmup, 0)
-        self.max_mid_channel = whole("reviewkd", "max_mid_channel", max_mid_channel, 1)
+        self.warmup = integer_at_least("reviewkd", "warmup", warmup, 0)
+        self.max_mid_channel = integer_at_least("reviewkd", "max_mid_channel", max_mid_channel, 1)
         self.feature_stages = list(range(-self.stages, 0))
         self.feature_teacher = teacher_name("reviewkd", teacher)
         self.own_epoch(0, 1)
