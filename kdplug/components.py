@@ -132,8 +132,12 @@ class Student(Protocol):
 
     forward_intermediates: Callable[..., Any] | None = None
     """timm's ``forward_intermediates(x, indices=stages, intermediates_only=False) ->
-    (final, features)`` with ``forward_head(final)`` the logits: what a feature loss reads.
-    None: refused by feature losses."""
+    (final, features)``: the features a feature loss reads. None: refused by feature losses."""
+
+    forward_head: Callable[..., Any] | None = None
+    """timm's ``forward_head(final) -> logits [B, num_classes]`` of ``forward_intermediates``'
+    final map (with it, one pass gives a feature loss both). None: refused by feature
+    losses."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 

@@ -56,7 +56,10 @@ def check_feature_run(loss: Any, model: torch.nn.Module, producer: Any, spec: st
     """Refuse a feature loss whose student or producer offers no features; ask the producer
     for the teacher's and return that teacher's name (logged by the caller)."""
     name = component_name(loss, "the loss")
-    if not callable(getattr(model, "forward_intermediates", None)):
+    if not (
+        callable(getattr(model, "forward_intermediates", None))
+        and callable(getattr(model, "forward_head", None))
+    ):
         raise UsageError(
             f"{name} compares intermediate features; the student {spec} offers none (a timm "
             "student does, through forward_intermediates)"
@@ -76,21 +79,21 @@ def stage_shapes(features: list[torch.Tensor]) -> list[tuple[int, ...]]:
 
 
 def add_projector(
-    student: StudentFeatures,
+    wrapped: StudentFeatures,
     producer: Any,
     batch: tuple[torch.Tensor, torch.Tensor],
     normalize: Any,
 ) -> None:
     """Run the student and the teachers once on ``batch`` ``(x, idx)`` (a few train rows on
-    the run's device, in [0, 1]) and give ``student`` the loss's projector, built from both
+    the run's device, in [0, 1]) and give ``wrapped`` the loss's projector, built from both
     sides' stage shapes; a count of stages that differs is refused."""
     x, idx = batch
-    loss = student.loss
+    loss = wrapped.loss
     with torch.no_grad():
-        training = student.training
-        student.eval()
-        _, student_features = student(normalize(x))
-        student.train(training)
+        training = wrapped.training
+        wrapped.eval()
+        _, student_features = wrapped(normalize(x))
+        wrapped.train(training)
         teacher_features = producer(x, idx).features
     name = component_name(loss, "the loss")
     if teacher_features is None or len(teacher_features) != len(student_features):
@@ -105,4 +108,4 @@ def add_projector(
         )
     if not isinstance(projector, torch.nn.Module):
         raise UsageError(f"{name}: build_projector returned {type(projector).__name__}")
-    student.projector = projector.to(x.device)
+    wrapped.projector = projector.to(x.device)

@@ -156,7 +156,7 @@ class TeacherSet:
         """Every later output carries the features at ``stages`` of the teacher ``name``
         (None: the first with ``intermediates``); returns its name. A teacher without
         ``intermediates``, or no such teacher, is refused with the teachers that have them."""
-        offer = [callable(getattr(t, "intermediates", None)) for t in self.teachers]
+        offer = [callable(getattr(teacher, "intermediates", None)) for teacher in self.teachers]
         having = [n for n, has in zip(self.names, offer) if has]
         if name is None and having:
             name = having[0]

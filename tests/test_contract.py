@@ -67,6 +67,11 @@ NOT_COMPONENTS = {
     ("kdplug/engines/distill.py", "config", "*"): "DistillConfig's own fields",
     ("kdplug/engines/distill.py", "teacher", "requires_grad_"): "a teacher that is an nn.Module",
     (
+        "kdplug/features.py",
+        "self.model",
+        "no_weight_decay",
+    ): "timm's optimizer reads it as timm does",
+    (
         "kdplug/label_shards.py",
         "decided",
         "*",
@@ -306,6 +311,7 @@ VALID = {
     "check_rows": callable,
     "intermediates": optional_callable,
     "forward_intermediates": optional_callable,
+    "forward_head": optional_callable,
     "strong_augment": lambda v: v is None or isinstance(v, Mapping),
     "unlabeled_ratio": lambda v: v is None or (is_float(v) and v > 0),
     "set_unlabeled_rows": callable,

@@ -953,12 +953,12 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 def loss_terms(loss: Any) -> list[str]:
     """The terms metrics.jsonl reports for ``loss``: the total, ``ce``, ``kd``, and
     ``consistency`` and ``features`` where the loss has them."""
-    extra = [
-        name
-        for name, member in (("consistency", "strong_augment"), ("features", "feature_stages"))
-        if getattr(loss, member, None) is not None
-    ]
-    return ["loss", "ce", "kd", *extra]
+    terms = ["loss", "ce", "kd"]
+    if getattr(loss, "strong_augment", None) is not None:
+        terms.append("consistency")
+    if getattr(loss, "feature_stages", None) is not None:
+        terms.append("features")
+    return terms
 
 
 def losses_that_ran(loss: Any) -> list[str]:
