@@ -41,18 +41,26 @@ def distill_args(teacher: str, digits_splits: dict, out, epochs: int) -> list[st
     ]
 
 
-def test_two_processes_match_one_process_accuracy(teacher, digits_splits, tmp_path):
-    # the same global batch: 32 rows in one process, 16 rows on each of 2
+def test_two_processes_match_one_process_accuracy_and_fit(teacher, digits_splits, tmp_path):
+    """The same global batch: 32 rows in one process, 16 rows on each of 2. ``auto`` is
+    fitted on --calibration-data: each rank runs the teachers on its share of the fit rows
+    and every rank fits all of them, in one process's order, so the fit is the one-process
+    fit (and the same on every rank, so every rank's targets agree)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    run_cli(*distill_args(teacher, digits_splits, one, 8), "--batch-size", "32", check=True)
-    args = distill_args(teacher, digits_splits, two, 8)
+    fit = ["--calibration-data", digits_splits["labeled"]]
+    args = distill_args(teacher, digits_splits, one, 8)
+    args[args.index("mean")] = "auto"
+    run_cli(*args, *fit, "--batch-size", "32", check=True)
+    args[args.index(str(one))] = str(two)
     result = run_cli(
-        *args, "--batch-size", "16", "--nproc-per-node", "2", check=True, timeout=TIMEOUT
+        *args, *fit, "--batch-size", "16", "--nproc-per-node", "2", check=True, timeout=TIMEOUT
     )
     assert result.stdout.count("student written to") == 1  # only rank 0 reports
     expected = json.loads((one / "summary.json").read_text())
     summary = json.loads((two / "summary.json").read_text())
     assert summary["status"] == "finished"
+    assert expected["fitted"]["combiner"]["fitted"] is True
+    assert summary["fitted"] == expected["fitted"]
     assert abs(summary["best_val_accuracy"] - expected["best_val_accuracy"]) <= 0.02
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 8
     # the rows counted are both ranks' (2 x 224 of 447 rows), not rank 0's alone
@@ -111,16 +119,33 @@ def test_a_rank_whose_whole_batch_is_dropped_keeps_in_step(digits_splits, tmp_pa
     assert summary["status"] == "finished" and summary["bad_rows"] > 0.7 * rows
 
 
-def test_two_processes_fit_auto_as_one_process_does(teacher, digits_splits, tmp_path):
-    """Each rank runs the teachers on its share of the fit rows and every rank fits all of
-    them, in one process's order: the fit is the one-process fit (and the same on every
-    rank, so every rank's targets agree)."""
-    fits = {}
-    for name, extra in (("one", []), ("two", ["--nproc-per-node", "2"])):
-        args = distill_args(teacher, digits_splits, tmp_path / name, 1)
-        args[args.index("mean")] = "auto"
-        extra += ["--calibration-data", digits_splits["labeled"], "--batch-size", "32"]
-        run_cli(*args, *extra, check=True, timeout=TIMEOUT)
-        fits[name] = json.loads((tmp_path / name / "summary.json").read_text())["fitted"]
-    assert fits["one"]["combiner"]["fitted"] is True
-    assert fits["two"] == fits["one"]
+def test_consistency_and_feature_losses_train_under_two_processes(teacher, digits_splits, tmp_path):
+    """flexmatch on kd (each rank's strong views, its share of the unlabeled rows, its own
+    class-threshold state) and reviewkd (the projector inside the DDP forward) under
+    torchrun: the runs finish and their own terms were trained."""
+    import timm
+
+    from kdplug.model_dir import save_student
+
+    network = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    options = dict(architecture="test_resnet", classes=[str(c) for c in range(10)])
+    save_student(tmp_path / "net", network, **options, input_size=[1, 8, 8], mean=[0.3], std=[0.4])
+    runs = {
+        "flexmatch": ["--loss", "flexmatch,base=kd,threshold=0.5", "--teacher", teacher],
+        "reviewkd": ["--loss", "reviewkd,base=kd", "--teacher", f"kdplug:{tmp_path / 'net'}"],
+    }
+    for name, extra in runs.items():
+        out = tmp_path / name
+        run_cli(
+            *["distill", "--student", "timm:test_resnet", "--combiner", "mean", *extra],
+            *["--train", digits_splits["labeled"], "--unlabeled", digits_splits["test"]],
+            *["--augment", "scale=0.8;1,hflip=0", "--epochs", "1", "--batch-size", "32"],
+            *["--device", "cpu", "--out", str(out), "--nproc-per-node", "2"],
+            check=True,
+            timeout=TIMEOUT,
+        )
+        line = json.loads((out / "metrics.jsonl").read_text())
+        term = "consistency" if name == "flexmatch" else "features"
+        assert line[term] > 0, line
+        state = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]
+        assert ("loss" in state) if name == "flexmatch" else ("projector" in state)
