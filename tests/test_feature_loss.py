@@ -350,6 +350,11 @@ def test_timm_teacher_intermediates_are_forwards_logits_and_its_stages(tmp_path)
     x = torch.rand(2, 1, 12, 12)
     model_x = (F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True) - 0.3) / 0.4
     check_intermediates(teacher, model, x, model_x)
+    with pytest.raises(UsageError) as caught:  # test_resnet has stages 0 to 4
+        teacher.intermediates(x, [-6, 2])
+    assert str(caught.value).startswith(
+        "the teacher's model test_resnet has no feature stages [-6, 2] (timm: feature index"
+    )
 
 
 def test_kdplug_teacher_intermediates_are_forwards_logits_and_its_stages(tmp_path):
