@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kdplug.errors import UsageError, component_name, running
+from kdplug.errors import UsageError, component_name, describe, running
 
 
 class StudentFeatures(torch.nn.Module):
@@ -92,7 +92,13 @@ def add_projector(
     with torch.no_grad():
         training = wrapped.training
         wrapped.eval()
-        _, student_features = wrapped(normalize(x))
+        try:
+            _, student_features = wrapped(normalize(x))
+        except (AssertionError, IndexError) as exc:  # timm's check of the stage indices
+            raise UsageError(
+                f"{component_name(loss, 'the loss')}: the student has no feature stages "
+                f"{wrapped.stages} ({describe(exc)})"
+            ) from None
         wrapped.train(training)
         teacher_features = producer(x, idx).features
     name = component_name(loss, "the loss")

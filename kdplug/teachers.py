@@ -161,10 +161,10 @@ class TeacherSet:
         if name is None and having:
             name = having[0]
         if name is None or name not in self.names or not offer[self.names.index(name)]:
-            which = "no teacher" if name is None else f"teacher {name!r}"
+            which = "no teacher offers" if name is None else f"teacher {name!r} offers no"
             offered = ", ".join(having) or "none of them (timm: and kdplug: teachers do)"
             raise UsageError(
-                f"{which} offers intermediate features; teachers that do: {offered} "
+                f"{which} intermediate features; teachers that do: {offered} "
                 f"(the run's teachers: {', '.join(self.names)})"
             )
         self.feature_teacher, self.feature_stages = self.names.index(name), list(stages)

@@ -271,3 +271,15 @@ def test_a_feature_loss_is_refused_without_teacher_features(digits_splits, tmp_p
                 combiner="mean",
             )
         )
+
+
+def test_a_stage_the_student_lacks_is_one_line(digits_splits, tmp_path, plugin):
+    plugin.losses["hint"].feature_stages = [9]  # test_resnet has 5 (stem and 4 stages)
+    with pytest.raises(UsageError, match=r"the student has no feature stages \[9\]") as error:
+        distill(
+            config(
+                digits_splits, tmp_path / "run", loss="hint", teachers=["net:x"], combiner="mean"
+            )
+        )
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()

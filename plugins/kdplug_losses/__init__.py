@@ -1,9 +1,13 @@
-"""Loss strategies: ``ce``, ``kd`` (Hinton), ``dkd`` (decoupled KD), ``dist`` (DIST).
+"""Loss strategies: ``ce``, ``kd`` (Hinton), ``dkd`` (decoupled KD), ``dist`` (DIST); and
+losses that add a term to one of those (their ``base``): ``fixmatch`` and ``flexmatch``
+(consistency on unlabeled rows, as USB), ``fitnet`` and ``reviewkd`` (feature
+distillation, as mdistiller).
 
-The engine's total loss on a batch is ``ce_weight * CE(labeled rows) + kd_weight * loss``;
-each loss below is the distillation part. Options and defaults live only in these
-factories; the implementations (which import torch) validate them. ``kd`` and ``dkd``
-accept ``T=auto`` (chosen on labeled rows by the loss's ``fit``). See docs/losses.md.
+The engine's total loss on a batch is ``ce_weight * CE(labeled rows) + kd_weight * loss``
+(plus the added term); each loss below is the distillation part. Options and defaults
+live only in these factories; the implementations (which import torch) validate them.
+``kd`` and ``dkd`` accept ``T=auto`` (chosen on labeled rows by the loss's ``fit``). See
+docs/losses.md.
 """
 
 from __future__ import annotations
