@@ -150,12 +150,30 @@ def test_the_store_as_a_teacher_source_equals_the_live_teacher(teachers, digits_
     assert labeled["rows"] == 150 and labeled["accepted"] == 150
 
 
+def store_config(store, digits_splits, out, loss):
+    """A one-epoch distill config of ``loss`` from the store."""
+    from kdplug.engines.distill import DistillConfig
+
+    return DistillConfig(
+        student="timm:test_resnet",
+        train=digits_splits["labeled"],
+        unlabeled=digits_splits["test"],
+        store=store,
+        loss=loss,
+        combiner="mean",
+        out=str(out),
+        epochs=1,
+        batch_size=64,
+        workers=0,
+    )
+
+
 def test_a_consistency_loss_reads_the_weak_views_outputs_from_the_store(
     store, digits_splits, tmp_path, register_plugin, monkeypatch
 ):
     """The weak view is the store's view of each row (its teachers' outputs are stored);
     the strong view is made from the row itself."""
-    from kdplug.engines.distill import DistillConfig, distill
+    from kdplug.engines.distill import distill
     from kdplug.store import producer as store_module
     from tests.test_distill_terms import Plugin
 
@@ -171,40 +189,17 @@ def test_a_consistency_loss_reads_the_weak_views_outputs_from_the_store(
         return rebuild(self, x, idx)
 
     monkeypatch.setattr(store_module.StoreProducer, "rebuild_views", recording)
-    config = DistillConfig(
-        student="timm:test_resnet",
-        train=digits_splits["labeled"],
-        unlabeled=digits_splits["test"],
-        store=store,
-        loss="consistent",
-        combiner="mean",
-        out=str(tmp_path / "run"),
-        epochs=1,
-        batch_size=64,
-        workers=0,
-    )
-    distill(config)
+    distill(store_config(store, digits_splits, tmp_path / "run", "consistent"))
     assert picked and all(shape[1:] == (1, 8, 8) for shape in picked)  # weak views only
     probs = torch.cat([call["probs"] for call in loss.calls])
     torch.testing.assert_close(probs.sum(1), torch.ones(len(probs)))
 
 
 def test_a_feature_loss_is_refused_with_a_store(store, digits_splits, tmp_path, register_plugin):
-    from kdplug.engines.distill import DistillConfig, distill
+    from kdplug.engines.distill import distill
     from tests.test_distill_terms import Plugin
 
     register_plugin(Plugin(), "terms")
-    config = DistillConfig(
-        student="timm:test_resnet",
-        train=digits_splits["labeled"],
-        unlabeled=digits_splits["test"],
-        store=store,
-        loss="hint",
-        combiner="mean",
-        out=str(tmp_path / "run"),
-        epochs=1,
-        workers=0,
-    )
     with pytest.raises(UsageError, match="which a store does not hold"):
-        distill(config)
+        distill(store_config(store, digits_splits, tmp_path / "run", "hint"))
     assert not (tmp_path / "run").exists()
