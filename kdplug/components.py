@@ -338,8 +338,9 @@ class Producer(Protocol):
     ``producer(x, idx) -> TeacherOutputs`` (``logits [K, B, C]``, ``known [K, C]``,
     ``bad_rows [B]`` or None) for ``x`` on the run's device and ``idx [B]`` the rows'
     positions (train rows, then unlabeled rows). Before training the engine calls ``to``,
-    ``check_rows`` and, to fit the combiner and loss, ``producer`` on the labeled rows; per
-    training step ``rebuild_views`` (when set), then ``producer`` on its result.
+    ``check_rows`` and, to fit the combiner and loss, ``producer`` on the labeled rows;
+    before each epoch ``set_epoch``, and per training step ``producer`` on a batch whose
+    inputs the loader's workers made with ``rebuild_views`` (when set).
     """
 
     names: Sequence[str]
@@ -357,10 +358,11 @@ class Producer(Protocol):
     ``torch.nn.Module`` (autocast would keep a low-precision copy of each weight). A store
     has none. Teachers get contiguous inputs; only the student's are channels_last on CUDA."""
 
-    rebuild_views: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    """``rebuild_views(x [B, ...], idx [B]) -> x``: picks one stored view per row and
-    returns those inputs; the engine calls it on every training batch before ``producer``,
-    which then serves the outputs of the views picked last. None: one input per row."""
+    rebuild_views: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    """``rebuild_views(x [B, ...], idx [B], epoch) -> x``: the inputs of the stored view
+    each row has in ``epoch`` (a fixed function of the run, the epoch and the row), rebuilt
+    from the plain CPU batch ``x`` in the training loader's workers; after ``set_epoch``,
+    ``producer`` serves those views' outputs. None: one input per row."""
 
     request_features: Callable[[str | None, Sequence[int]], str] | None = None
     """``request_features(teacher, stages) -> name``: from then on every output carries the
@@ -376,6 +378,11 @@ class Producer(Protocol):
     def to(self, device: Any) -> Producer:
         """Move to the run's device before any call; returns the producer."""
         return self
+
+    @optional
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each training epoch (``epoch`` from 0): serve the outputs of the
+        views ``rebuild_views`` gives in it. Default: nothing."""
 
     @optional
     def check_rows(self, rows: int) -> None:

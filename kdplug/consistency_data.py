@@ -4,6 +4,8 @@
   image at the data's size) and its strong view (timm's ``create_transform`` with the
   ``--augment`` options and the loss's ``strong_augment`` on top), stacked ``[2, C, H, W]``,
   so a batch is ``[B, 2, C, H, W]``; made in the loader's workers like any augmentation.
+- ``WeakViews``: a teacher store's view rebuilding (``Producer.rebuild_views``) applied to
+  the weak view alone, the one the teachers see.
 - ``RatioOrder``: the rows of an epoch when the loss sets ``unlabeled_ratio`` μ: each batch
   holds ``batch_size / (1 + μ)`` labeled rows (cycled through reshuffles) and the rest
   unlabeled; an epoch is one pass over this rank's unlabeled rows.
@@ -56,6 +58,19 @@ class TwoViews:
 
     def __call__(self, image: Any) -> np.ndarray:
         return np.stack([self.weak(image), self.strong(image)])
+
+
+class WeakViews:
+    """``rebuild_views(x, idx, epoch)`` on the weak views ``x[:, 0]`` of a two-view batch
+    ``[B, 2, C, H, W]``; the strong views are left as made."""
+
+    def __init__(self, rebuild: Any):
+        self.rebuild = rebuild
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        out = x.clone()
+        out[:, 0] = self.rebuild(x[:, 0], idx, epoch)
+        return out
 
 
 class RatioOrder:

@@ -592,10 +592,11 @@ def _image_shape(
 
 
 class Chunk(NamedTuple):
-    """A batch's rows and the seed of its random augmentation (``EpochBatches``)."""
+    """A batch's rows, the seed of its random augmentation and its epoch (``EpochBatches``)."""
 
     rows: list[int]
     seed: int
+    epoch: int = 0
 
 
 @contextlib.contextmanager
@@ -622,21 +623,30 @@ def seeded(seed: int | None) -> Iterator[None]:
 
 class _Batches(torch.utils.data.Dataset):
     """Map-style dataset whose items are whole batches, so rows are fetched in bulk; with
-    ``augment``, a ``Chunk``'s images are augmented here, in the loader's worker."""
+    ``augment``, a ``Chunk``'s images are augmented here, in the loader's worker, and with
+    ``views`` the decoded batch becomes ``views(x, idx, epoch)`` here too (a teacher
+    store's view of each row: ``Producer.rebuild_views``)."""
 
-    def __init__(self, source: DataSource, augment: Callable | None = None):
-        self.source, self.augment = source, augment
+    def __init__(
+        self, source: DataSource, augment: Callable | None = None, views: Callable | None = None
+    ):
+        self.source, self.augment, self.views = source, augment, views
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, item: list[int] | Chunk):
-        rows, seed = item if isinstance(item, Chunk) else (item, None)
+        rows, seed, epoch = item if isinstance(item, Chunk) else (item, None, 0)
         try:
             if self.augment is None:
-                return self.source.batch(rows)
-            with seeded(seed):
-                return self.source.batch(rows, augment=self.augment)
+                batch = self.source.batch(rows)
+            else:
+                with seeded(seed):
+                    batch = self.source.batch(rows, augment=self.augment)
+            if self.views is None:
+                return batch
+            x, y, idx = batch
+            return self.views(x, idx, epoch), y, idx
         except KdplugError as exc:
             if torch.utils.data.get_worker_info() is None:
                 raise
@@ -681,7 +691,7 @@ class EpochBatches:
         chunks = batches_of(self.order(self.epoch), self.batch_size, drop_last=True)
         sequence = np.random.SeedSequence([self.seed, self.epoch, self.rank])
         seeds = sequence.generate_state(len(chunks), dtype=np.uint64).tolist()
-        return map(Chunk, chunks, seeds)
+        return map(Chunk, chunks, seeds, [self.epoch] * len(chunks))
 
 
 class EpochLoader(_Loader):
@@ -697,16 +707,18 @@ def epoch_loader(
     sampler: EpochBatches,
     *,
     augment: Callable | None = None,
+    views: Callable | None = None,
     workers: int | None = None,
     pin_memory: bool = False,
 ) -> EpochLoader:
     """The loader of a training run, built once: ``sampler``'s batches of ``source``, decoded
-    and augmented (``augment``) in ``workers`` processes that persist across epochs, pinned
-    when ``pin_memory``. Its own generator seeds the workers, so iterating it leaves torch's
-    global stream (dropout, mixup) as it was, on the first epoch as on the next ones."""
+    and augmented (``augment``, then ``views``: see ``_Batches``) in ``workers`` processes
+    that persist across epochs, pinned when ``pin_memory``. Its own generator seeds the
+    workers, so iterating it leaves torch's global stream (dropout, mixup) as it was, on the
+    first epoch as on the next ones."""
     workers = default_workers(len(source)) if workers is None else workers
     return EpochLoader(
-        _Batches(source, augment),
+        _Batches(source, augment, views),
         sampler=sampler,
         batch_size=None,
         num_workers=workers,

@@ -78,10 +78,19 @@ def test_the_producer_serves_the_stored_outputs_of_the_views_it_rebuilt(store, d
     for b, (s, row) in enumerate(where):
         expected, _ = opened.read(opened.splits[s], np.array([row]), np.array([0]))
         assert torch.equal(out.logits[:, b], expected[:, 0])
-    torch.manual_seed(0)
-    views = producer.rebuild_views(x, idx)
-    picked = producer.view[idx.numpy()]
+    views = producer.rebuild_views(x, idx, 1)
+    picked = producer.view_of(idx.numpy(), 1)
     assert set(picked.tolist()) <= {0, 1, 2} and len(set(picked.tolist())) > 1
+    # the views of a row are a fixed function of the seed, the epoch and the row
+    assert np.array_equal(picked, producer.view_of(idx.numpy(), 1))
+    everything = np.arange(597)
+    per_epoch = [producer.view_of(everything, epoch) for epoch in range(3)]
+    assert not np.array_equal(per_epoch[0], per_epoch[1])
+    assert all(abs(np.bincount(v, minlength=3) / 597 - 1 / 3).max() < 0.08 for v in per_epoch)
+    seeded = store_producer(store, train, unlabeled, train.classes, seed=5)
+    assert not np.array_equal(seeded.view_of(everything, 1), per_epoch[1])
+    assert producer(views, idx).logits.equal(out.logits)  # before set_epoch: view 0
+    producer.set_epoch(1)
     out = producer(views, idx)
     probs = out.logits.exp().sum(-1)
     assert torch.allclose(probs, torch.ones_like(probs), atol=1e-3)
@@ -184,9 +193,9 @@ def test_a_consistency_loss_reads_the_weak_views_outputs_from_the_store(
     picked = []
     rebuild = store_module.StoreProducer.rebuild_views
 
-    def recording(self, x, idx):
+    def recording(self, x, idx, epoch):
         picked.append(x.shape)
-        return rebuild(self, x, idx)
+        return rebuild(self, x, idx, epoch)
 
     monkeypatch.setattr(store_module.StoreProducer, "rebuild_views", recording)
     distill(store_config(store, digits_splits, tmp_path / "run", "consistent"))
@@ -203,3 +212,29 @@ def test_a_feature_loss_is_refused_with_a_store(store, digits_splits, tmp_path, 
     with pytest.raises(UsageError, match="which a store does not hold"):
         distill(store_config(store, digits_splits, tmp_path / "run", "hint"))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_loader_workers_rebuild_each_epochs_views(store, digits_splits, tmp_path, monkeypatch):
+    """The step gets the views already made (by a loader worker process here), those the
+    producer gives each row in that epoch, and the producer serves that epoch's outputs."""
+    from kdplug.engines import distill as engine
+
+    seen = []
+    step = engine.Trainer.step
+
+    def recording(self, x, y, idx):
+        seen.append((x.clone(), idx.clone(), self.producer.epoch))
+        return step(self, x, y, idx)
+
+    monkeypatch.setattr(engine.Trainer, "step", recording)
+    config = store_config(store, digits_splits, tmp_path / "run", "kd")
+    config.workers, config.epochs, config.seed = 1, 2, 3
+    engine.distill(config)
+    assert {epoch for _, _, epoch in seen} == {0, 1}
+    train, unlabeled = load_data(digits_splits["labeled"]), load_data(digits_splits["test"])
+    producer = store_producer(store, train, unlabeled, train.classes, seed=3)
+    rows = engine.TrainRows(train, unlabeled)
+    for x, idx, epoch in seen[:2] + seen[-2:]:
+        plain = rows.batch(idx.tolist())[0]
+        assert not torch.equal(x, plain)  # views other than view 0 were rebuilt
+        torch.testing.assert_close(x, producer.rebuild_views(plain, idx, epoch))

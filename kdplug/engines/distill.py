@@ -9,7 +9,8 @@ Per batch ``(x, y, idx)`` of the train rows (then the unlabeled rows, label -1):
 
 The producer is any callable ``producer(x, idx) -> TeacherOutputs`` with ``names`` and
 ``fingerprints()``: the live teachers (``kdplug.teachers.TeacherSet``) or a teacher store,
-whose ``rebuild_views(x, idx) -> x`` also picks the input view of each row of a step.
+whose ``rebuild_views(x, idx, epoch) -> x`` rebuilds each row's view of the epoch in the
+training loader's workers (``set_epoch`` tells it which epoch's outputs to serve).
 ``Trainer`` holds the per-step code; ``distill`` the epochs, files and resume. Only the main
 process writes files (``distributed.is_main``). Under torch.distributed (``kdplug.distributed``)
 the student runs in DistributedDataParallel, each rank trains on its own share of each
@@ -403,7 +404,7 @@ def build_parts(config: DistillConfig, producer: Any = None) -> Parts:
     if loss.uses_teachers and producer is None and config.store:
         from kdplug.store.producer import store_producer
 
-        producer = store_producer(config.store, train, unlabeled, classes)
+        producer = store_producer(config.store, train, unlabeled, classes, config.seed)
     if loss.uses_teachers and producer is None:
         producer = build_teacher_set(
             config.teachers, classes, config.calibration, config.skip_bad_rows, data=train
@@ -711,6 +712,8 @@ class Trainer:
 
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         self.model.train()
+        if self.loss.uses_teachers and hasattr(self.producer, "set_epoch"):
+            self.producer.set_epoch(epoch)  # a store serves the views of this epoch
         self.invalid_targets = torch.zeros((), dtype=torch.long, device=self.device)
         if hasattr(self.loss, "set_epoch"):
             with running(self.loss, "the loss"):
@@ -736,9 +739,6 @@ class Trainer:
             x, strong = x[:, 0], x[:, 1][unlabeled]
             rows = self.unlabeled_position[idx[unlabeled]].to(self.device, non_blocking=True)
             unlabeled = unlabeled.to(self.device, non_blocking=True)
-        rebuild_views = getattr(self.producer, "rebuild_views", None)
-        if self.loss.uses_teachers and rebuild_views is not None:
-            x = rebuild_views(x, idx)  # a teacher store: one of each row's stored views
         x = x.to(self.device, non_blocking=True)  # teachers get it contiguous (memory_format)
         labels = y.to(self.device, non_blocking=True)
         soft, valid = None, None
@@ -1045,7 +1045,8 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     plan = epoch_plan(rows, parts.loss, config)
     trainer = Trainer(parts, config, device, updates_per_epoch(plan[1], config.batch_size))
     val = val_batches(parts.val, config, trainer.cuda)
-    loader = train_loader(rows, config, trainer.cuda, parts.loss, plan)
+    producer = parts.producer if parts.loss.uses_teachers else None
+    loader = train_loader(rows, config, trainer.cuda, parts.loss, plan, producer)
     names = teacher_names(parts)
     progress = start_progress(out, trainer, config, main)
     run = Run(
@@ -1224,12 +1225,15 @@ def train_loader(
     pin: bool,
     loss: Any = None,
     plan: tuple[Any, int] | None = None,
+    producer: Any = None,
 ) -> EpochLoader:
     """The training batches of every epoch (``set_epoch``) in ``plan``'s order (default:
     ``epoch_plan`` for ``loss``), built once: decoding and ``--augment``'s per-image
     transform run in the loader's workers, which persist across epochs, and the batches are
-    pinned when ``pin`` (CUDA). Mixup stays in the step. A consistency loss gets both views of each
-    row (``kdplug.consistency_data.TwoViews``)."""
+    pinned when ``pin`` (CUDA). Mixup stays in the step. A consistency loss gets both views
+    of each row (``kdplug.consistency_data.TwoViews``); a ``producer`` with
+    ``rebuild_views`` (a teacher store) gets each row's view of the epoch rebuilt there too
+    (of the weak view, with two)."""
     from kdplug.augment import Augment, parse_augment
 
     options = parse_augment(config.augment)
@@ -1240,9 +1244,16 @@ def train_loader(
         from kdplug.consistency_data import TwoViews
 
         augment = TwoViews(rows.train.input_shape, weak, dict(strong))
+    views = getattr(producer, "rebuild_views", None) if producer is not None else None
+    if views is not None and strong is not None:
+        from kdplug.consistency_data import WeakViews
+
+        views = WeakViews(views)
     order, count = plan if plan is not None else epoch_plan(rows, loss, config)
     sampler = EpochBatches(order, count, config.batch_size, config.seed, distributed.rank())
-    return epoch_loader(rows, sampler, augment=augment, workers=config.workers, pin_memory=pin)
+    return epoch_loader(
+        rows, sampler, augment=augment, views=views, workers=config.workers, pin_memory=pin
+    )
 
 
 def train_epoch(

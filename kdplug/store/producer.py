@@ -1,13 +1,14 @@
 """The store as distill's teacher-output producer (``kdplug distill --store STORE``): a
-``kdplug.components.Producer`` with ``rebuild_views``.
+``kdplug.components.Producer`` with ``rebuild_views`` and ``set_epoch``.
 
 distill's rows are the train rows ``0..N-1`` then the unlabeled rows ``N..`` (see
 ``kdplug.engines.distill.TrainRows``); each maps to its split of the store by data fingerprint.
-Per training step the engine calls ``rebuild_views(x, idx)``: one stored view per row is
-picked at random (torch's global generator, so ``--seed`` fixes it and a resumed run
-continues it) and its input rebuilt; then ``producer(x, idx)`` returns the stored teacher
-outputs of the views picked last for those rows (view 0 for rows never picked, e.g. while
-the engine fits a combiner on the labeled rows).
+In each epoch every row is given one of its stored views, as FKD does: a fixed function of
+``--seed``, the epoch and the row (``view_of``), so the training loader's workers rebuild
+its input (``rebuild_views(x, idx, epoch)``) and ``producer(x, idx)`` serves that view's
+stored outputs (after ``set_epoch``) with nothing passed between them, the same after
+``--resume``. Before the first epoch (the combiner's fit on the labeled rows) every row
+is given view 0, the plain input.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kdplug.augment_views import seeded_uniform
 from kdplug.data import DataSource
 from kdplug.errors import UsageError
 from kdplug.spec import parse_spec
@@ -25,15 +27,30 @@ from kdplug.teachers import TeacherOutputs
 class StoreProducer:
     """``producer(x, idx) -> TeacherOutputs`` from a store; see the module docstring."""
 
-    def __init__(self, store: Store, parts: list[tuple[Split, int]]):
+    def __init__(self, store: Store, parts: list[tuple[Split, int]], seed: int = 0):
         self.store = store
         self.parts = parts  # (split, first distill row)
         self.names = list(store.names)
         self.specs = [teacher["spec"] for teacher in store.teachers]
         self.known = store.known
         self.rows = sum(split.rows for split, _ in parts)
-        # the view picked last, per row: the narrowest integer that holds a view (a byte)
-        self.view = np.zeros(self.rows, dtype=np.min_scalar_type(store.views - 1))
+        self.seed = seed
+        self.epoch: int | None = None  # None: before training, view 0 for every row
+
+    def set_epoch(self, epoch: int | None) -> None:
+        """Serve the views of ``epoch`` from now on (None: view 0)."""
+        self.epoch = epoch
+
+    def view_of(self, rows: np.ndarray, epoch: int | None) -> np.ndarray:
+        """``[B]`` int64: the stored view each of ``rows`` is given in ``epoch``, uniform over
+        the ``V`` views (view 0 included) from a hash of ``--seed``, the epoch and the row;
+        0 for every row when ``epoch`` is None."""
+        if epoch is None or self.store.views == 1:
+            return np.zeros(len(rows), dtype=np.int64)
+        with np.errstate(over="ignore"):  # a key per (seed, row): wrapping is fine
+            keys = np.asarray(rows, dtype=np.uint64) + np.uint64(self.seed) * np.uint64(2**40)
+        draws = seeded_uniform(keys, epoch)
+        return np.minimum((draws * self.store.views).astype(np.int64), self.store.views - 1)
 
     def fingerprints(self) -> list[str | None]:
         return [teacher["fingerprint"] for teacher in self.store.teachers]
@@ -54,13 +71,13 @@ class StoreProducer:
                 positions = np.flatnonzero(inside)
                 yield split, positions, idx[positions] - first
 
-    def rebuild_views(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Pick one stored view per row of ``x [B, C, H, W]`` and return the views."""
+    def rebuild_views(self, x: torch.Tensor, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The inputs of the views the rows ``idx`` have in ``epoch``, rebuilt from their
+        plain inputs ``x [B, C, H, W]`` (a CPU batch: in the training loader's workers)."""
         rows = idx.cpu().numpy()
         if self.store.views == 1:
             return x
-        picks = torch.randint(self.store.views, (len(rows),)).numpy()
-        self.view[rows] = picks
+        picks = self.view_of(rows, epoch)
         out = x
         for split, positions, split_rows in self._locate(rows):
             part = torch.from_numpy(positions)
@@ -80,7 +97,8 @@ class StoreProducer:
         bad = torch.zeros(len(rows), dtype=torch.bool)
         for split, positions, split_rows in self._locate(rows):
             part = torch.from_numpy(positions)
-            values, flagged = self.store.read(split, split_rows, self.view[rows[positions]])
+            views = self.view_of(rows[positions], self.epoch)
+            values, flagged = self.store.read(split, split_rows, views)
             logits[:, part], bad[part] = values, flagged
         flagged = bool(bad.any())  # a CPU tensor: no wait for the GPU
         if x.device.type == "cuda":
@@ -89,9 +107,14 @@ class StoreProducer:
 
 
 def store_producer(
-    spec: str, train: DataSource, unlabeled: DataSource | None, classes: list[str]
+    spec: str,
+    train: DataSource,
+    unlabeled: DataSource | None,
+    classes: list[str],
+    seed: int = 0,
 ) -> StoreProducer:
-    """The producer for ``--store STORE[,force=true]`` serving ``train`` then ``unlabeled``."""
+    """The producer for ``--store STORE[,force=true]`` serving ``train`` then ``unlabeled``
+    (``seed``: the run's, which picks the rows' views in each epoch)."""
     parsed = parse_spec(f"store:{spec}")
     unknown = sorted(set(parsed.options) - {"force"})
     if unknown or not isinstance(parsed.options.get("force", False), bool):
@@ -115,4 +138,4 @@ def store_producer(
                 )
             parts.append((split, first))
             first += split.rows
-    return StoreProducer(store, parts)
+    return StoreProducer(store, parts, seed)
