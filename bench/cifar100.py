@@ -4,7 +4,8 @@ ReviewKD, against the published numbers.
 Needs a GPU and CIFAR-100 on local disk (nothing is downloaded): ``--train`` and ``--test``
 are kdplug DATA specs of its two splits, e.g. ``disk:/data/cifar100/train`` (saved with
 HF datasets' ``save_to_disk``: an image column and a ClassLabel label column) or
-``imagefolder:/data/cifar100/train`` (one folder per class). Every run goes through
+``imagefolder:/data/cifar100/train`` (one folder per class); with the hub's columns (``img``,
+``fine_label``, ``coarse_label``) add ``label_column=fine_label``. Every run goes through
 ``kdplug.engines.distill`` as ``kdplug distill`` does:
 
 1. the teacher ``cifar:resnet32x4`` with ``--loss ce`` (or ``--teacher DIR``: a student
@@ -17,8 +18,9 @@ Recipe (mdistiller's configs/cifar100/*.yaml): 240 epochs, batch 64, SGD lr 0.05
 keeping the last epoch) is said in ``DIFFERENCES`` and docs/benchmarks.md. Each student's
 accuracy is measured on ``--test`` after its last epoch (``kdplug eval``'s). Run:
 
-    .venv/bin/python bench/cifar100.py --train disk:/data/cifar100/train \\
-        --test disk:/data/cifar100/test --device cuda --out bench-results/cifar100
+    .venv/bin/python bench/cifar100.py --train disk:/data/cifar100/train,label_column=fine_label \\
+        --test disk:/data/cifar100/test,label_column=fine_label --device cuda \\
+        --out bench-results/cifar100
 
 ``--smoke`` runs everything for 1 epoch on the first 256 rows of each split (a test of the
 command, not a measurement). ``results.json`` and ``results.md`` are written to ``--out``,
@@ -74,15 +76,18 @@ DIFFERENCES = [
 
 
 def smoke_splits(train: str, test: str, root: Path) -> tuple[str, str]:
-    """The first SMOKE_ROWS rows of each split saved under ``root``, as ``disk:`` specs."""
+    """The first SMOKE_ROWS rows of each split saved under ``root``, as ``disk:`` specs
+    with the given specs' options (``label_column=``, ``image_size=``; not ``split=``)."""
     from kdplug.data import load_data
+    from kdplug.spec import Spec, parse_spec
 
     specs = []
     for name, spec in (("train", train), ("test", test)):
         dataset = load_data(spec).dataset
         path = root / name
         dataset.select(range(min(SMOKE_ROWS, len(dataset)))).save_to_disk(str(path))
-        specs.append(f"disk:{path}")
+        options = {k: v for k, v in parse_spec(spec).options.items() if k != "split"}
+        specs.append(str(Spec.of("disk", str(path), **options)))
     return specs[0], specs[1]
 
 

@@ -18,18 +18,25 @@ CLASSES = ["apple", "aquarium_fish", "baby", "bear", "beaver"]  # CIFAR-100's fi
 
 
 def fake_cifar(path, rows: int, seed: int) -> str:
-    """``rows`` random 32x32 RGB images labeled like CIFAR-100 (image ``img``, label
-    ``fine_label``), saved with HF datasets; its ``disk:`` spec."""
+    """``rows`` random 32x32 RGB images labeled like the hub's CIFAR-100 (image ``img``,
+    labels ``coarse_label`` and ``fine_label``), saved with HF datasets; its ``disk:`` spec
+    reading ``fine_label``."""
     rng = np.random.default_rng(seed)
     features = datasets.Features(
-        {"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=CLASSES)}
+        {
+            "img": datasets.Image(),
+            "coarse_label": datasets.ClassLabel(names=["aquatic", "other"]),
+            "fine_label": datasets.ClassLabel(names=CLASSES),
+        }
     )
-    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(rows)]
     labels = [i % len(CLASSES) for i in range(rows)]
-    datasets.Dataset.from_dict(
-        {"img": images, "fine_label": labels}, features=features
-    ).save_to_disk(str(path))
-    return f"disk:{path}"
+    columns = {
+        "img": [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(rows)],
+        "coarse_label": [int(label >= 2) for label in labels],
+        "fine_label": labels,
+    }
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(path))
+    return f"disk:{path},label_column=fine_label"
 
 
 def test_cifar100_smoke_runs_every_recipe_through_distill(tmp_path, monkeypatch):
@@ -54,11 +61,13 @@ def test_cifar100_smoke_runs_every_recipe_through_distill(tmp_path, monkeypatch)
             (out / "runs" / f"{cifar100.run_name(name)}-seed0" / "run.json").read_text()
         )["config"]
         assert config["loss"] == loss and config["epochs"] == 1 and config["opt"] == "sgd"
-        assert config["train"] == f"disk:{out / 'data' / 'train'}"
+        assert config["train"] == f"disk:{out / 'data' / 'train'},label_column=fine_label"
         teachers = [] if name == "student alone" else [f"kdplug:{out / 'runs' / 'teacher'}"]
         assert config["teachers"] == teachers
         assert config["unlabeled"] == (config["train"] if name == cifar100.CONSISTENT else None)
-    assert len(json.loads((out / "runs" / "teacher" / "run.json").read_text())["config"]) > 0
+    teacher = json.loads((out / "runs" / "teacher" / "student" / "config.json").read_text())
+    assert teacher["architecture"] == "resnet8" and teacher["student"] == "cifar"
+    assert teacher["label_names"] == CLASSES  # fine_label, kept by the smoke subset's spec
     assert len(datasets.load_from_disk(str(out / "data" / "train"))) == 40
     table = (out / "results.md").read_text()
     assert "SMOKE RUN" in table and "| 73.33 |" in table and "| 76.32 |" in table
