@@ -42,6 +42,30 @@ def run_cli(
     return result
 
 
+def invoke_cli(*args):
+    """``kdplug ARGS`` in this process (click's CliRunner): ``result.stderr`` holds kdplug's
+    log lines (INFO and up, as a real run prints them) and its one-line errors."""
+    import logging
+
+    from click.testing import CliRunner
+
+    from kdplug.cli import build_cli
+
+    class ToStderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            sys.stderr.write(f"kdplug: {record.levelname}: {record.getMessage()}\n")
+
+    logger, handler = logging.getLogger("kdplug"), ToStderr()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return CliRunner().invoke(build_cli(), [str(a) for a in args])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def kill_when(args: list[str], ready, timeout: float = 300) -> None:
     """Start ``python -m kdplug ARGS``, SIGKILL it as soon as ``ready()`` holds."""
     import signal
