@@ -1,5 +1,5 @@
-"""``kdplug distill`` in real subprocesses: config file + flags, outputs, kill -9 + resume,
-bad input."""
+"""``kdplug distill``: config file + flags, outputs and bad input (in this process), kill -9 +
+resume (real subprocesses)."""
 
 import json
 import signal
@@ -12,7 +12,7 @@ import torch
 
 from kdplug.engines.distill import DistillConfig, distill
 from kdplug.teacher_names import teacher_names
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 STUDENT = "timm:test_resnet"
 TIMED = ("samples_per_s", "epoch_time_s")
@@ -72,10 +72,9 @@ def test_config_file_with_flag_overrides_writes_a_complete_run(digits_splits, te
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "run"
-    result = run_cli(
-        "distill", "--config", str(tmp_path / "run.yaml"), "--epochs", "2", "--seed", "3",
-        "--out", str(out), check=True,
-    )  # fmt: skip
+    args = ["distill", "--config", tmp_path / "run.yaml", "--epochs", "2", "--seed", "3"]
+    result = invoke_cli(*args, "--out", out)
+    assert result.exit_code == 0, result.output
     assert f"student written to {out / 'student'}" in result.stdout
 
     recorded = json.loads((out / "run.json").read_text())["config"]
@@ -167,11 +166,11 @@ def test_distill_resumes_after_kill_9_like_an_uninterrupted_run(digits_splits, t
 def test_bad_input_is_one_line_exit_2_and_nothing_written(digits_splits, tmp_path):
     # every other bad input takes the same path (UsageError); test_distill.py checks them
     out = tmp_path / "out"
-    result = run_cli(
+    result = invoke_cli(
         "distill", "--student", STUDENT, "--train", digits_splits["labeled"], "--teacher",
-        "kdplug:nowhere", "--out", str(out), "--loss", "kdd",
+        "kdplug:nowhere", "--out", out, "--loss", "kdd",
     )  # fmt: skip
-    assert result.returncode == 2
+    assert result.exit_code == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1
     assert errors[0].startswith("Error: unknown loss 'kdd'; did you mean 'kd'?")
