@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from kdplug.data import load_data
 from kdplug.engines.self_train import write_targets
 from kdplug.errors import UsageError
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 
 def invoke(*args):
@@ -55,8 +55,8 @@ def self_train_args(teacher, splits, out, rounds, epochs, generator) -> list[str
 def test_two_rounds_end_to_end(digits_splits, logreg, tmp_path):
     out = tmp_path / "self"
     args = self_train_args(logreg, digits_splits, out, 2, 2, "threshold,tau=0.5")
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr
+    result = invoke_cli(*args)
+    assert result.exit_code == 0, result.output
     table = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
     assert [row[:2] for row in table] == [["0", "0"], ["1", "1"], ["2", "2"]]
     summary = json.loads((out / "self_train.json").read_text())
@@ -78,16 +78,16 @@ def test_two_rounds_end_to_end(digits_splits, logreg, tmp_path):
     assert (out / "round-2" / "distill" / "student" / "model.safetensors").exists()
     assert (out / "rounds.png").stat().st_size > 0
     assert 0.0 <= first["val_accuracy"] <= 1.0 and first["pseudo_label_accuracy"] > 0.8
-    again = run_cli(*args, "--resume")  # a finished run resumes to the same table
-    assert again.returncode == 0 and [r[:3] for r in table] == [
+    again = invoke_cli(*args, "--resume")  # a finished run resumes to the same table
+    assert again.exit_code == 0 and [r[:3] for r in table] == [
         line.split()[:3] for line in again.stdout.splitlines() if line[:5].strip().isdigit()
     ]
 
 
 def test_no_accepted_row_is_a_clear_error(digits_splits, logreg, tmp_path):
     args = self_train_args(logreg, digits_splits, tmp_path / "s", 1, 1, "threshold,tau=1.0")
-    result = run_cli(*args)
-    assert result.returncode == 2
+    result = invoke_cli(*args)
+    assert result.exit_code == 2
     said = [line for line in result.stderr.strip().splitlines() if "INFO" not in line]
     assert said == [
         "Error: round 1: the generator threshold,tau=1.0 accepted no row; lower its threshold"
