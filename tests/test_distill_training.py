@@ -119,6 +119,40 @@ def test_timm_options_reach_the_factories_and_the_run_follows_them(digits_splits
         distill(_config(digits_splits, tmp_path, **{**options, "decay_rate": 0.3}, resume=True))
 
 
+def test_multistep_decays_at_the_milestones_as_timms_scheduler():
+    """--sched multistep --decay-milestones 1,3: timm's MultiStepLRScheduler, stepped per
+    update (7 an epoch), x0.5 at the end of epoch 1 and of epoch 3."""
+    import timm
+    from timm.scheduler import create_scheduler_v2
+
+    config = DistillConfig(
+        student=STUDENT, train="t", out="o", epochs=4, lr=0.1, opt="sgd", sched="multistep"
+    )
+    config.decay_milestones, config.decay_rate = "1,3", 0.5  # as the CLI gives it
+    config.validate()
+    assert config.decay_milestones == [1.0, 3.0]
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    now = build_optimizer(model, config)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    expected, _ = create_scheduler_v2(
+        probe,
+        sched="multistep",
+        num_epochs=4,
+        decay_milestones=[1, 3],
+        decay_rate=0.5,
+        step_on_epochs=False,
+        updates_per_epoch=7,
+    )
+    got = [lr for lr, *_ in _lrs(now, build_scheduler(now, config, 7), 28)]
+    assert got == pytest.approx([lr for (lr,) in _lrs(probe, expected, 28)])
+    # timm decays when the next update reaches the milestone (updates 7 and 21)
+    assert got == pytest.approx([0.1] * 5 + [0.05] * 14 + [0.025] * 9)
+    for bad in ("3,1", "0,2", "a", []):
+        config.decay_milestones = bad
+        with pytest.raises(UsageError, match="decay-milestones must be increasing epochs"):
+            config.validate()
+
+
 def _trainer(digits_splits, tmp_path, **values):
     config = _config(digits_splits, tmp_path, **values)
     config.validate()

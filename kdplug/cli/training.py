@@ -19,8 +19,8 @@ TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
     (
         "--sched",
         str,
-        "Learning-rate schedule, stepped every update: cosine, tanh, step, poly, constant, "
-        "wsd or rsqrt (default cosine).",
+        "Learning-rate schedule, stepped every update: cosine, tanh, step, multistep, poly, "
+        "constant, wsd or rsqrt (default cosine).",
     ),
     ("--warmup-epochs", int, "Epochs of linear warm-up from --warmup-lr (default 0)."),
     ("--warmup-lr", float, "Learning rate at the start of warm-up (default 1e-5)."),
@@ -30,7 +30,12 @@ TRAINING_OPTIONS: tuple[tuple[str, Any, str], ...] = (
         float,
         "step: epochs between decays; wsd/rsqrt: length of the decay (default timm's).",
     ),
-    ("--decay-rate", float, "step: factor of each decay; poly: the power (default 0.1)."),
+    (
+        "--decay-milestones",
+        str,
+        "multistep: the epochs of each decay, e.g. 150,180,210 (default timm's 90,180,270).",
+    ),
+    ("--decay-rate", float, "step, multistep: factor of each decay; poly: the power (0.1)."),
     ("--clip-grad", float, "Clip gradients to this norm (or value, --clip-mode; default off)."),
     ("--clip-mode", str, "norm, value or agc (default norm)."),
     (

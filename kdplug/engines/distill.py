@@ -74,7 +74,7 @@ SCHEDULER = "cosine"
 EMA_DECAY = 0.999
 VAL_CACHE_BYTES = 256 * 2**20  # val data up to this size is decoded once and kept
 # timm's schedulers that step per update on their own (plateau needs a metric per epoch)
-SCHEDULERS = ("cosine", "tanh", "step", "poly", "constant", "wsd", "rsqrt")
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "constant", "wsd", "rsqrt")
 CLIP_MODES = ("norm", "value", "agc")  # timm.utils.dispatch_clip_grad
 FLOATS = (
     "lr",
@@ -98,6 +98,7 @@ TRAINING = (
     "warmup_lr",
     "min_lr",
     "decay_epochs",
+    "decay_milestones",
     "decay_rate",
     "clip_grad",
     "clip_mode",
@@ -143,6 +144,7 @@ class DistillConfig:
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
     decay_epochs: float | None = None  # step, wsd, rsqrt: None is timm's default
+    decay_milestones: list[float] | None = None  # multistep: epochs of each decay
     decay_rate: float = 0.1
     clip_grad: float | None = None  # timm.utils.dispatch_clip_grad, after unscaling
     clip_mode: str = "norm"
@@ -220,6 +222,7 @@ class DistillConfig:
         for key in ("decay_epochs", "clip_grad"):
             if getattr(self, key) is not None:
                 _check_number(source, key, getattr(self, key), 0.0, above=True)
+        self.decay_milestones = milestones(source, self.decay_milestones)
         _check_int(source, "warmup-epochs", self.warmup_epochs, 0)
         _check_int(source, "log-interval", self.log_interval, 1)
         _check_number(source, "label_smoothing", self.label_smoothing, 0.0)
@@ -254,6 +257,28 @@ class DistillConfig:
 def written(value: Any) -> Any:
     """A config value as run.json keeps it: a Spec as its text."""
     return str(value) if isinstance(value, Spec) else value
+
+
+def milestones(source: str, value: Any) -> list[float] | None:
+    """``--decay-milestones``: increasing epochs > 0, given as a list or as ``"150,180"``."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        epochs = [float(item) for item in items if not isinstance(item, bool)]
+    except (TypeError, ValueError):
+        epochs = []
+    if (
+        not epochs
+        or len(epochs) != len(items)
+        or any(not math.isfinite(e) or e <= 0 for e in epochs)
+        or epochs != sorted(set(epochs))
+    ):
+        raise UsageError(
+            f"{source}: decay-milestones must be increasing epochs > 0 like 150,180,210, "
+            f"got {value!r}"
+        )
+    return epochs
 
 
 def _check_int(source: str, key: str, value: Any, low: int) -> None:
@@ -910,6 +935,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: DistillConfig, upd
         sched=config.sched,
         num_epochs=config.epochs,
         decay_epochs=config.decay_epochs,
+        **({"decay_milestones": config.decay_milestones} if config.decay_milestones else {}),
         decay_rate=config.decay_rate,
         min_lr=config.min_lr,
         warmup_lr=config.warmup_lr,
