@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import pytest
 
-from tests.conftest import random_cnn_teacher, run_cli
+from tests.conftest import invoke_cli, random_cnn_teacher, run_cli
 from tests.distributed_launch import kill_all, start_torchrun
 
 SHARD_SIZE = 40
@@ -30,9 +30,10 @@ def label_args(teacher: str, data: str, out) -> list[str]:
 
 @pytest.fixture(scope="module")
 def single(teacher, digits_splits, tmp_path_factory):
-    """The single-process output on the unlabeled split."""
+    """The single-process output on the unlabeled split (in this process)."""
     out = tmp_path_factory.mktemp("single") / "out"
-    run_cli(*label_args(teacher, digits_splits["unlabeled"], out), check=True, timeout=TIMEOUT)
+    result = invoke_cli(*label_args(teacher, digits_splits["unlabeled"], out))
+    assert result.exit_code == 0, result.output
     return datasets.load_from_disk(str(out))
 
 
