@@ -12,7 +12,7 @@ from kdplug.engines.label import LabelConfig, run_label
 from tests.conftest import kill_when, run_cli
 
 SHARD_SIZE = 50
-ROWS = 1200  # the unlabeled digits split: 24 shards
+ROWS = 447  # the test digits split: 9 shards, the last one partial
 
 
 def label_args(teacher: str, data: str, out) -> list[str]:
@@ -30,7 +30,7 @@ def finished_shards(out) -> int:
 def test_killed_run_resumes_to_exactly_the_uninterrupted_rows(
     slow_teacher, digits_splits, tmp_path
 ):
-    data = digits_splits["unlabeled"]
+    data = digits_splits["test"]
     full = tmp_path / "full"
     run_label(
         LabelConfig(
