@@ -1,4 +1,4 @@
-"""``kdplug teachers calibrate`` and ``report`` in real subprocesses, and their bad inputs."""
+"""``kdplug teachers calibrate`` and ``report`` (the CLI, in this process), and their bad inputs."""
 
 import json
 import pickle
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kdplug.plugins import get_manager
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 from tests.teacher_fixtures import TinyCNN, digits_arrays, fit_logistic, save_torchscript
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -62,16 +62,17 @@ def files(digits_splits, tmp_path_factory):
     return paths
 
 
-def test_calibrate_then_report_with_figures(files, tmp_path):
+def test_calibrate_then_report_with_figures(files, tmp_path, monkeypatch):
+    for opt_in in ("KDPLUG_ALLOW_PICKLE", "KDPLUG_ALLOW_CODE"):  # the flags set them: undone
+        monkeypatch.delenv(opt_in, raising=False)
     teachers = [f"logits:{files['hot_npy']}", f"sklearn:{files['lr_joblib']}"]
     teachers.append(f"torchscript:{files['cnn_ts']}")
     # the joblib (pickle) and TorchScript (code) teachers load because of the opt-ins
     args = [arg for spec in teachers for arg in ("--teacher", spec)]
     args += ["--allow-pickle", "--allow-code"]
     calib = tmp_path / "calib.json"
-    run_cli(
-        "teachers", "calibrate", *args, "--data", files["data"], "--out", str(calib), check=True
-    )
+    calibrated = invoke_cli("teachers", "calibrate", *args, "--data", files["data"], "--out", calib)
+    assert calibrated.exit_code == 0, calibrated.output
     record = json.loads(calib.read_text())
     hot = record["teachers"][0]
     assert [e["spec"] for e in record["teachers"]] == teachers
@@ -80,10 +81,11 @@ def test_calibrate_then_report_with_figures(files, tmp_path):
     assert record["rows"] == 150
 
     out = tmp_path / "report"
-    result = run_cli(
-        "teachers", "report", *args, "--data", files["data"], "--calibration", str(calib),
-        "--out", str(out), check=True,
+    result = invoke_cli(
+        "teachers", "report", *args, "--data", files["data"], "--calibration", calib,
+        "--out", out,
     )  # fmt: skip
+    assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     labels = files["labels"]
     first, second, third = report["teachers"]
@@ -135,21 +137,20 @@ def test_bad_input_is_one_line_and_exit_code_2(files, tmp_path, teachers, extra,
     args = [a for spec in teachers for a in ("--teacher", spec.format_map(files))]
     out = tmp_path / "out"
     extra = [a.format_map(files) for a in extra]
-    result = run_cli(
-        "teachers", "report", *args, *extra, "--data", files["data"], "--out", str(out)
-    )
+    result = invoke_cli("teachers", "report", *args, *extra, "--data", files["data"], "--out", out)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
+    assert result.exit_code == 2, result.stderr
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert re.search(message, lines[0]), lines[0]
     assert not out.exists()
 
 
 def test_skip_bad_rows_drops_and_counts_nan_rows(files):
-    result = run_cli(
+    result = invoke_cli(
         "teachers", "report", "--teacher", f"logits:{files['nan_npy']}", "--data", files["data"],
-        "--skip-bad-rows", "--json", check=True,
+        "--skip-bad-rows", "--json",
     )  # fmt: skip
+    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["skipped_rows"] == 2 and report["rows"] == 148
     keep = np.ones(150, dtype=bool)
@@ -158,14 +159,15 @@ def test_skip_bad_rows_drops_and_counts_nan_rows(files):
     assert report["teachers"][0]["accuracy"] == pytest.approx(expected)
 
 
-def test_malicious_pickle_is_not_loaded_without_the_opt_in(files, tmp_path):
+def test_malicious_pickle_is_not_loaded_without_the_opt_in(files, tmp_path, monkeypatch):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "model.pkl"
     evil.write_bytes(pickle.dumps(TouchMarker(marker)))
     base = ["teachers", "calibrate", "--teacher", f"sklearn:{evil}", "--data", files["data"]]
     base += ["--out", str(tmp_path / "calib.json")]
-    refused = run_cli(*base, env={"KDPLUG_ALLOW_PICKLE": ""})
-    assert refused.returncode == 2 and "--allow-pickle" in refused.stderr
+    monkeypatch.setenv("KDPLUG_ALLOW_PICKLE", "")
+    refused = invoke_cli(*base)
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.stderr
     assert "runs any code" in refused.stderr and not marker.exists()
     assert not (tmp_path / "calib.json").exists()
     # test_teacher_sources shows the same payload does run once the opt-in is given
