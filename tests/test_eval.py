@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdplug.engines.eval import report
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,9 @@ def test_eval_cli_matches_an_independent_computation(student, digits_splits, tmp
     from kdplug.data import load_data
 
     out = tmp_path / "eval"
-    result = run_cli(
-        "eval", "--model", str(student), "--data", digits_splits["test"], "--json",
-        "--out", str(out), "--batch-size", "100", check=True,
-    )  # fmt: skip
+    args = ["eval", "--model", str(student), "--data", digits_splits["test"], "--json"]
+    result = invoke_cli(*args, "--out", out, "--batch-size", "100")
+    assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)
     assert json.loads((out / "eval.json").read_text()) == got
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -96,8 +95,8 @@ def test_eval_on_data_without_labels_is_exit_2(student, tmp_path):
     path = tmp_path / "nolabels"
     images = [np.zeros((8, 8), dtype=np.uint8)] * 3
     datasets.Dataset.from_dict({"image": images}).save_to_disk(str(path))
-    result = run_cli("eval", "--model", str(student), "--data", f"disk:{path}")
-    assert result.returncode == 2
+    result = invoke_cli("eval", "--model", student, "--data", f"disk:{path}")
+    assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: disk:{path}: no label column to evaluate on (columns: ['image'])"
     )
