@@ -15,7 +15,7 @@ from kdplug.data import load_data
 from kdplug.engines.label import LabelConfig, run_label
 from kdplug.outputs import file_hash
 from kdplug.plugins import create
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 
 def train_cnn(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> torch.nn.Module:
@@ -69,8 +69,8 @@ def test_label_cli_writes_the_dataset_and_a_report_that_matches_a_hand_count(
     data = digits_splits["unlabeled"]
     args = ["--data", data, "--out", str(out), "--generator", "threshold,tau=0.6"]
     args += ["--shard-size", "500", "--batch-size", "128", "--with-inputs"]
-    result = run_cli("label", *[a for t in teachers for a in ("--teacher", t)], *args)
-    assert result.returncode == 0, result.stderr
+    result = invoke_cli("label", *[a for t in teachers for a in ("--teacher", t)], *args)
+    assert result.exit_code == 0, result.output
     assert "labeled 1200 rows" in result.stdout
 
     ds = datasets.load_from_disk(str(out))
@@ -323,7 +323,7 @@ def test_cli_mistakes_are_one_line_with_exit_code_2(
     teachers, digits_splits, tmp_path, extra, message
 ):
     out = tmp_path / "o"
-    result = run_cli(
+    result = invoke_cli(
         "label",
         "--teacher",
         teachers[0],
@@ -333,7 +333,7 @@ def test_cli_mistakes_are_one_line_with_exit_code_2(
         str(out),
         *extra,
     )
-    assert result.returncode == 2
+    assert result.exit_code == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
