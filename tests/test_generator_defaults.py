@@ -16,7 +16,7 @@ from kdplug.cli.label import summary
 from kdplug.data import load_data
 from kdplug.engines.label import LabelConfig, run_label
 from kdplug.plugins import create
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 from tests.test_label import teacher_probs_by_hand, train_cnn
 
 
@@ -149,8 +149,8 @@ def test_accuracy_without_labeled_rows_is_refused_before_any_teacher_runs(
     classes = ",".join(str(c) for c in range(10))
     args = ["label", *[a for t in teachers[:1] for a in ("--teacher", t)], "--data", f"disk:{bare}"]
     args += ["--out", str(out), "--classes", classes, "--generator", "threshold,accuracy=0.98"]
-    result = run_cli(*args)
-    assert result.returncode == 2
+    result = invoke_cli(*args)
+    assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         "Error: label generator 'threshold,accuracy=0.98' is fitted on labeled rows, and this "
         "run has none: give --calibration-data DATA2 (labeled rows the teachers were not "
