@@ -19,7 +19,7 @@ from kdplug.fitting import (
 )
 from kdplug.ops import IMPOSSIBLE
 from kdplug.plugins import create
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 C = 5
 
@@ -382,7 +382,8 @@ def test_label_fits_auto_on_calibration_data_and_records_it(
     out = tmp_path / "labels"
     args = ["label", "--teacher", digit_teachers[0], "--teacher", digit_teachers[1]]
     args += ["--data", digits_splits["test"], "--out", str(out)]
-    result = run_cli(*args, "--calibration-data", digits_splits["unlabeled"], check=True)
+    result = invoke_cli(*args, "--calibration-data", digits_splits["unlabeled"])
+    assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     fitted = report["fitted"]["combiner"]
     assert report["combiner"] == "auto" and fitted["rows"] == 1200
