@@ -19,7 +19,7 @@ from kdplug.ops import IMPOSSIBLE
 from kdplug.store.producer import store_producer
 from kdplug.store.reader import open_store
 from kdplug.store.topk import full_log_probs, top_k_entries
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 AUGMENT = "scale=0.3;1,brightness=0.3,contrast=0.3"
 
@@ -334,11 +334,11 @@ def test_bad_cache_options_are_refused(change, message, digits_splits, tmp_path)
 
 
 def test_bad_input_on_the_command_line_exits_2_with_one_line(digits_splits, tmp_path):
-    result = run_cli(
+    result = invoke_cli(
         *["cache", "--teacher", "torchscript:missing.pt", "--data", digits_splits["labeled"]],
         *["--out", str(tmp_path / "s"), "--views", "2", "--augment", "ratio=0"],
     )
-    assert result.returncode == 2
+    assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         "Error: --augment: ratio must be two numbers like 0.5;1, got 0"
     ]
