@@ -22,6 +22,10 @@ symmetric: no flip), so the difference is the consistency term. Run:
     .venv/bin/python bench/consistency.py --out bench-results/consistency
     .venv/bin/python bench/consistency.py --out bench-results/consistency-40 --epochs 40 \\
         --runs ce-steps consistency
+    .venv/bin/python bench/consistency.py --out bench-results/consistency-mu1 \\
+        --runs ce ce-steps consistency --options mu=1 threshold=0.8
+
+(the three settings docs/benchmarks.md reports).
 
 ``results.json`` and ``results.md`` are written to ``--out``.
 """
