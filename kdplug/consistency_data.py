@@ -78,12 +78,14 @@ class RatioOrder:
     labeled rows then ``batch_size - labeled_per_batch`` unlabeled ones (``labels [N]``:
     -1 marks an unlabeled row). ``rows`` is how many rows each rank gets per epoch."""
 
-    def __init__(self, labels: np.ndarray, batch_size: int, ratio: float, seed: int):
+    def __init__(
+        self, labels: np.ndarray, batch_size: int, ratio: float, seed: int, loss: str = "the loss"
+    ):
         self.labeled = np.flatnonzero(labels >= 0)
         self.unlabeled = np.flatnonzero(labels < 0)
         if not len(self.unlabeled):
             raise UsageError(
-                "the loss learns from unlabeled rows and this run has none: give --unlabeled "
+                f"{loss} learns from unlabeled rows and this run has none: give --unlabeled "
                 "DATA (or --train rows without a label)"
             )
         if batch_size < 2:

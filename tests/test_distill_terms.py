@@ -203,6 +203,15 @@ def test_a_consistency_loss_is_refused_on_tabular_rows_and_with_mixup(
         )
 
 
+def test_a_consistency_loss_without_unlabeled_rows_is_refused_first(
+    digits_splits, tmp_path, plugin
+):
+    with pytest.raises(UsageError, match="--loss consistent learns from unlabeled rows"):
+        distill(config(digits_splits, tmp_path / "run", loss="consistent", unlabeled=None))
+    assert plugin.losses["consistent"].rows is None  # refused before the trainer is built
+    assert not (tmp_path / "run").exists()
+
+
 def test_two_views_stack_the_weak_and_the_strong_view():
     from PIL import Image
 

@@ -1062,13 +1062,13 @@ def distill(config: DistillConfig, producer: Any = None) -> dict[str, Any]:
     if finished is not None:
         return finished
     rows = TrainRows(parts.train, parts.unlabeled)
+    plan = epoch_plan(rows, parts.loss, config)  # before any teacher runs: it may refuse
     if parts.producer is not None and hasattr(parts.producer, "to"):
         parts.producer.to(device)
     if hasattr(parts.producer, "check_rows"):
         parts.producer.check_rows(len(rows))
     fitted = fit_on_labeled_rows(parts, config, device)
     checks = check_teachers(parts, config, device) if main else None
-    plan = epoch_plan(rows, parts.loss, config)
     trainer = Trainer(parts, config, device, updates_per_epoch(plan[1], config.batch_size))
     val = val_batches(parts.val, config, trainer.cuda)
     producer = parts.producer if parts.loss.uses_teachers else None
@@ -1220,7 +1220,8 @@ def epoch_plan(rows: TrainRows, loss: Any, config: DistillConfig) -> tuple[Any, 
         )
     from kdplug.consistency_data import RatioOrder
 
-    order = RatioOrder(rows.labels(), config.batch_size, ratio, config.seed)
+    spec = f"--loss {written(config.loss)}"
+    order = RatioOrder(rows.labels(), config.batch_size, ratio, config.seed, spec)
     log.info(
         "each step: %d labeled and %d unlabeled rows (the loss's mu %g); an epoch is %d "
         "steps, one pass over the unlabeled rows",
