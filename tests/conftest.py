@@ -44,7 +44,9 @@ def run_cli(
 
 def invoke_cli(*args):
     """``kdplug ARGS`` in this process (click's CliRunner): ``result.stderr`` holds kdplug's
-    log lines (INFO and up, as a real run prints them) and its one-line errors."""
+    log lines (INFO and up, as a real run prints them) and its one-line errors. The
+    environment is restored afterwards (``--allow-pickle`` and ``--allow-code`` set
+    variables for the whole process, which would trust files in later tests)."""
     import logging
 
     from click.testing import CliRunner
@@ -56,7 +58,7 @@ def invoke_cli(*args):
             sys.stderr.write(f"kdplug: {record.levelname}: {record.getMessage()}\n")
 
     logger, handler = logging.getLogger("kdplug"), ToStderr()
-    level = logger.level
+    level, environment = logger.level, dict(os.environ)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -64,6 +66,8 @@ def invoke_cli(*args):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 def kill_when(args: list[str], ready, timeout: float = 300) -> None:

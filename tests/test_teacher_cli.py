@@ -1,6 +1,7 @@
 """``kdplug teachers calibrate`` and ``report`` (the CLI, in this process), and their bad inputs."""
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -62,17 +63,18 @@ def files(digits_splits, tmp_path_factory):
     return paths
 
 
-def test_calibrate_then_report_with_figures(files, tmp_path, monkeypatch):
-    for opt_in in ("KDPLUG_ALLOW_PICKLE", "KDPLUG_ALLOW_CODE"):  # the flags set them: undone
-        monkeypatch.delenv(opt_in, raising=False)
+def test_calibrate_then_report_with_figures(files, tmp_path):
     teachers = [f"logits:{files['hot_npy']}", f"sklearn:{files['lr_joblib']}"]
     teachers.append(f"torchscript:{files['cnn_ts']}")
     # the joblib (pickle) and TorchScript (code) teachers load because of the opt-ins
     args = [arg for spec in teachers for arg in ("--teacher", spec)]
     args += ["--allow-pickle", "--allow-code"]
     calib = tmp_path / "calib.json"
+    before = {key: os.environ.get(key) for key in ("KDPLUG_ALLOW_PICKLE", "KDPLUG_ALLOW_CODE")}
     calibrated = invoke_cli("teachers", "calibrate", *args, "--data", files["data"], "--out", calib)
     assert calibrated.exit_code == 0, calibrated.output
+    # the opt-ins do not outlive the command: later tests' files are not trusted
+    assert {key: os.environ.get(key) for key in before} == before
     record = json.loads(calib.read_text())
     hot = record["teachers"][0]
     assert [e["spec"] for e in record["teachers"]] == teachers
