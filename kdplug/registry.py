@@ -265,7 +265,8 @@ class Registry:
         component = self.get(spec.name)
         if spec.raw is not None:
             skip = 1 if self.takes_ref else 0
-            owner = spec.name if spec.ref is None else f"{spec.name}:{spec.ref}"
+            ref = spec.ref if spec.ref is None or spec.ref.isprintable() else repr(spec.ref)
+            owner = spec.name if ref is None else f"{spec.name}:{ref}"  # one line
             options = typed_options(component.factory, spec.raw, owner, skip)
             options.update(self._checked(component, extra))
         else:

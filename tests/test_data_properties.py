@@ -109,6 +109,7 @@ def test_parse_spec_returns_a_spec_or_a_one_line_usage_error(text):
 @PROPERTY_SETTINGS
 @given(spec=data_specs())
 @example(spec="disk:no\nsuch")  # a newline in the reference: the message stays one line
+@example(spec="sklearn:0\n0,split=")  # and in an option error naming the reference
 @example(spec="sklearn:digits,image_size=8;12,image_mode=RGB")
 @example(spec="sklearn:iris,label_column=a;b")  # a list where a column name belongs
 @example(spec="sklearn:digits,image_mode=L;RGB")
