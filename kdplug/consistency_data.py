@@ -20,28 +20,25 @@ import torch
 
 from kdplug import distributed
 from kdplug.augment import Augment
+from kdplug.data import plain_image
 from kdplug.errors import UsageError
 
 
 class PlainView:
-    """A decoded image at the data's size, as the data path makes it without augmentation:
-    float32 ``[C, H, W]`` in [0, 1] (bilinear resize where its size differs)."""
+    """A decoded image as the data path makes it without augmentation
+    (``kdplug.data.plain_image``): float32 ``[C, H, W]`` in [0, 1] at the data's size."""
 
     def __init__(self, input_shape: tuple[int, int, int]):
-        self.size = tuple(input_shape[1:])
+        self.shape = tuple(input_shape)
 
     def __call__(self, image: Any) -> np.ndarray:
-        from torchvision.transforms.functional import pil_to_tensor
+        if isinstance(image, np.ndarray):  # an array image, or a deep (mode F) one
+            if image.shape == self.shape:
+                return np.asarray(image, dtype=np.float32)
+            from PIL import Image
 
-        if isinstance(image, np.ndarray):
-            x = torch.from_numpy(np.asarray(image, dtype=np.float32))
-        else:
-            x = pil_to_tensor(image).float() / 255.0
-        if tuple(x.shape[1:]) != self.size:
-            x = torch.nn.functional.interpolate(
-                x[None], size=self.size, mode="bilinear", antialias=True, align_corners=False
-            )[0].clamp_(0, 1)
-        return x.numpy()
+            image = Image.fromarray(np.asarray(image[0], dtype=np.float32))  # mode F
+        return plain_image(image, self.shape)
 
 
 class TwoViews:

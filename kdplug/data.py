@@ -218,6 +218,16 @@ def _decode_pil(
         )
     if augment is not None:  # its random crop is resized to the data's size
         return augment(image if image.mode != "F" else np.array(image)[None])
+    return plain_image(image, shape)
+
+
+def plain_image(image: Any, shape: tuple[int, int, int]) -> np.ndarray:
+    """A PIL image already in the data's mode (L, RGB, or F for deep grayscale) as float32
+    ``[C, H, W]`` in [0, 1] at the data's size (bilinear where it differs): the data path's
+    image without augmentation."""
+    from PIL import Image
+
+    channels, height, width = shape
     if image.size != (width, height):
         image = image.resize((width, height), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32)

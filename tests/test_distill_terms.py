@@ -10,6 +10,7 @@ import torch
 
 import kdplug
 from kdplug.consistency_data import PlainView, RatioOrder, TwoViews
+from kdplug.data import decode_image
 from kdplug.engines.distill import DistillConfig, distill
 from kdplug.errors import UsageError
 
@@ -221,7 +222,10 @@ def test_two_views_stack_the_weak_and_the_strong_view():
         torch.manual_seed(0)
         pair = views(image)
     assert pair.shape == (2, 1, 16, 16) and pair.dtype == np.float32
-    np.testing.assert_allclose(pair[0], PlainView((1, 16, 16))(image))  # no --augment: plain
+    # no --augment: the weak view is the data path's own decode (resized to image_size)
+    plain = decode_image(image, (1, 16, 16), 0, resize=True)
+    np.testing.assert_array_equal(pair[0], plain)
+    np.testing.assert_array_equal(PlainView((1, 16, 16))(image), plain)
     assert 0 <= pair.min() and pair.max() <= 1
     assert not np.allclose(pair[0], pair[1])
 
