@@ -269,10 +269,10 @@ class TeacherSet:
             with running(teacher, f"teacher {name!r}", f" on batch {self.batches_seen}"):
                 if stages is not None:
                     z, features = teacher.intermediates(x, stages)
-                    z = torch.as_tensor(z).to(device=x.device, dtype=torch.float32)
-                    return z, [f.float() for f in features]
-                z = teacher(x, index) if row_index else teacher(x)
-                return torch.as_tensor(z).to(device=x.device, dtype=torch.float32)
+                else:
+                    z = teacher(x, index) if row_index else teacher(x)
+                z = torch.as_tensor(z).to(device=x.device, dtype=torch.float32)
+                return z if stages is None else (z, [f.float() for f in features])
         except BadRowsError as exc:
             if index is None:
                 raise

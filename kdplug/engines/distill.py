@@ -990,12 +990,12 @@ def loss_terms(loss: Any) -> list[str]:
 def losses_that_ran(loss: Any) -> list[str]:
     """The train losses of ``loss``'s runs: the total, and the terms that count in it
     (``ce``, ``kd`` where their weights are not 0: a labels-only loss runs no kd term)."""
-    ran = [term for term in loss_terms(loss) if term not in ("ce", "kd")]
-    if loss.ce_weight > 0:
-        ran.insert(1, "ce")
-    if loss.uses_teachers and loss.kd_weight > 0:
-        ran.insert(2 if loss.ce_weight > 0 else 1, "kd")
-    return ran
+    idle = set()
+    if loss.ce_weight <= 0:
+        idle.add("ce")
+    if not (loss.uses_teachers and loss.kd_weight > 0):
+        idle.add("kd")
+    return [term for term in loss_terms(loss) if term not in idle]
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, loss: Any) -> None:
