@@ -58,6 +58,16 @@ def distill_run(out: Path, test: str, **config) -> dict:
     return {"accuracy": accuracy, "seconds": time.perf_counter() - started}
 
 
+def seed_runs(out: Path, test: str, name: str, seeds: list[int], **config) -> list[float]:
+    """``distill_run`` once per seed (its ``seed``); the test accuracies, each printed."""
+    accuracy = []
+    for seed in seeds:
+        run = distill_run(out, test, **config, seed=seed)
+        accuracy.append(run["accuracy"])
+        print(f"{name:<32} seed {seed}: {run['accuracy']:.4f} ({run['seconds']:.0f} s)")
+    return accuracy
+
+
 def consistency_spec(base: str | None) -> str:
     """``fixmatch`` (or ``--consistency``) on ``base`` with ``--options``."""
     parts = [ARGS.consistency] + ([f"base={base}"] if base else []) + ARGS.options
@@ -151,11 +161,7 @@ def main() -> None:
         config = {**shared, **own}
         if config.get("unlabeled"):
             config["unlabeled"] = splits["unlabeled"]
-        accuracy = []
-        for seed in seeds:
-            run = distill_run(out / "runs" / "student", splits["test"], **config, seed=seed)
-            accuracy.append(run["accuracy"])
-            print(f"{name:<30} seed {seed}: {run['accuracy']:.4f} ({run['seconds']:.0f} s)")
+        accuracy = seed_runs(out / "runs" / "student", splits["test"], name, seeds, **config)
         results_runs[name] = {"loss": config["loss"], "epochs": config["epochs"]}
         results_runs[name]["accuracy"] = accuracy
     comparisons = []
@@ -182,7 +188,7 @@ def main() -> None:
         "augment": ARGS.augment,
         "combiner": ARGS.combiner,
         "seeds": seeds,
-        "splits": {**multi_teacher.SPLITS, "test": 1797 - sum(multi_teacher.SPLITS.values())},
+        "splits": multi_teacher.SPLIT_SIZES,
         "teacher_specs": teachers,
         "teachers": table,
         "runs": results_runs,

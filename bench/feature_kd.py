@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import multi_teacher  # noqa: E402  (bench/ is no package)
-from consistency import distill_run  # noqa: E402
+from consistency import distill_run, seed_runs  # noqa: E402
 
 BATCH = 64
 
@@ -98,13 +98,15 @@ def main() -> None:
     students: dict[str, list[float]] = {}
     for loss in ["ce", *ARGS.losses]:
         own = {} if loss == "ce" else with_teacher
-        students[loss] = []
-        for seed in range(ARGS.seeds):
-            run = distill_run(
-                out / "runs" / "student", splits["test"], **shared, **own, loss=loss, seed=seed
-            )
-            students[loss].append(run["accuracy"])
-            print(f"{loss:<32} seed {seed}: {run['accuracy']:.4f} ({run['seconds']:.0f} s)")
+        students[loss] = seed_runs(
+            out / "runs" / "student",
+            splits["test"],
+            loss,
+            list(range(ARGS.seeds)),
+            **shared,
+            **own,
+            loss=loss,
+        )
     results = {
         "command": "python bench/feature_kd.py " + " ".join(ARGS.argv),
         "machine": multi_teacher.machine(ARGS.threads),
@@ -116,7 +118,7 @@ def main() -> None:
         "epochs": ARGS.epochs,
         "lr": ARGS.lr,
         "seeds": list(range(ARGS.seeds)),
-        "splits": {**multi_teacher.SPLITS, "test": 1797 - sum(multi_teacher.SPLITS.values())},
+        "splits": multi_teacher.SPLIT_SIZES,
         "students": students,
         "seconds": time.perf_counter() - started,
     }

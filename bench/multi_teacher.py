@@ -41,6 +41,8 @@ TEACHER_ROWS = {
     "unequal": {"cnn": SPLITS["teacher"], "forest": 200, "logreg": 100, "bad": 200},
     "equal": {"cnn": 200, "forest": 200, "logreg": 200, "bad": 200},
 }
+# the rows of each split, the test split being what the others leave of digits' 1797
+SPLIT_SIZES = {**SPLITS, "test": 1797 - sum(SPLITS.values())}
 SHIFTED = 0.45  # fraction of the bad teacher's training labels moved to the next class
 
 
@@ -311,7 +313,7 @@ def main() -> None:
         "student": ARGS.student,
         "epochs": ARGS.epochs,
         "seeds": seeds,
-        "splits": {**SPLITS, "test": 1797 - sum(SPLITS.values())},
+        "splits": SPLIT_SIZES,
         "teacher_rows": TEACHER_ROWS[ARGS.teachers],
         "teacher_specs": teachers,
         "teachers": table,
