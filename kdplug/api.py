@@ -36,6 +36,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "hard_labels": "kdplug.label_shards:hard_labels",
             "Run": "kdplug.run:Run",
             "create_component": "kdplug.plugins:create",
+            "model_intermediates": "kdplug.features:model_intermediates",
         },
     ),
     "errors": (

@@ -13,7 +13,27 @@ from typing import Any
 
 import torch
 
-from kdplug.errors import UsageError, component_name, describe, running
+from kdplug.errors import UsageError, component_name, running
+
+
+def model_intermediates(
+    model: torch.nn.Module, x: torch.Tensor, stages: list[int], owner: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(logits, features)`` of a model with timm's feature interface, from one pass:
+    ``forward_head`` of ``forward_intermediates``' final map, and the features ``[B, C_i,
+    H_i, W_i]`` at ``stages``. A stage the model lacks is a UsageError naming ``owner``."""
+    try:
+        final, features = model.forward_intermediates(
+            x, indices=list(stages), intermediates_only=False
+        )
+    except AssertionError as exc:  # timm's check of the indices against its stages
+        if "out of range" not in str(exc):
+            raise
+        raise UsageError(
+            f"{owner} has no feature stages {list(stages)} (timm: {exc}; stages are "
+            "forward_intermediates indices, negative from the last)"
+        ) from None
+    return model.forward_head(final), list(features)
 
 
 class StudentFeatures(torch.nn.Module):
@@ -35,12 +55,9 @@ class StudentFeatures(torch.nn.Module):
         teacher_features: list[torch.Tensor] | None = None,
         rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Any]:
-        final, features = self.model.forward_intermediates(
-            x, indices=self.stages, intermediates_only=False
-        )
-        logits = self.model.forward_head(final)
+        logits, features = model_intermediates(self.model, x, self.stages, "the student")
         if teacher_features is None:
-            return logits, list(features)
+            return logits, features
         features = [f[rows].float() for f in features]
         with running(self.loss, "the loss"):
             term = self.loss.feature_loss(self.projector, features, teacher_features)
@@ -92,13 +109,7 @@ def add_projector(
     with torch.no_grad():
         training = wrapped.training
         wrapped.eval()
-        try:
-            _, student_features = wrapped(normalize(x))
-        except (AssertionError, IndexError) as exc:  # timm's check of the stage indices
-            raise UsageError(
-                f"{component_name(loss, 'the loss')}: the student has no feature stages "
-                f"{wrapped.stages} ({describe(exc)})"
-            ) from None
+        _, student_features = wrapped(normalize(x))
         wrapped.train(training)
         teacher_features = producer(x, idx).features
     name = component_name(loss, "the loss")

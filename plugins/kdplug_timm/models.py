@@ -23,6 +23,7 @@ from kdplug.api import (
     UsageError,
     file_hash,
     load_student,
+    model_intermediates,
     read_student_config,
     student_path,
     student_preprocess,
@@ -263,20 +264,9 @@ class ModelTeacher(torch.nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``intermediates`` of a model with timm's ``forward_intermediates``: the logits of
         ``forward`` and the features ``[B, C_i, H_i, W_i]`` at ``stages``, in one forward."""
-        x = self.model_inputs(x)
-        try:
-            final, features = self.model.forward_intermediates(
-                x, indices=list(stages), intermediates_only=False
-            )
-        except AssertionError as exc:  # timm's check of the indices against its stages
-            if "out of range" not in str(exc):
-                raise
-            arch = self.model.pretrained_cfg.get("architecture") or type(self.model).__name__
-            raise UsageError(
-                f"the teacher's model {arch} has no feature stages {list(stages)} (timm: {exc}; "
-                "stages are forward_intermediates indices, negative from the last)"
-            ) from None
-        return self.model.forward_head(final), list(features)
+        arch = self.model.pretrained_cfg.get("architecture") or type(self.model).__name__
+        owner = f"the teacher's model {arch}"
+        return model_intermediates(self.model, self.model_inputs(x), stages, owner)
 
 
 def _values(buffer: torch.Tensor) -> list[float]:
