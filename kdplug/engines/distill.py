@@ -628,8 +628,7 @@ def student_features(
         return None
     from kdplug.features import StudentFeatures, add_projector, check_feature_run
 
-    spec = parts.architecture
-    teacher = check_feature_run(parts.loss, model, parts.producer, spec)
+    teacher = check_feature_run(parts.loss, model, parts.producer, parts.architecture)
     log.info(
         "feature loss: the student's and teacher %s's features at stages %s",
         teacher,
