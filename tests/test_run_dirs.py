@@ -292,3 +292,18 @@ def test_prepare_out_dir_refuses_inputs_from_python_too(tmp_path):
     with pytest.raises(UsageError, match="--overwrite would delete"):
         prepare_out_dir(tmp_path, inputs=[inputs["data"]], **options)
     assert sorted(os.listdir(tmp_path)) == ["data.csv", "teacher.npy"]
+
+
+def test_a_run_inputs_block_closed_late_removes_only_its_own_paths():
+    """A --config block left open (its command's parsing failed after the file was read)
+    closes whenever its generator is collected, maybe inside another run's block: it must
+    not take that run's --config file off the inputs --overwrite protects."""
+    from kdplug import outputs
+
+    leaked = outputs.run_inputs("first.yaml")
+    leaked.__enter__()
+    with outputs.run_inputs("second.yaml"):
+        leaked.__exit__(None, None, None)
+        assert "second.yaml" in outputs._extra_inputs
+        assert "first.yaml" not in outputs._extra_inputs
+    assert "second.yaml" not in outputs._extra_inputs
