@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdplug.testing import run_measured
+from kdplug.testing import run_measured, set_page_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATORS = [
@@ -174,6 +174,13 @@ def main() -> None:
     parser.add_argument("--skip-bare", action="store_true")
     parser.add_argument("--keep-inputs", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--cache",
+        choices=["warm", "cold"],
+        default=None,
+        help="before each run, read the teacher files into the page cache (warm) or drop the "
+        "page cache (cold, root only); default: as the previous run left it",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--bare", nargs=2, metavar=("FILES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,12 +201,16 @@ def main() -> None:
             names = args.classes
         out = Path(args.data_dir) / "out"
         if not args.skip_bare:
+            if args.cache:
+                set_page_cache(args.cache, files)
             command = [sys.executable, __file__, "--bare", ",".join(map(str, files)), str(out)]
             seconds, peak = measured(command)
             results.append({"rows": rows, "run": "bare loop", "seconds": seconds, "peak_gb": peak})
             print(json.dumps(results[-1]), flush=True)
             out.unlink()
         for generator in generators:
+            if args.cache:
+                set_page_cache(args.cache, files)
             seconds, peak = measured(kdplug_command(files, data, out, generator, names))
             report = json.loads((out / "report.json").read_text())
             results.append(

@@ -90,6 +90,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "teacher_probs": "kdplug.ops:teacher_probs",
             "standardize": "kdplug.ops:standardize",
             "entropy": "kdplug.ops:entropy",
+            "argmax": "kdplug.ops:argmax",
             "normalize_weights": "kdplug.ops:normalize_weights",
         },
     ),

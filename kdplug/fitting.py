@@ -305,10 +305,12 @@ def collect_outputs(
     batch_size: int,
     device: torch.device,
     shared: bool = False,
+    per_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The producer's outputs on rows ``indices`` of ``source`` (``batch(indices)`` ->
     ``x, y, idx``; None with no rows): logits ``[K, N, C]`` and ``known [K, C]`` on the CPU,
-    labels ``[N]``.
+    labels ``[N]``. ``per_batch(logits [K, B, C], known)`` -> ``[K, B, ...]`` keeps only
+    that of each batch (e.g. the teachers' votes: ``[K, N]``, not the logits).
     Rows where a teacher gave NaN/Inf (``bad_rows``) are left out; with no rows, ``known``
     is the producer's ``known`` attribute. The teachers run under the device's autocast,
     as in training, label and cache, so what is fitted is applied to the same outputs.
@@ -334,14 +336,16 @@ def collect_outputs(
         keep = torch.ones(len(y), dtype=torch.bool)
         if out.bad_rows is not None:
             keep = ~out.bad_rows.cpu()
-        logits.append(out.logits.float().cpu()[:, keep])
+        kept = out.logits.float() if per_batch is None else per_batch(out.logits, out.known)
+        logits.append(kept.cpu()[:, keep])
         labels.append(y[keep])
         positions.append((seen + torch.arange(len(y)))[keep])
         seen += len(y)
         known = out.known.cpu()
     known = producer.known.cpu() if known is None else known
     K, C = known.shape
-    rows = torch.cat(logits, 1).transpose(0, 1) if logits else torch.zeros(0, K, C)
+    empty = torch.zeros(0, K, C) if per_batch is None else torch.zeros(0, K, dtype=torch.long)
+    rows = torch.cat(logits, 1).transpose(0, 1) if logits else empty
     truth = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     if world > 1:  # rank r's row i is row r + world * i of one process
         position = torch.cat(positions) * world + rank if positions else torch.zeros(0).long()

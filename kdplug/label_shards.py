@@ -22,6 +22,7 @@ import torch
 
 from kdplug.components import Labels
 from kdplug.errors import origin, record_origin
+from kdplug.ops import argmax
 
 log = logging.getLogger("kdplug")
 
@@ -70,15 +71,14 @@ class LabelShards:
         ``[rows]`` each: 16 bytes a row, read shard by shard."""
         confidence, predicted = [], []
         for rows in self:
-            top, cls = rows.target.max(1)
-            confidence.append(top.double())
-            predicted.append(cls)
+            confidence.append(rows.target.amax(1).double())
+            predicted.append(argmax(rows.target))
         return torch.cat(confidence), torch.cat(predicted)
 
 
 def hard_labels(target: torch.Tensor, accepted: torch.Tensor, probs: torch.Tensor | None = None):
     """``Labels`` with the argmax of ``target`` where ``accepted`` [R] and -1 elsewhere."""
-    label = torch.where(accepted, target.argmax(1), torch.full_like(accepted, -1, dtype=torch.long))
+    label = torch.where(accepted, argmax(target), torch.full_like(accepted, -1, dtype=torch.long))
     return Labels(label, accepted, target if probs is None else probs)
 
 

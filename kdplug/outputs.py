@@ -141,14 +141,14 @@ def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def file_hashes(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
     """``{path: file_hash(path)}`` of the paths that exist (files or folders), hashed side by side
-    (a thread each, up to the CPUs: sha256 and reads release the GIL), so several teacher
-    files of gigabytes cost about one; each is kept as ``file_hash`` keeps it."""
+    (a thread each, up to 16: sha256 and reads release the GIL, so K files of the same size
+    share the CPUs evenly); each is kept as ``file_hash`` keeps it."""
     from concurrent.futures import ThreadPoolExecutor
 
     files = sorted({str(Path(path)) for path in paths if Path(path).exists()})
     if len(files) < 2:
         return {file: file_hash(file) for file in files}
-    with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(min(len(files), 16)) as pool:  # 3 files on 2 CPUs: 2/3 each
         return dict(zip(files, pool.map(file_hash, files)))
 
 

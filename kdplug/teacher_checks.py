@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from kdplug.ops import argmax
+
 log = logging.getLogger("kdplug")
 
 NEAR_CHANCE = 0.2  # of the way from chance to perfect accuracy
@@ -74,14 +76,23 @@ def check_on_rows(
     rows: str,
     compare: bool = True,
 ) -> list[dict[str, Any]]:
-    """``check_teachers`` on the producer's outputs for rows ``indices`` of ``source``
-    (``kdplug.fitting.collect_outputs``)."""
+    """``check_teachers`` on the producer's votes for rows ``indices`` of ``source``
+    (``kdplug.fitting.collect_outputs``; each batch's logits are dropped once voted)."""
     from kdplug.fitting import collect_outputs
 
     if not len(indices):
         return []
-    logits, known, labels = collect_outputs(producer, source, indices, batch_size, device)
-    return check_teachers(producer, logits, known, labels, rows, compare)
+    votes, known, labels = collect_outputs(
+        producer, source, indices, batch_size, device, per_batch=teacher_votes
+    )
+    return check_teachers(producer, None, known, labels, rows, compare, votes=votes)
+
+
+def teacher_votes(scores: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """``[K, N]``: each teacher's most probable class among those it knows, of its logits or
+    probabilities ``scores [K, N, C]`` (``known [K, C]``)."""
+    unknown = ~known.to(scores.device).unsqueeze(1)
+    return argmax(scores.detach().float().masked_fill(unknown, float("-inf")))
 
 
 def record(producer: Any, flags: list[dict[str, Any]]) -> dict[str, Any]:
@@ -112,13 +123,7 @@ def flag_teachers(
     disagreement check (done on other rows). ``predicted [K, N]``: each teacher's class
     among those it knows, given instead of ``scores``."""
     known = known.cpu()
-    if predicted is None:
-        predicted = torch.stack(
-            [
-                scores[k].detach().cpu().float().masked_fill(~known[k], float("-inf")).argmax(-1)
-                for k in range(len(names))
-            ]
-        )
+    predicted = teacher_votes(scores.cpu(), known) if predicted is None else predicted.cpu()
     flags, fine = [], set()
     if labels is not None:
         labels = torch.as_tensor(labels).long().cpu()

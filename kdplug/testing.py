@@ -7,7 +7,8 @@
 - ``create_component(kind, spec, *args, **options)``: build a registered component.
 
 And for memory tests and benchmarks: ``run_measured(command)`` runs a process and returns
-its wall time and the peak anonymous memory of its process tree.
+its wall time and the peak anonymous memory of its process tree; ``set_page_cache(state,
+files)`` reads its inputs into the page cache, or drops them from it, before one.
 
 Example::
 
@@ -25,9 +26,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -81,6 +84,29 @@ def anonymous_kib(pid: int) -> int:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return total
+
+
+def set_page_cache(state: str, files: Sequence[str | os.PathLike]) -> None:
+    """Put a benchmark's input ``files`` in a known page-cache state before a measured run:
+    ``warm``, read through once (so a run reads them from memory); ``cold``, every clean page
+    of every file dropped (``/proc/sys/vm/drop_caches``: root only), then the libraries a run
+    imports read again, so that only the inputs come from the disk."""
+    if state == "warm":
+        for file in files:
+            with open(file, "rb") as fh:
+                while fh.read(1 << 23):
+                    pass
+        return
+    if state != "cold":
+        raise ValueError(f"page cache state must be warm or cold, got {state!r}")
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as exc:
+        raise SystemExit(f"--cache cold drops the page cache, which needs root: {exc}") from None
+    subprocess.run(
+        [sys.executable, "-c", "import torch, datasets, pyarrow, kdplug.engines.label"], check=True
+    )
 
 
 def run_measured(

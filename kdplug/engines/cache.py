@@ -37,7 +37,6 @@ from kdplug.outputs import (
     atomic_path,
     discarding_unstarted_runs,
     file_hash,
-    file_hashes,
     input_paths,
     prepare_out_dir,
     versions,
@@ -90,7 +89,6 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     augment = check_config(cfg)
     sources = load_splits(cfg)
     classes = sources[0].classes
-    file_hashes(path.resolve() for path in input_paths(cfg.teachers))  # side by side, kept
     teacher_set = build_teacher_set(
         cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows, data=sources[0]
     )

@@ -59,7 +59,7 @@ from kdplug.label_dataset import (
 )
 from kdplug.label_dataset import features as label_features
 from kdplug.label_shards import LabelShards, ShardRows, shape_problem, streaming
-from kdplug.ops import teacher_probs
+from kdplug.ops import argmax, teacher_probs
 from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
 from kdplug.plugins import create, get_manager
 from kdplug.registry import typed_options
@@ -468,7 +468,7 @@ def label_rows(
         scores = logits if all_known else logits.masked_fill(~out.known.unsqueeze(1), -math.inf)
         found = {
             "target": target.float(),
-            "votes": scores.argmax(-1).int(),  # a class the teacher knows
+            "votes": argmax(scores).int(),  # a class the teacher knows
             "weights": weights.float(),
             "bad": out.bad_rows,
         }
@@ -562,12 +562,15 @@ class ShardReader:
     def rows(self, shard: Shard, tensors: dict[str, torch.Tensor] | None = None) -> ShardRows:
         """The shard's good rows as a generator sees them."""
         tensors = self.read(shard) if tensors is None else tensors
+        index, target = torch.arange(shard.start, shard.stop), tensors["target"]
+        votes, probs = tensors["votes"].long(), tensors.get("teacher_probs")  # votes: int32
+        if not tensors["bad"].any():  # the shard's own tensors, no copy
+            return ShardRows(index, target, votes, self.known, probs)
         good = ~tensors["bad"]
-        probs = tensors.get("teacher_probs")
         return ShardRows(
-            torch.arange(shard.start, shard.stop)[good],
-            tensors["target"][good],
-            tensors["votes"][:, good].long(),  # stored as int32
+            index[good],
+            target[good],
+            votes[:, good],
             self.known,
             None if probs is None else probs[:, good],
         )
@@ -720,6 +723,7 @@ def write_dataset(
     ours = label_features(classes, mode, k, private, keys)
     feats, renamed = with_input_features(ours, source if with_inputs else None)
     writer = DatasetWriter(directory, feats, len(reader.shards))
+    ours_schema = ours.arrow_schema  # once: slow to make with a ClassLabel of many names
     tally = LabelTally(len(reader.known), len(classes), reader.known.numpy())
     for shard in reader.shards:
         tensors = reader.read(shard)
@@ -728,18 +732,21 @@ def write_dataset(
             decided = generator.decide(rows)
         label, accepted, soft = spread(generator, name, decided, rows, tensors["bad"])
         columns = shard_columns(shard.start, label, accepted, soft, tensors["votes"], private)
+        # the target's class: the probs' where the generator kept the target as its probs
+        kept = decided.probs is rows.target
+        target_class = columns["predicted"] if kept else argmax(tensors["target"]).numpy()
         columns.update(key_columns(source, shard.start, shard.stop, keys))
-        table = arrow_table(columns, ours, mode, k)
+        table = arrow_table(columns, ours_schema, mode, k)
         if with_inputs:
             inputs = input_table(source, shard, renamed)
-            table = pa.Table.from_arrays(inputs.columns + table.columns, schema=feats.arrow_schema)
+            table = pa.Table.from_arrays(inputs.columns + table.columns, schema=writer.schema)
         writer.write(table)
         tally.add(
             columns,
             tensors["votes"].numpy(),
             tensors["weights"].numpy(),
             tensors["bad"].numpy(),
-            tensors["target"].argmax(1).numpy(),
+            target_class,
             None if truth is None else truth[shard.start : shard.stop],
         )
     writer.close()
@@ -756,7 +763,8 @@ def spread(
     problem = shape_problem(decided, len(rows), C)
     if problem:
         raise PluginError(f"{what} {problem}")
-    refuse_invalid(generator, what, "probabilities", decided.probs.float(), rows.index)
+    if decided.probs is not rows.target:  # the target was checked when its shard was made
+        refuse_invalid(generator, what, "probabilities", decided.probs.float(), rows.index)
     outside = decided.accepted.bool() & ((decided.label < 0) | (decided.label >= C))
     if outside.any():
         raise PluginError(

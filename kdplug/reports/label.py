@@ -27,12 +27,12 @@ def _share(count: float, total: float) -> float | None:
 
 
 def row_class(columns: dict[str, np.ndarray]) -> np.ndarray:
-    """Each row's class: its label, or the argmax of its probs where rejected; -1 (no
-    class: not answered) where a rejected row's probs are uniform (``pate``'s unanswered
-    rows), whose argmax would be class 0 by accident."""
-    probs = columns["probs"]
-    uniform = probs.max(1) <= probs.min(1)
-    rejected = np.where(uniform, -1, probs.argmax(1))
+    """Each row's class: its label, or the argmax of its probs (``predicted``) where
+    rejected; -1 (no class: not answered) where a rejected row's probs are uniform
+    (``pate``'s unanswered rows), whose argmax would be class 0 by accident. ``confidence``
+    is the probs' maximum."""
+    uniform = columns["confidence"] <= columns["probs"].min(1)
+    rejected = np.where(uniform, -1, columns["predicted"])
     return np.where(columns["accepted"], columns["label"], rejected)
 
 

@@ -28,7 +28,8 @@ def mixture(weights: torch.Tensor, probs: torch.Tensor, known: torch.Tensor) -> 
     for k in range(1, len(probs)):
         summed.addcmul_(probs[k], weights[k].unsqueeze(-1))
     total = weights.T @ known.to(probs.dtype)  # 0 only where every p_k is 0: then 0 / tiny
-    return normalize_weights(summed.div_(total.clamp_min_(1e-30)), dim=-1)
+    summed.div_(total.clamp_min_(1e-30))
+    return normalize_weights(summed, dim=-1, in_place=True)
 
 
 class Combiner(ABC):

@@ -14,7 +14,15 @@ import math
 import numpy as np
 import torch
 
-from kdplug.api import Labels, LabelShards, ShardRows, StreamingGenerator, UsageError, hard_labels
+from kdplug.api import (
+    Labels,
+    LabelShards,
+    ShardRows,
+    StreamingGenerator,
+    UsageError,
+    argmax,
+    hard_labels,
+)
 
 log = logging.getLogger("kdplug")
 
@@ -103,7 +111,7 @@ class Threshold(StreamingGenerator):
         return {}
 
     def decide(self, rows: ShardRows) -> Labels:
-        confidence, predicted = rows.target.max(1)
+        confidence, predicted = rows.target.amax(1), argmax(rows.target)
         return hard_labels(rows.target, confidence.double() >= self.thresholds[predicted])
 
     def summary(self) -> dict:
@@ -279,7 +287,7 @@ class Adaptive(StreamingGenerator):
         self.thresholds = flex.clamp_min(self.min_tau)
 
     def decide(self, rows: ShardRows) -> Labels:
-        confidence, predicted = rows.target.max(1)
+        confidence, predicted = rows.target.amax(1), argmax(rows.target)
         return hard_labels(rows.target, confidence.double() >= self.thresholds[predicted])
 
     def summary(self) -> dict:
@@ -298,5 +306,5 @@ class Agreement(StreamingGenerator):
             raise UsageError(f"agreement: min_agree={self.min_agree} but the run has {K} teachers")
 
     def decide(self, rows: ShardRows) -> Labels:
-        agree = (rows.votes == rows.target.argmax(1)).sum(0)
+        agree = (rows.votes == argmax(rows.target)).sum(0)
         return hard_labels(rows.target, agree >= self.min_agree)

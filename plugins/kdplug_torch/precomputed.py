@@ -54,7 +54,13 @@ class LogitsTeacher:
                 f"{self.source} has {self.num_rows} rows but data row {int(rows.max())} was "
                 "asked for; row i of the file must be row i of the data"
             )
-        values = torch.from_numpy(np.asarray(self.array[rows], dtype=np.float32))
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+            block = self.array[rows[0] : rows[-1] + 1]  # a run of rows: a view, no gather
+        else:
+            block = self.array[rows]
+        # float32 rows of a memory-mapped .npy stay a view of the file: the teacher set reads
+        # them once, into its batch; nothing writes them (copy-on-write, were it to)
+        values = torch.from_numpy(np.asarray(block, dtype=np.float32))
         return to_device(probs_to_logits(values) if self.probs else values, x.device)
 
 
@@ -86,7 +92,9 @@ def load_logits(ref: str, key: Any, column: Any, probs: Any, classes: Any) -> Lo
 
 def _read_npy(path: Path, source: str) -> np.ndarray:
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        # copy-on-write: writable, so torch takes rows as a view without a warning (a write
+        # would stay in this process)
+        return np.load(path, mmap_mode="c", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise UsageError(
             f"{source}: cannot read {path} as a .npy array (corrupt, truncated or an object "
