@@ -64,7 +64,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
         "Checking a teacher's file and options, loading it safely, turning outputs into logits.",
         {
             "existing_file": "kdplug.teacher_io:existing_file",
-            "file_hash": "kdplug.outputs:file_hash",
+            "file_hash": "kdplug.file_hashes:file_hash",
             "class_names": "kdplug.teacher_io:class_names",
             "probability_flag": "kdplug.teacher_io:probability_flag",
             "preprocess": "kdplug.teacher_io:preprocess",

@@ -1,11 +1,10 @@
-"""Writing outputs safely: atomic files and directories, file hashes, run metadata, and
+"""Writing outputs safely: atomic files and directories, run metadata, and
 run directories that never destroy an input and are used by one run at a time."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shlex
@@ -113,55 +112,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-# file hashes already computed in this process, by (path, inode, size, mtime): a teacher
-# file is hashed once per run though its fingerprint and the run record both name it
-_HASHES: dict[tuple, str] = {}
-_SETTLED_S = 2.0  # a file changed this recently may change again within its mtime's tick
-
-
-def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """``sha256:...`` of a file, or of every file in a directory (names and contents).
-
-    A file's hash is kept for the process while its inode, size and mtime stay the same
-    (not for a file modified in the last ``_SETTLED_S`` seconds, as git treats racy files)."""
-    path = Path(path)
-    if path.is_file():
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if key not in _HASHES:
-            digest = _sha256(path, chunk)
-            if time.time() - stat.st_mtime_ns / 1e9 < _SETTLED_S:
-                return digest
-            _HASHES[key] = digest
-        return _HASHES[key]
-    return _sha256(path, chunk)
-
-
-def file_hashes(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
-    """``{path: file_hash(path)}`` of the paths that exist (files or folders), hashed side by side
-    (a thread each, up to 16: sha256 and reads release the GIL, so K files of the same size
-    share the CPUs evenly); each is kept as ``file_hash`` keeps it."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    files = sorted({str(Path(path)) for path in paths if Path(path).exists()})
-    if len(files) < 2:
-        return {file: file_hash(file) for file in files}
-    with ThreadPoolExecutor(min(len(files), 16)) as pool:  # 3 files on 2 CPUs: 2/3 each
-        return dict(zip(files, pool.map(file_hash, files)))
-
-
-def _sha256(path: Path, chunk: int) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as fh:
-            while block := fh.read(chunk):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 def versions() -> dict[str, str | None]:
@@ -442,8 +392,13 @@ def _make_ready(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise disk_error(out, exc) from exc
-    write_json(record, {"config": config, "versions": versions()})
+    write_run_config(out, marker, config)
     return True
+
+
+def write_run_config(out: Path, marker: str, config: dict[str, Any]) -> None:
+    """Write the run's ``marker`` file (``run.json``): its config and the versions."""
+    write_json(out / marker, {"config": config, "versions": versions()})
 
 
 @contextlib.contextmanager

@@ -324,11 +324,13 @@ def create_teachers(specs: Sequence[str | Spec]) -> list[Any]:
     """Build each teacher from its spec through the plugins, ``name=`` taken off
     (``kdplug.teacher_names``). Fails on the first bad one, except that files needing
     untrusted types are all listed in one error. The files the specs name are hashed side by
-    side first (``file_hashes``), so each factory finds its file's fingerprint made."""
-    from kdplug.outputs import file_hashes, input_paths
+    side in the background from the start (``hash_in_background``): a factory that takes its
+    file's fingerprint waits for that file only."""
+    from kdplug.file_hashes import hash_in_background
+    from kdplug.outputs import input_paths
     from kdplug.plugins import create
 
-    file_hashes(path.resolve() for path in input_paths(map(str, specs)) if path.is_file())
+    hash_in_background(input_paths(map(str, specs)))
     teachers, untrusted = [], []
     for spec in specs:
         try:

@@ -354,7 +354,7 @@ def test_a_calibration_file_with_a_temperature_that_is_not_finite_and_positive_i
     tiny, tmp_path
 ):
     from kdplug.calibration import load_temperatures
-    from kdplug.outputs import file_hash
+    from kdplug.file_hashes import file_hash
 
     teacher = tiny["teacher"]
     fingerprint = file_hash(teacher.removeprefix("logits:"))

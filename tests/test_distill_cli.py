@@ -56,7 +56,7 @@ def test_config_file_with_flag_overrides_writes_a_complete_run(digits_splits, te
     import yaml
 
     from kdplug.data import load_data
-    from kdplug.outputs import file_hash
+    from kdplug.file_hashes import file_hash
 
     config = {
         "teacher": teachers["specs"],

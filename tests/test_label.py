@@ -13,7 +13,7 @@ import kdplug
 from kdplug import UsageError
 from kdplug.data import load_data
 from kdplug.engines.label import LabelConfig, run_label
-from kdplug.outputs import file_hash
+from kdplug.file_hashes import file_hash
 from kdplug.plugins import create
 from tests.conftest import invoke_cli
 

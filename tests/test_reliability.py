@@ -440,7 +440,7 @@ def test_run_records_hold_the_teacher_file_hashes_and_data_fingerprints(
     from kdplug.engines.cache import CacheConfig, run_cache
     from kdplug.engines.label import LabelConfig, run_label
     from kdplug.engines.teachers import calibrate, report
-    from kdplug.outputs import file_hash
+    from kdplug.file_hashes import file_hash
 
     data, teacher = digits_splits["labeled"], f"logits:{logits_teacher}"
     digest, fingerprint = file_hash(logits_teacher), load_data(data).fingerprint

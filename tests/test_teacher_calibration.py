@@ -145,7 +145,7 @@ def test_build_teacher_set_reads_the_calibration_file(tmp_path):
     logits = np.array([[1.0, 0.0], [0.0, 3.0]], dtype=np.float32)
     np.save(tmp_path / "z.npy", logits)
     spec = f"logits:{tmp_path / 'z.npy'}"
-    from kdplug.outputs import file_hash
+    from kdplug.file_hashes import file_hash
 
     entry = {"spec": spec, "fingerprint": file_hash(tmp_path / "z.npy"), "temperature": 0.5}
     write_calibration(tmp_path / "calib.json", [entry])

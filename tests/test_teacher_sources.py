@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from kdplug import UsageError
+from kdplug.file_hashes import file_hash
 from kdplug.ops import IMPOSSIBLE
-from kdplug.outputs import file_hash
 from kdplug.plugins import create
 from tests.teacher_fixtures import (
     TinyCNN,

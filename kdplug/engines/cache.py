@@ -32,11 +32,11 @@ from kdplug.augment_views import ViewAugment, parse_view_augment, rebuild_views,
 from kdplug.data import DataSource, batches, index_batches, load_data
 from kdplug.device import autocast, pick_device
 from kdplug.errors import UsageError
+from kdplug.file_hashes import file_hash
 from kdplug.ops import IMPOSSIBLE, masked_log_softmax
 from kdplug.outputs import (
     atomic_path,
     discarding_unstarted_runs,
-    file_hash,
     input_paths,
     prepare_out_dir,
     versions,

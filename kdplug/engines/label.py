@@ -24,6 +24,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from kdplug.data import (
 )
 from kdplug.device import autocast, pick_device
 from kdplug.errors import PluginError, UsageError, component_name, running
+from kdplug.file_hashes import PENDING, deferred_hashes
 from kdplug.fitting import (
     calibration_rows,
     can_fit,
@@ -60,7 +62,13 @@ from kdplug.label_dataset import (
 from kdplug.label_dataset import features as label_features
 from kdplug.label_shards import LabelShards, ShardRows, shape_problem, streaming
 from kdplug.ops import argmax, teacher_probs
-from kdplug.outputs import atomic_path, discarding_unstarted_runs, prepare_out_dir, write_json
+from kdplug.outputs import (
+    atomic_path,
+    discarding_unstarted_runs,
+    prepare_out_dir,
+    write_json,
+    write_run_config,
+)
 from kdplug.plugins import create, get_manager
 from kdplug.registry import typed_options
 from kdplug.reports.label import LabelTally, save_report_figure
@@ -138,11 +146,14 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     teacher_set.check_data(source)
     calibration_rows = calibration_source(cfg, classes, teacher_set)
     pick_rows = generator_fit_rows(generator, cfg.generator, source, calibration_rows)
-    record = run_record(cfg, source, classes, teacher_set)
+    with deferred_hashes(enabled=not cfg.resume):  # a new run need not wait for them
+        record = run_record(cfg, source, classes, teacher_set)
     record["calibration_data"] = describe_source(calibration_rows, cfg.calibration_data)
     settings = output_settings(cfg)
     out = Path(cfg.out)
     if distributed.is_main():
+        if cfg.resume:
+            refuse_unfingerprinted(out)
         prepare_out_dir(
             out,
             resume=cfg.resume,
@@ -169,7 +180,23 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     distributed.barrier()  # every rank has its todo list before any rank adds a shard
     mine = todo[distributed.rank() :: distributed.world_size()]
     show = cfg.progress and distributed.is_main()
-    label_shards(source, teacher_set, combiner, mine, cfg.batch_size, device, show, keep_probs)
+
+    def fingerprints_done(wait: bool = False) -> None:
+        if distributed.is_main() and fill_fingerprints(record, teacher_set, wait):
+            write_run_config(out, MARKER, record)
+
+    label_shards(
+        source,
+        teacher_set,
+        combiner,
+        mine,
+        cfg.batch_size,
+        device,
+        show,
+        keep_probs,
+        after_shard=fingerprints_done,
+    )
+    fingerprints_done(wait=True)
     distributed.barrier()
     if not distributed.is_main():
         return {"rank": distributed.rank(), "labeled_rows": sum(len(s.rows) for s in mine)}
@@ -355,6 +382,37 @@ def run_record(
     }
 
 
+def fill_fingerprints(record: dict[str, Any], teacher_set: TeacherSet, wait: bool) -> bool:
+    """Put into ``record`` the teachers' fingerprints that read ``PENDING`` when it was made
+    (files still being hashed in the background), once all are made (``wait``: waiting for
+    them); whether it changed."""
+    if all(entry["fingerprint"] != PENDING for entry in record["teachers"]):
+        return False
+    with deferred_hashes(enabled=not wait):
+        found = teacher_set.fingerprints()
+    if PENDING in found:
+        return False
+    for entry, fingerprint in zip(record["teachers"], found):
+        entry["fingerprint"] = fingerprint
+    return True
+
+
+def refuse_unfingerprinted(out: Path) -> None:
+    """Refuse to resume a run stopped before its teacher files' hashes were recorded (its
+    first seconds): its shards cannot be checked against the files."""
+    marker = out / MARKER
+    try:
+        teachers = json.loads(marker.read_text())["config"]["teachers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no such run, or not one of ours: prepare_out_dir says so
+    if any(entry.get("fingerprint") == PENDING for entry in teachers):
+        raise UsageError(
+            f"{out} holds a run stopped before its teacher files were hashed (its first "
+            "seconds), so its shards cannot be checked against them; label again with "
+            "--overwrite"
+        )
+
+
 def output_settings(cfg: LabelConfig) -> dict[str, Any]:
     """What is decided after the shards: the generator and the output options."""
     return {
@@ -392,10 +450,11 @@ def label_shards(
     device: torch.device,
     progress: bool,
     keep_probs: bool,
+    after_shard: Callable[[], None] = lambda: None,
 ) -> None:
     """Run the teachers and the combiner over ``shards``, writing each when it is done
     (with the teachers' probabilities where ``keep_probs``) in a thread, while the next
-    shard computes.
+    shard computes; ``after_shard()`` is called after each.
 
     Batches never cross a shard's edge, so a row is computed in the same batch whether
     its shard runs in the first attempt or after a resume (identical floats)."""
@@ -426,6 +485,7 @@ def label_shards(
             if writing is not None:
                 writing.result()  # at most one shard waits in memory; its error surfaces here
             writing = writer.submit(write_shard, shard, tensors, metadata)
+            after_shard()
         if writing is not None:
             writing.result()
 

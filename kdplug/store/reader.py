@@ -20,7 +20,7 @@ import torch
 from kdplug.augment_views import ViewAugment, rebuild_views
 from kdplug.data import DataSource
 from kdplug.errors import UsageError
-from kdplug.outputs import file_hashes
+from kdplug.file_hashes import file_hashes
 from kdplug.store.layout import (
     FORMAT,
     FORMAT_VERSION,

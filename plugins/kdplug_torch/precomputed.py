@@ -37,15 +37,21 @@ class LogitsTeacher:
         array: Any,
         probs: bool,
         classes: list[str] | None,
-        fingerprint: str,
+        path: Path,
         source: str,
     ):
         self.array = array  # [N, C] numpy array (possibly memory-mapped)
         self.probs = probs
         self.classes = classes
-        self.fingerprint = fingerprint
+        self.path = path
         self.source = source
         self.num_rows = len(array)
+
+    @property
+    def fingerprint(self) -> str:
+        """The file's hash, taken when first asked for: a file of gigabytes is hashed in
+        the background while a run starts (``kdplug.file_hashes``)."""
+        return file_hash(self.path)
 
     def __call__(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         rows = torch.as_tensor(index).cpu().numpy()
@@ -87,7 +93,7 @@ def load_logits(ref: str, key: Any, column: Any, probs: Any, classes: Any) -> Lo
             f"{source}: {len(names)} class names given but the file has {array.shape[1]} columns"
         )
     is_probs = looks_like_probs(array) if flag is None else flag
-    return LogitsTeacher(array, is_probs, names, file_hash(path), source)
+    return LogitsTeacher(array, is_probs, names, path, source)
 
 
 def _read_npy(path: Path, source: str) -> np.ndarray:
