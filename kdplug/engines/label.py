@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import json
@@ -25,7 +26,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ log = logging.getLogger("kdplug")
 MARKER = "run.json"
 SHARDS = ".shards"
 PROBS_KEY = "teacher_probs"  # shard metadata: whether it holds the teachers' probabilities
+COLUMN_THREADS = 2  # threads making the labeled dataset's columns (torch and numpy free the GIL)
 
 
 @dataclass
@@ -774,7 +776,10 @@ def write_dataset(
     """Decide every shard with ``generator`` (``name`` names it) and write its rows into
     the dataset at ``directory`` (DATA's inputs first, ``with_inputs``; the rows' ``file``
     and ``id`` where DATA has them: ``kdplug.row_keys``) and the report's tally, one shard
-    at a time."""
+    at a time: the generator decides the shards in order here, while ``COLUMN_THREADS``
+    threads make the decided shards' columns (the per-row figures, the top k, the Arrow
+    table), which are written and tallied in order. At most ``COLUMN_THREADS + 1`` shards
+    are in memory."""
     import pyarrow as pa
 
     mode, k = probs
@@ -785,18 +790,18 @@ def write_dataset(
     writer = DatasetWriter(directory, feats, len(reader.shards))
     ours_schema = ours.arrow_schema  # once: slow to make with a ClassLabel of many names
     tally = LabelTally(len(reader.known), len(classes), reader.known.numpy())
-    for shard in reader.shards:
-        tensors = reader.read(shard)
-        rows = reader.rows(shard, tensors)
-        with running(generator, name, f" on rows {shard.start}..{shard.stop - 1}"):
-            decided = generator.decide(rows)
+
+    def columns_of(shard: Shard, tensors: dict, rows: ShardRows, decided: Any) -> tuple:
         label, accepted, soft = spread(generator, name, decided, rows, tensors["bad"])
         columns = shard_columns(shard.start, label, accepted, soft, tensors["votes"], private)
         # the target's class: the probs' where the generator kept the target as its probs
         kept = decided.probs is rows.target
         target_class = columns["predicted"] if kept else argmax(tensors["target"]).numpy()
         columns.update(key_columns(source, shard.start, shard.stop, keys))
-        table = arrow_table(columns, ours_schema, mode, k)
+        return columns, target_class, arrow_table(columns, ours_schema, mode, k)
+
+    def write(shard: Shard, tensors: dict, made: Future) -> None:
+        columns, target_class, table = made.result()
         if with_inputs:
             inputs = input_table(source, shard, renamed)
             table = pa.Table.from_arrays(inputs.columns + table.columns, schema=writer.schema)
@@ -809,6 +814,19 @@ def write_dataset(
             target_class,
             None if truth is None else truth[shard.start : shard.stop],
         )
+
+    waiting: collections.deque = collections.deque()
+    with ThreadPoolExecutor(COLUMN_THREADS, thread_name_prefix="label-columns") as pool:
+        for shard in reader.shards:
+            tensors = reader.read(shard)
+            rows = reader.rows(shard, tensors)
+            with running(generator, name, f" on rows {shard.start}..{shard.stop - 1}"):
+                decided = generator.decide(rows)
+            waiting.append((shard, tensors, pool.submit(columns_of, shard, tensors, rows, decided)))
+            if len(waiting) > COLUMN_THREADS:
+                write(*waiting.popleft())
+        while waiting:
+            write(*waiting.popleft())
     writer.close()
     return tally
 
