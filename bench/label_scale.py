@@ -202,7 +202,7 @@ def main() -> None:
             files, data = make_inputs(folder, rows, args.classes, args.teachers)
             names = args.classes
         out = Path(args.data_dir) / "out"
-        for repeat in range(args.repeats):  # bare and kdplug alternate
+        for _repeat in range(args.repeats):  # bare and kdplug alternate
             if not args.skip_bare:
                 if args.cache:
                     set_page_cache(args.cache, files)

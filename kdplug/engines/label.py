@@ -778,8 +778,8 @@ def write_dataset(
     and ``id`` where DATA has them: ``kdplug.row_keys``) and the report's tally, one shard
     at a time: the generator decides the shards in order here, while ``COLUMN_THREADS``
     threads make the decided shards' columns (the per-row figures, the top k, the Arrow
-    table), which are written and tallied in order. At most ``COLUMN_THREADS + 1`` shards
-    are in memory."""
+    table), which are written and tallied in order. At most ``COLUMN_THREADS`` decided
+    shards are in memory."""
     import pyarrow as pa
 
     mode, k = probs
@@ -823,7 +823,7 @@ def write_dataset(
             with running(generator, name, f" on rows {shard.start}..{shard.stop - 1}"):
                 decided = generator.decide(rows)
             waiting.append((shard, tensors, pool.submit(columns_of, shard, tensors, rows, decided)))
-            if len(waiting) > COLUMN_THREADS:
+            if len(waiting) >= COLUMN_THREADS:
                 write(*waiting.popleft())
         while waiting:
             write(*waiting.popleft())
