@@ -75,7 +75,8 @@ def hash_in_background(paths: Iterable[str | os.PathLike]) -> None:
         def work(path: Path = path, key: tuple = key, future: Future = future) -> None:
             try:
                 future.set_result(_hash_and_keep(path, key, 1 << 20))
-            except BaseException as exc:  # the caller of file_hash sees it
+            except BaseException as exc:  # the caller of file_hash sees it, once
+                _RUNNING.pop(key, None)
                 future.set_exception(exc)
 
         threading.Thread(target=work, name=f"hash-{path.name}", daemon=True).start()
