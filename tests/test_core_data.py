@@ -165,3 +165,27 @@ def test_unknown_bundled_set_and_bad_batch_size():
         load_data("sklearn:mnist")
     with pytest.raises(UsageError, match="batch size must be at least 1"):
         batches(load_data("sklearn:iris"), 0)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ["b", "a", None, "c", "a", "b", "c"],  # names, one missing
+        [7, 3, 3, None, 12, 7, 12],  # integers that are not 0..C-1
+        [0.5, 1.5, 0.5, 1.5, None, 0.5, 1.5],
+    ],
+)
+def test_labels_map_raw_values_as_one_arrow_lookup(tmp_path, values):
+    """``DataSource.labels()`` of a column of raw values (not a ClassLabel), also after
+    ``with_classes`` took one class away and added one: as the row-by-row lookup maps them."""
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_dict({"x": list(range(len(values))), "label": values}).to_parquet(
+        str(path)
+    )
+    source = load_data(f"parquet:{path}")
+    assert source.label_values is not None
+    by_row = source._labels({"label": values})
+    assert source.labels().tolist() == by_row and -1 in by_row
+    remapped = source.with_classes([source.classes[1], "new", source.classes[0]])
+    expected = remapped._labels({"label": values})
+    assert remapped.labels().tolist() == expected and sorted(set(expected)) == [-1, 0, 2]
