@@ -496,7 +496,7 @@ def describe(
         if isinstance(feature, ClassLabel):
             classes = list(feature.names)
         else:
-            values = distinct_labels(dataset[label], name, label)
+            values = distinct_labels(unique_values(dataset, label), name, label)
             classes = [str(v) for v in values]
     if image is not None:
         if max_pixels is not None:
@@ -538,6 +538,18 @@ def describe(
     return DataSource(
         name, dataset, "tabular", numeric, label, classes, shape, values, id_column=id_column
     )
+
+
+def unique_values(dataset: Any, column: str) -> list[Any]:
+    """A column's distinct values, found by Arrow (the whole column where Arrow cannot, as
+    for lists, which ``distinct_labels`` then refuses)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        return pc.unique(dataset.with_format("arrow")[column]).to_pylist()
+    except (pa.ArrowException, TypeError):
+        return dataset[column]
 
 
 def distinct_labels(values: list[Any], name: str, column: str) -> list[Any]:

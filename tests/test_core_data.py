@@ -189,3 +189,11 @@ def test_labels_map_raw_values_as_one_arrow_lookup(tmp_path, values):
     remapped = source.with_classes([source.classes[1], "new", source.classes[0]])
     expected = remapped._labels({"label": values})
     assert remapped.labels().tolist() == expected and sorted(set(expected)) == [-1, 0, 2]
+
+
+def test_a_label_column_of_lists_is_refused_in_one_line(tmp_path):
+    datasets.Dataset.from_dict({"x": [1.0, 2.0], "label": [[1, 2], [3]]}).save_to_disk(
+        str(tmp_path / "d")
+    )
+    with pytest.raises(UsageError, match=r"label column 'label' holds values that are not class"):
+        load_data(f"disk:{tmp_path / 'd'}")
