@@ -116,22 +116,17 @@ class DataSource:
         """All labels as int64, -1 where unknown."""
         if self.label_column is None:
             return np.full(len(self), -1, dtype=np.int64)
-        import pyarrow as pa
         import pyarrow.compute as pc
 
         column = self.dataset.with_format("arrow")[self.label_column]
         if self.label_values is None:  # class ids (a ClassLabel): read as one Arrow column
             values = pc.fill_null(column, -1).to_numpy().astype(np.int64)
             return np.where(values < 0, -1, values)
-        # raw values: each one's class position, looked up by Arrow (no Python per row)
         lookup = {v: i for i, v in enumerate(self.label_values)}  # the last of repeats
-        wanted = [(v, i) for v, i in lookup.items() if isinstance(v, (str, int, float))]
-        try:
-            found = pc.index_in(column, value_set=pa.array([v for v, _ in wanted]))
-        except (pa.ArrowException, TypeError):  # values Arrow cannot match: one by one
+        found = value_positions(column, lookup)
+        if found is None:  # values Arrow cannot match: one by one
             return np.asarray(self._labels({self.label_column: column.to_pylist()}))
-        position = np.append(np.array([i for _, i in wanted], dtype=np.int64), -1)
-        return position[pc.fill_null(found, -1).to_numpy()]
+        return found
 
     def _labels(self, rows: dict[str, list]) -> list[int]:
         n = len(next(iter(rows.values())))
@@ -538,6 +533,22 @@ def describe(
     return DataSource(
         name, dataset, "tabular", numeric, label, classes, shape, values, id_column=id_column
     )
+
+
+def value_positions(column: Any, lookup: dict[Any, int]) -> np.ndarray | None:
+    """Each value of an Arrow ``column``'s position in ``lookup`` (-1: none, also for
+    null), by one Arrow ``index_in``, no Python per row; keys that are not strings or
+    numbers are left out. None where Arrow cannot match the column's values to the keys."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    wanted = [(v, i) for v, i in lookup.items() if isinstance(v, (str, int, float))]
+    try:
+        found = pc.index_in(column, value_set=pa.array([v for v, _ in wanted]))
+    except (pa.ArrowException, TypeError):
+        return None
+    position = np.append(np.array([i for _, i in wanted], dtype=np.int64), -1)
+    return position[pc.fill_null(found, -1).to_numpy()]
 
 
 def unique_values(dataset: Any, column: str) -> list[Any]:

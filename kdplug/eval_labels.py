@@ -61,7 +61,7 @@ def class_ids(dataset: Any, column: str, classes: list[str], where: str) -> np.n
     of ``classes`` is refused, naming it."""
     from datasets import ClassLabel
 
-    from kdplug.data import distinct_labels
+    from kdplug.data import distinct_labels, unique_values, value_positions
 
     feature = dataset.features[column]
     if isinstance(feature, ClassLabel):
@@ -70,11 +70,13 @@ def class_ids(dataset: Any, column: str, classes: list[str], where: str) -> np.n
         names = list(feature.names)
         unknown = [names[i] for i in used if names[i] not in classes]
     else:
-        values = dataset[column]
-        present = distinct_labels(values, where, column)
+        present = distinct_labels(unique_values(dataset, column), where, column)
         names = [str(v) for v in present]
         lookup = {v: i for i, v in enumerate(present)}
-        position = np.asarray([_position(lookup, v) for v in values], dtype=np.int64)
+        position = value_positions(dataset.with_format("arrow")[column], lookup)
+        if position is None:  # values Arrow cannot match: one by one
+            row_values = dataset[column]
+            position = np.asarray([_position(lookup, v) for v in row_values], dtype=np.int64)
         unknown = [n for n in names if n not in classes]
     if unknown:
         shown = ", ".join(repr(n) for n in unknown[:SHOWN])

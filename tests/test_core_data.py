@@ -197,3 +197,17 @@ def test_a_label_column_of_lists_is_refused_in_one_line(tmp_path):
     )
     with pytest.raises(UsageError, match=r"label column 'label' holds values that are not class"):
         load_data(f"disk:{tmp_path / 'd'}")
+
+
+def test_value_positions_match_as_the_row_by_row_lookup_or_say_they_cannot():
+    import pyarrow as pa
+
+    from kdplug.data import value_positions
+
+    floats = pa.chunked_array([pa.array([1.0, 2.0, float("nan"), None, -1.0, 2.0])])
+    assert value_positions(floats, {1: 0, 2: 1}).tolist() == [0, 1, -1, -1, -1, 1]  # CSV ints
+    ints = pa.chunked_array([pa.array([1, 2, None, 7], type=pa.int32())])
+    assert value_positions(ints, {1: 0, 2: 1, 7: 2}).tolist() == [0, 1, -1, 2]
+    names = pa.chunked_array([pa.array(["b", "x", "a"])])
+    assert value_positions(names, {"a": 0, "b": 1, object(): 2}).tolist() == [1, -1, 0]
+    assert value_positions(names, {1: 0}) is None  # names against numbers: not matched
