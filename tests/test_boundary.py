@@ -446,6 +446,15 @@ SLEEPY_PLUGIN = """
 """
 
 
+def default_ctrl_c() -> None:
+    """In the child before exec: Ctrl-C at its default and unblocked. A process inherits an
+    ignored or blocked SIGINT across exec (Python then leaves it so), and code run earlier in
+    the same pytest worker can leave it either way: the child then never saw the Ctrl-C (2
+    of 3 full runs of the suite once, never this test alone)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_is_one_line_saying_how_to_resume_and_exit_code_130(tiny, tmp_path):
     from tests.conftest import run_cli
     from tests.test_core_plugins import fake_distribution
@@ -458,7 +467,11 @@ def test_ctrl_c_is_one_line_saying_how_to_resume_and_exit_code_130(tiny, tmp_pat
     args += ["--batch-size", "10", "--shard-size", "10"]
     env = {**os.environ, "PYTHONPATH": str(site)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "kdplug", *args], stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-m", "kdplug", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=default_ctrl_c,
     )
     deadline = time.monotonic() + 120
     while not waiting.exists():  # the first shard is written, the second is running
