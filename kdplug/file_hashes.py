@@ -82,12 +82,6 @@ def hash_in_background(paths: Iterable[str | os.PathLike]) -> None:
         threading.Thread(target=work, name=f"hash-{path.name}", daemon=True).start()
 
 
-def hashes_done(paths: Iterable[str | os.PathLike]) -> bool:
-    """Whether no file among ``paths`` is still being hashed in the background."""
-    keys = {_key(Path(p).resolve()) for p in paths if Path(p).is_file()}
-    return all(_RUNNING[key].done() for key in keys if key in _RUNNING)
-
-
 @contextlib.contextmanager
 def deferred_hashes(enabled: bool = True) -> Iterator[None]:
     """Within (in this thread, ``enabled``), ``file_hash`` of a file still being hashed in

@@ -22,7 +22,6 @@ import functools
 import itertools
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -527,10 +526,11 @@ def label_rows(
         batch = f" on batch {teacher_set.batches_seen - 1}"
         with running(combiner, "the combiner", batch):
             weights, target = combined_prediction(combiner, logits, out.known, unlabeled)
-        scores = logits if all_known else logits.masked_fill(~out.known.unsqueeze(1), -math.inf)
+        # each teacher's vote, among the classes it knows (no mask needed where all do)
+        votes = argmax(logits) if all_known else teacher_checks.teacher_votes(logits, out.known)
         found = {
             "target": target.float(),
-            "votes": argmax(scores).int(),  # a class the teacher knows
+            "votes": votes.int(),
             "weights": weights.float(),
             "bad": out.bad_rows,
         }
