@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from kdplug.errors import UsageError
 from kdplug.ops import IMPOSSIBLE
@@ -22,6 +21,7 @@ from kdplug.ops import IMPOSSIBLE
 # fitted temperatures are kept in this range, so a perfectly separable split cannot push
 # T to 0 (or a useless teacher to infinity)
 T_MIN, T_MAX = 0.05, 20.0
+MAX_NEWTON_STEPS = 100  # bisection alone would reach 1e-12 in about 45
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -60,24 +60,43 @@ def fit_temperature(
 
     ``logits [N, C]``, ``labels [N]`` (-1 rows ignored), ``known [C]`` or ``[N, C]`` bool
     (classes the teacher can predict). Rows whose label the teacher gives probability 0
-    say nothing about T and are left out. Optimizes ``log T`` with LBFGS.
+    say nothing about T and are left out. The NLL is convex in ``s = 1 / T``: Newton's
+    method on its exact first and second derivatives, kept inside a bracket of the
+    minimum (bisection where a step leaves it); a handful of passes over the rows.
     """
     z, y = _usable(logits, labels, known)
     if len(y) == 0:
         raise UsageError("no labeled rows that the teacher can predict; cannot fit a temperature")
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    impossible = z <= IMPOSSIBLE
+    top = z.masked_fill(impossible, -math.inf).amax(1, keepdim=True)
+    # each row shifted to a maximum of 0 (as apply_temperature); an impossible class far
+    # enough below that exp(s * d) is exactly 0 for every s in range
+    d = (z - top).masked_fill(impossible, IMPOSSIBLE * T_MAX * 10)
+    d_label = d[torch.arange(len(y)), y]
+    low, high, s = 1 / T_MAX, 1 / T_MIN, 1.0
+    for _ in range(MAX_NEWTON_STEPS):
+        slope, curvature = _nll_derivatives(d, d_label, s)
+        low, high = (low, s) if slope > 0 else (s, high)
+        step = s - slope / curvature if curvature > 0 else math.nan
+        if not low < step < high:
+            step = (low + high) / 2
+        settled = abs(step - s) <= 1e-9 * s or high - low <= 1e-12
+        s = step
+        if settled:
+            break
+    return float(min(max(1 / s, T_MIN), T_MAX))
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        bounded = log_t.clamp(math.log(T_MIN), math.log(T_MAX))
-        loss = F.cross_entropy(apply_temperature(z, bounded.exp()), y)
-        loss.backward()
-        return loss
 
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return float(min(max(math.exp(float(log_t.detach())), T_MIN), T_MAX))
+def _nll_derivatives(d: torch.Tensor, d_label: torch.Tensor, s: float) -> tuple[float, float]:
+    """First and second derivatives in ``s`` of the mean NLL ``log sum_c exp(s d_c) -
+    max(s d_y, IMPOSSIBLE)`` (the clamp of ``apply_temperature``) over the rows of ``d``."""
+    e = (d * s).exp_()
+    total = e.sum(1)
+    e.mul_(d)
+    first = e.sum(1) / total
+    second = e.mul_(d).sum(1) / total
+    label = torch.where(s * d_label > IMPOSSIBLE, d_label, torch.zeros_like(d_label))
+    return float((first - label).mean()), float((second - first * first).mean())
 
 
 def load_temperatures(

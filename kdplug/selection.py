@@ -28,7 +28,12 @@ def row_nll(
 ) -> torch.Tensor:
     """Held-out NLL ``[N]`` of each labeled row under the combined prediction of ``logits
     [K, N, C]`` (probabilities clipped at 1e-12, as ``kdplug.metrics.nll``)."""
-    prediction = held_out_prediction(make_combiner(), logits, known, labels, folds)
+    return prediction_nll(held_out_prediction(make_combiner(), logits, known, labels, folds), labels)
+
+
+def prediction_nll(prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """NLL ``[N]`` of the labeled rows' labels under ``prediction [N, C]`` (one row per
+    labeled row, in order), probabilities clipped at 1e-12."""
     y = labels[labels >= 0].long()
     return -prediction[torch.arange(len(y)), y].double().clamp_min(1e-12).log()
 
@@ -40,12 +45,16 @@ def backward_elimination(
     labels: torch.Tensor,
     names: Sequence[str],
     folds: int = FOLDS,
+    all_nll: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Flag the teachers whose removal lowers the ensemble's held-out NLL (greedily, one
     per round) and recommend the rest. ``make_combiner()`` builds a fresh combiner;
-    ``names`` name the K teachers. Returns a JSON-ready record of every round."""
+    ``names`` name the K teachers; ``all_nll``: the held-out NLL of all K, where the
+    caller has it already (``row_nll``'s). Returns a JSON-ready record of every round."""
 
     def score(subset: list[int]) -> torch.Tensor:
+        if all_nll is not None and len(subset) == len(names):
+            return all_nll
         return row_nll(make_combiner, logits[subset], known[subset], labels, folds)
 
     with one_thread():

@@ -467,11 +467,18 @@ def test_backward_elimination_flags_the_teacher_whose_removal_lowers_the_nll():
 
 
 def test_teachers_report_recommends_a_subset_and_scores_auto_held_out(
-    digits_splits, digit_teachers
+    digits_splits, digit_teachers, monkeypatch
 ):
+    from kdplug_combiners.fitted import Auto
+
     from kdplug.engines.teachers import format_report, report
 
+    fits = []
+    monkeypatch.setattr(Auto, "_fit", lambda self, *a, _fit=Auto._fit: fits.append(1) or _fit(self, *a))
     result = report(digit_teachers, digits_splits["unlabeled"])
+    # the held-out score of all the teachers is made once, for the table and the selection
+    # (FOLDS fits), then FOLDS fits for each teacher left out in the one round
+    assert len(digit_teachers) == 2 and len(fits) == 5 + 2 * 5
     selection = result["selection"]
     names = [t["name"] for t in result["teachers"]]
     assert [f["teacher"] for f in selection["flagged"]] == [names[1]]
@@ -479,6 +486,7 @@ def test_teachers_report_recommends_a_subset_and_scores_auto_held_out(
     assert selection["recommended_specs"] == [digit_teachers[0]]
     auto = next(c for c in result["combiners"] if c["name"] == "auto")
     assert auto["held_out"] and auto["accuracy"] >= result["teachers"][0]["accuracy"] - 0.01
+    assert selection["nll_all"] == pytest.approx(auto["nll"], rel=1e-5)
     text = format_report(result)
     assert "flagged: " in text and "recommended: " in text and "auto (held out)" in text
 
@@ -492,3 +500,56 @@ def test_cv_keeps_the_linear_pool_when_a_teacher_rules_out_classes_others_suppor
     logits[1, :, 4] = -20.0
     _, record = fit("auto", *logits, labels=y)
     assert record["pool_choice"] == "cv" and set(record["cv_nll"]) == {"linear", "log"}
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+@pytest.mark.parametrize("pool", ["linear", "log"])
+def test_the_weight_fits_objective_is_the_pools_nll_by_hand(pool, per_class):
+    """PoolNLL (what fit_weights minimizes) against numpy: teachers that know different
+    classes (class 4 by none), weights renormalized over the teachers that know a class."""
+    from kdplug_combiners.fitted import PoolNLL, class_weights
+
+    rng = np.random.default_rng(5)
+    known = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 1, 0]], dtype=torch.bool)
+    z = rng.normal(size=(3, 40, C)) * 2
+    z[~known.numpy()[:, None, :].repeat(40, 1)] = -np.inf
+    p = softmax(z)
+    labels = torch.tensor(rng.choice([0, 1, 2, 3], 40))
+    raw = rng.uniform(0.1, 1.0, size=(3, C)) if per_class else np.array([[0.5], [0.3], [0.2]])
+    weights = class_weights(torch.tensor(raw / raw.sum(0)).expand(3, C), known)
+    w = weights.numpy()  # [K, C], 0 where a teacher does not know the class
+    if pool == "linear":
+        mix = np.einsum("kc,knc->nc", w, p)
+        pooled = mix / mix.sum(1, keepdims=True)
+    else:
+        score = np.einsum("kc,knc->nc", w, np.where(p > 0, np.log(np.maximum(p, 1e-300)), IMPOSSIBLE))
+        score[:, 4] = IMPOSSIBLE
+        pooled = softmax(score)
+    expected = -np.log(pooled[np.arange(40), labels.numpy()]).mean()
+    with np.errstate(divide="ignore"):
+        log_p = torch.tensor(np.log(p))
+    objective = PoolNLL(log_p, known, labels, pool, per_class)
+    assert float(objective(weights)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_auto_fits_a_fixed_sample_of_at_most_fit_values_values():
+    from kdplug_combiners.fitted import MIN_ROWS
+
+    y = labels_for(MIN_ROWS + 300, 31)
+    teachers = teacher(y, 0.9, 2.0, 32), teacher(y, 0.6, 1.0, 33)
+    _, all_rows = fit("auto,fit_values=100000", *teachers, labels=y)
+    assert all_rows["rows"] == len(y) and all_rows["sample"] is None
+    _, sampled = fit(f"auto,fit_values={MIN_ROWS * C}", *teachers, labels=y)
+    assert sampled["rows"] == MIN_ROWS
+    assert sampled["sample"] == f"a random {MIN_ROWS} of {len(y)} rows (fit_values={MIN_ROWS * C} at {C} classes)"
+    # the sample: the first MIN_ROWS of a seeded permutation, the same on every run
+    chosen = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:MIN_ROWS]
+    chosen = chosen.sort().values
+    _, by_hand = fit("auto", *(t[chosen] for t in teachers), labels=y[chosen])
+    assert sampled["temperatures"] == by_hand["temperatures"]
+    assert sampled["weights"] == by_hand["weights"]
+    # never fewer than MIN_ROWS rows, whatever fit_values says
+    _, tiny = fit("auto,fit_values=1", *teachers, labels=y)
+    assert tiny["rows"] == MIN_ROWS
+    with pytest.raises(UsageError, match="fit_values must be an integer >= 1"):
+        create("combiners", "auto,fit_values=0")

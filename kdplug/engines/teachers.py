@@ -164,6 +164,7 @@ class EnsembleScores:
         self.known, self.chunk = known, chunk
         self.combiners: list[tuple[Any, Any, Any]] = []  # (component, combiner, Scores | None)
         self.skipped: list[dict[str, str]] = []
+        self.held_out: dict[str, torch.Tensor] = {}  # name -> prediction [N, C] (finish)
         registry = get_manager().registries["combiners"]
         for component in registry:
             try:
@@ -205,6 +206,7 @@ class EnsembleScores:
                 except Exception as exc:
                     self.drop(entry, exc)
                     continue
+                self.held_out[component.name] = probs
                 scores = Scores()
                 scores.add(probs.float(), labels)
             figures = scores.result()
@@ -312,7 +314,9 @@ def report(
         "agreement": tally.agreement(),
         "combiners": combiners,
         "skipped_combiners": skipped_combiners,
-        "selection": select_teachers(logits, known, labels, teacher_set),
+        "selection": select_teachers(
+            logits, known, labels, teacher_set, ensemble.held_out.get("auto")
+        ),
         "teacher_checks": teacher_checks.record(teacher_set, flags),
         "versions": versions(),
     }
@@ -378,19 +382,27 @@ def judge(
 
 
 def select_teachers(
-    logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, teacher_set: TeacherSet
+    logits: torch.Tensor,
+    known: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_set: TeacherSet,
+    held_out: torch.Tensor | None = None,
 ) -> dict[str, Any] | None:
     """Greedy backward elimination of teachers by the held-out NLL of the ``auto``
     ensemble (kdplug.selection), teachers by name, the recommended ones' specs too; None
-    with one teacher or without ``auto`` installed."""
+    with one teacher or without ``auto`` installed. ``held_out``: ``auto``'s held-out
+    prediction ``[N, C]`` with all the teachers, where the ensemble table made it."""
     from kdplug.plugins import get_manager
-    from kdplug.selection import backward_elimination
+    from kdplug.selection import backward_elimination, prediction_nll
 
     registry = get_manager().registries["combiners"]
     names = teacher_set.names
     if len(names) < 2 or "auto" not in registry:
         return None
-    record = backward_elimination(lambda: registry.create("auto"), logits, known, labels, names)
+    all_nll = None if held_out is None else prediction_nll(held_out, labels)
+    record = backward_elimination(
+        lambda: registry.create("auto"), logits, known, labels, names, all_nll=all_nll
+    )
     kept = record["recommended_indices"]
     return {"combiner": "auto", **record, "recommended_specs": [teacher_set.specs[k] for k in kept]}
 

@@ -57,11 +57,20 @@ def best():
     return Best()
 
 
-def auto(per_class: bool = False, pool: str = "cv", folds: int = 5, reg: float = 1.0):
-    """Fitted on labeled rows: calibrated teachers, NLL-fitted weights, cross-validated pool."""
+def auto(
+    per_class: bool = False,
+    pool: str = "cv",
+    folds: int = 5,
+    reg: float = 1.0,
+    fit_values: int = 2_000_000,
+):
+    """Fitted on labeled rows: calibrated teachers, NLL-fitted weights, cross-validated pool.
+
+    A fit's cost grows with rows x classes: ``fit_values`` bounds it (by default as 20,000
+    rows of 100 classes do, kdplug.fitting.FIT_ROWS: 2,000 rows at 1,000 classes)."""
     from kdplug_combiners.fitted import Auto
 
-    return Auto(per_class=per_class, pool=pool, folds=folds, reg=reg)
+    return Auto(per_class=per_class, pool=pool, folds=folds, reg=reg, fit_values=fit_values)
 
 
 @kdplug.hookimpl

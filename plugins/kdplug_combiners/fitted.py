@@ -56,6 +56,7 @@ from kdplug_combiners.equal import Mean
 log = logging.getLogger("kdplug")
 
 POOLS = ("linear", "log")
+MIN_ROWS = 1_000  # fit_values never leaves a fit fewer rows than this
 # what auto does until it is fitted (no labeled rows, or rows kdplug does not fit on)
 UNFITTED = "like `mean`: equal weights on the teachers' own probabilities"
 
@@ -102,17 +103,50 @@ def pool_log_probs(
     return torch.where(empty, linear, pooled)
 
 
-def training_log_probs(
-    log_p: torch.Tensor, weights: torch.Tensor, known: torch.Tensor, pool: str
-) -> torch.Tensor:
-    """``pool_log_probs`` with finite values at the zeros, so gradients exist everywhere."""
-    finite = log_p.clamp_min(IMPOSSIBLE)
-    w = class_weights(weights, known).unsqueeze(1)
-    if pool == "linear":
-        mixed = (w * finite.exp()).sum(0).clamp_min(1e-300).log()
-    else:
-        mixed = (w * finite).sum(0).masked_fill(~known.any(0), IMPOSSIBLE)
-    return torch.log_softmax(mixed, -1)
+class PoolNLL:
+    """The mean NLL of the labeled rows under the pool of calibrated ``log_p [K, N, C]``
+    as a function of the weights ``[K, C]`` (``class_weights``), the objective of
+    ``fit_weights``; what does not depend on the weights is computed once.
+
+    linear: ``-log sum_k w_ky p_ky + log sum_c sum_k w_kc p_kc``; the normalizer needs each
+    teacher's probability summed over the classes that share their weights (one group per
+    pattern of teachers that know a class, or per class with ``per_class``), ``[K, N, G]``.
+    log: ``log sum_c exp(sum_k w_kc log p_kc) - sum_k w_ky log p_ky``, with ``log p``
+    floored at ``IMPOSSIBLE`` so gradients exist everywhere and a class no teacher knows
+    held at ``IMPOSSIBLE``.
+    """
+
+    def __init__(
+        self, log_p: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, pool: str, per_class: bool
+    ):
+        K, N, C = log_p.shape
+        self.pool, self.labels = pool, labels
+        label_log_p = log_p.gather(2, labels.view(1, N, 1).expand(K, N, 1)).squeeze(2)
+        if pool == "linear":
+            self.label_p = label_log_p.exp()  # [K, N]
+            if per_class:
+                self.first, self.sums = torch.arange(C), log_p.exp()
+            else:
+                _, group = torch.unique(known.T, dim=0, return_inverse=True)
+                self.first = torch.zeros(int(group.max()) + 1, dtype=torch.long)
+                self.first.scatter_(0, group.flip(0), torch.arange(C).flip(0))
+                self.sums = log_p.new_zeros(K, N, len(self.first))
+                for k in range(K):
+                    self.sums[k].index_add_(1, group, log_p[k].exp())
+        else:
+            self.floored = log_p.clamp_min(IMPOSSIBLE)
+            self.label_log_p = label_log_p.clamp_min(IMPOSSIBLE)
+            self.unknown = torch.where(known.any(0), 0.0, IMPOSSIBLE).to(log_p.dtype)
+
+    def __call__(self, weights: torch.Tensor) -> torch.Tensor:
+        label_weights = weights[:, self.labels]  # [K, N]
+        if self.pool == "linear":
+            label_mass = (label_weights * self.label_p).sum(0).clamp_min(1e-300)
+            total = torch.einsum("kng,kg->n", self.sums, weights[:, self.first])
+            return (total.log() - label_mass.log()).mean()
+        score = self.unknown + sum(w * floored for w, floored in zip(weights, self.floored))
+        label_score = (label_weights * self.label_log_p).sum(0)
+        return (torch.logsumexp(score, 1) - label_score).mean()
 
 
 def fit_weights(
@@ -124,10 +158,10 @@ def fit_weights(
     reg: float,
 ) -> torch.Tensor:
     """Weights ``[K, C]`` minimizing the NLL of the pooled calibrated ``log_p [K, N, C]``
-    plus ``reg / N * (|θ|² + |φ|²)``, with ``w = softmax_k(θ_k + φ_kc)`` (``φ = 0`` unless
-    ``per_class``); ``θ = φ = 0`` is equal weights. LBFGS in float64."""
+    (``PoolNLL``) plus ``reg / N * (|θ|² + |φ|²)``, with ``w = softmax_k(θ_k + φ_kc)``
+    (``φ = 0`` unless ``per_class``); ``θ = φ = 0`` is equal weights. LBFGS in float64."""
     K, N, C = log_p.shape
-    log_p = log_p.double()
+    mean_nll = PoolNLL(log_p.double(), known, labels, pool, per_class)
     theta = torch.zeros(K, 1, dtype=torch.float64, requires_grad=True)
     phi = torch.zeros(K, C, dtype=torch.float64, requires_grad=per_class)
     params = [theta, phi] if per_class else [theta]
@@ -135,9 +169,8 @@ def fit_weights(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        pooled = training_log_probs(log_p, torch.softmax(theta + phi, 0), known, pool)
-        mean_nll = -pooled[torch.arange(N), labels].mean()
-        loss = mean_nll + reg / N * (theta.square().sum() + phi.square().sum())
+        weights = class_weights(torch.softmax(theta + phi, 0), known)
+        loss = mean_nll(weights) + reg / N * (theta.square().sum() + phi.square().sum())
         loss.backward()
         return loss
 
@@ -213,17 +246,20 @@ def choose_pool(losses: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
 class Auto:
     """Calibrated, fitted combination of the teachers; ``mean`` until it is fitted."""
 
-    def __init__(self, per_class: bool, pool: str, folds: int, reg: float):
+    def __init__(self, per_class: bool, pool: str, folds: int, reg: float, fit_values: int):
         if pool not in ("cv", *POOLS):
             raise UsageError(f"auto: pool must be cv, linear or log, got {pool!r}")
         if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
             raise UsageError(f"auto: folds must be an integer >= 2, got {folds}")
         if not math.isfinite(reg) or reg < 0:
             raise UsageError(f"auto: reg must be >= 0, got {reg}")
+        if isinstance(fit_values, bool) or not isinstance(fit_values, int) or fit_values < 1:
+            raise UsageError(f"auto: fit_values must be an integer >= 1, got {fit_values}")
         self.per_class = bool(per_class)
         self.pool = pool
         self.folds = folds
         self.reg = float(reg)
+        self.fit_values = fit_values
         self.fitted: Fitted | None = None
         self.fallback = Mean()
         self.warned = False  # said that it is not fitted (fit on no rows says it in its record)
@@ -240,12 +276,14 @@ class Auto:
 
     def _fit(self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor) -> dict:
         rows = labels >= 0
-        logits, labels = logits[:, rows].double(), labels[rows].long()
-        K, N, C = logits.shape
+        logits, labels = logits[:, rows], labels[rows].long()
         known = known.bool()
-        if N == 0:
+        if len(labels) == 0:
             self.fitted, self.warned = None, True
             return {"fitted": False, "rows": 0, "fallback": UNFITTED}
+        logits, labels, sample = self._sample(logits, labels)
+        logits = logits.double()
+        K, N, C = logits.shape
         temperatures = self._temperatures(logits, known, labels)
         log_p = tempered_log_probs(logits, known, temperatures)
         veto = self.pool == "cv" and vetoes(log_p, known)
@@ -271,6 +309,7 @@ class Auto:
         return {
             "fitted": True,
             "rows": N,
+            "sample": sample,
             "pool": fitted.pool,
             "pool_choice": "cv" if cv else "linear: exact zeros (no log pool)" if veto else "given",
             "cv_nll": cv.get("cv_nll", {}),
@@ -294,6 +333,19 @@ class Auto:
                 else "the teachers' own outputs"
             ),
         }
+
+    def _sample(self, logits: torch.Tensor, labels: torch.Tensor):
+        """The rows to fit on: all of them up to ``fit_values`` values per teacher (rows x
+        classes, at least ``MIN_ROWS`` rows), else a fixed random choice of that many; and
+        what the record says of it (None for all)."""
+        N, C = len(labels), logits.shape[2]
+        keep = max(self.fit_values // max(C, 1), MIN_ROWS)
+        if N <= keep:
+            return logits, labels, None
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(0))
+        chosen = order[:keep].sort().values
+        said = f"a random {keep} of {N} rows (fit_values={self.fit_values} at {C} classes)"
+        return logits[:, chosen], labels[chosen], said
 
     def _forced_pool(self) -> str:
         return "linear" if self.pool == "cv" else self.pool
@@ -387,7 +439,7 @@ class Auto:
     def __repr__(self) -> str:
         return (
             f"auto(per_class={self.per_class}, pool={self.pool}, folds={self.folds}, "
-            f"reg={self.reg})"
+            f"reg={self.reg}, fit_values={self.fit_values})"
         )
 
 
