@@ -72,7 +72,8 @@ def test_a_generator_decides_shard_by_shard_what_it_decides_on_all_rows(spec):
     info = streamed.summary()
     assert info.keys() == whole.info.keys()
     for key, value in whole.info.items():
-        assert info[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        # dawid-skene's soft E-step multiplies in float32, in blocks that shards cut apart
+        assert info[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 
 def test_class_balanced_keeps_the_most_confident_rows_of_each_class_across_shards():
