@@ -28,7 +28,9 @@ def row_nll(
 ) -> torch.Tensor:
     """Held-out NLL ``[N]`` of each labeled row under the combined prediction of ``logits
     [K, N, C]`` (probabilities clipped at 1e-12, as ``kdplug.metrics.nll``)."""
-    return prediction_nll(held_out_prediction(make_combiner(), logits, known, labels, folds), labels)
+    return prediction_nll(
+        held_out_prediction(make_combiner(), logits, known, labels, folds), labels
+    )
 
 
 def prediction_nll(prediction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

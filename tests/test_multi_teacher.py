@@ -474,7 +474,9 @@ def test_teachers_report_recommends_a_subset_and_scores_auto_held_out(
     from kdplug.engines.teachers import format_report, report
 
     fits = []
-    monkeypatch.setattr(Auto, "_fit", lambda self, *a, _fit=Auto._fit: fits.append(1) or _fit(self, *a))
+    monkeypatch.setattr(
+        Auto, "_fit", lambda self, *a, _fit=Auto._fit: fits.append(1) or _fit(self, *a)
+    )
     result = report(digit_teachers, digits_splits["unlabeled"])
     # the held-out score of all the teachers is made once, for the table and the selection
     # (FOLDS fits), then FOLDS fits for each teacher left out in the one round
@@ -522,7 +524,9 @@ def test_the_weight_fits_objective_is_the_pools_nll_by_hand(pool, per_class):
         mix = np.einsum("kc,knc->nc", w, p)
         pooled = mix / mix.sum(1, keepdims=True)
     else:
-        score = np.einsum("kc,knc->nc", w, np.where(p > 0, np.log(np.maximum(p, 1e-300)), IMPOSSIBLE))
+        score = np.einsum(
+            "kc,knc->nc", w, np.where(p > 0, np.log(np.maximum(p, 1e-300)), IMPOSSIBLE)
+        )
         score[:, 4] = IMPOSSIBLE
         pooled = softmax(score)
     expected = -np.log(pooled[np.arange(40), labels.numpy()]).mean()
@@ -541,7 +545,10 @@ def test_auto_fits_a_fixed_sample_of_at_most_fit_values_values():
     assert all_rows["rows"] == len(y) and all_rows["sample"] is None
     _, sampled = fit(f"auto,fit_values={MIN_ROWS * C}", *teachers, labels=y)
     assert sampled["rows"] == MIN_ROWS
-    assert sampled["sample"] == f"a random {MIN_ROWS} of {len(y)} rows (fit_values={MIN_ROWS * C} at {C} classes)"
+    assert (
+        sampled["sample"]
+        == f"a random {MIN_ROWS} of {len(y)} rows (fit_values={MIN_ROWS * C} at {C} classes)"
+    )
     # the sample: the first MIN_ROWS of a seeded permutation, the same on every run
     chosen = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:MIN_ROWS]
     chosen = chosen.sort().values

@@ -10,6 +10,7 @@ kept, for the teacher checks, the held-out combiners (``auto``) and the teacher 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from kdplug.reports.teachers import (
     write_report,
 )
 from kdplug.teachers import TeacherSet, create_teachers
+
+log = logging.getLogger("kdplug")
 
 
 @dataclass
@@ -192,13 +195,20 @@ class EnsembleScores:
     def finish(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[list, list]:
         """Score the combiners with a fit on the fit rows (``logits [K, N, C]``, ``labels
         [N]``); returns ``(results, skipped)`` in the registry's order."""
-        from kdplug.fitting import held_out_prediction
+        from kdplug.fitting import FOLDS, held_out_prediction
 
         results = []
         for entry in list(self.combiners):
             component, combiner, scores = entry
             held_out = scores is None
             if held_out:
+                log.info(
+                    "scoring combiner %r held out: %d fits on %d rows x %d classes",
+                    component.name,
+                    min(FOLDS, len(labels)),
+                    len(labels),
+                    logits.shape[2],
+                )
                 try:
                     probs = held_out_prediction(
                         combiner, logits, self.known, labels, chunk=self.chunk
@@ -392,6 +402,7 @@ def select_teachers(
     ensemble (kdplug.selection), teachers by name, the recommended ones' specs too; None
     with one teacher or without ``auto`` installed. ``held_out``: ``auto``'s held-out
     prediction ``[N, C]`` with all the teachers, where the ensemble table made it."""
+    from kdplug.fitting import FOLDS
     from kdplug.plugins import get_manager
     from kdplug.selection import backward_elimination, prediction_nll
 
@@ -400,6 +411,7 @@ def select_teachers(
     if len(names) < 2 or "auto" not in registry:
         return None
     all_nll = None if held_out is None else prediction_nll(held_out, labels)
+    log.info("teacher selection: backward elimination, %d fits of auto per subset tried", FOLDS)
     record = backward_elimination(
         lambda: registry.create("auto"), logits, known, labels, names, all_nll=all_nll
     )

@@ -117,7 +117,12 @@ class PoolNLL:
     """
 
     def __init__(
-        self, log_p: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, pool: str, per_class: bool
+        self,
+        log_p: torch.Tensor,
+        known: torch.Tensor,
+        labels: torch.Tensor,
+        pool: str,
+        per_class: bool,
     ):
         K, N, C = log_p.shape
         self.pool, self.labels = pool, labels
@@ -373,12 +378,11 @@ class Auto:
         for held in split_folds(N, min(self.folds, N)):
             train = torch.ones(N, dtype=torch.bool)
             train[held] = False
-            temperatures = self._temperatures(logits[:, train], known, labels[train])
-            log_p = tempered_log_probs(logits, known, temperatures)
+            fit_logits, fit_labels = logits[:, train], labels[train]
+            temperatures = self._temperatures(fit_logits, known, fit_labels)
+            log_p = tempered_log_probs(fit_logits, known, temperatures)
             for pool in POOLS:
-                weights = fit_weights(
-                    log_p[:, train], known, labels[train], pool, self.per_class, self.reg
-                )
+                weights = fit_weights(log_p, known, fit_labels, pool, self.per_class, self.reg)
                 pooled = Fitted(temperatures, weights, pool).log_prediction(logits[:, held], known)
                 losses[pool][held] = -pooled[torch.arange(len(held)), labels[held]].double()
         return losses
