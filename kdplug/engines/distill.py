@@ -32,6 +32,7 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1131,7 +1132,7 @@ def check_teachers(parts: Parts, config: DistillConfig, device: torch.device) ->
     ``teacher_checks`` (None when the loss uses no teachers)."""
     if not parts.loss.uses_teachers:
         return None
-    labeled = np.flatnonzero(parts.train.labels() >= 0).tolist()
+    labeled = np.flatnonzero(parts.train.labels() >= 0)
     rows = "--train rows"  # the message reads "near chance on N labeled --train rows"
     flags = teacher_checks.check_on_rows(
         parts.producer, parts.train, labeled, config.batch_size, device, rows
@@ -1152,7 +1153,7 @@ def fit_on_labeled_rows(parts: Parts, config: DistillConfig, device: torch.devic
         source, flag = parts.calibration_data, "--calibration-data"
         if not can_fit(parts.combiner) and not can_fit(parts.loss):
             log.warning("--calibration-data is unused: neither the combiner nor the loss fits")
-    labeled = np.flatnonzero(source.labels() >= 0).tolist()
+    labeled = np.flatnonzero(source.labels() >= 0)
     return fit_on_rows(
         parts.combiner,
         parts.loss,
@@ -1238,11 +1239,11 @@ def updates_per_epoch(rows: int, batch_size: int) -> int:
     return batch_count(rows, batch_size, drop_last=True)
 
 
-def train_order(rows: int, seed: int, epoch: int) -> list[int]:
+def train_order(rows: int, seed: int, epoch: int) -> Sequence[int]:
     """This rank's rows of ``epoch``: its share (``distributed.epoch_rows``), or in a single
-    process all ``rows`` rows shuffled."""
+    process all ``rows`` rows shuffled (an int64 array)."""
     share = distributed.epoch_rows(rows, seed, epoch)
-    return share if share is not None else shuffled(list(range(rows)), seed, epoch)
+    return share if share is not None else shuffled(np.arange(rows), seed, epoch)
 
 
 def train_loader(
