@@ -130,12 +130,15 @@ class PoolNLL:
         if pool == "linear":
             self.label_p = label_log_p.exp()  # [K, N]
             if per_class:
-                self.first, self.sums = torch.arange(C), log_p.exp()
+                self.member, self.sums = torch.arange(C), log_p.exp()
             else:
                 _, group = torch.unique(known.T, dim=0, return_inverse=True)
-                self.first = torch.zeros(int(group.max()) + 1, dtype=torch.long)
-                self.first.scatter_(0, group.flip(0), torch.arange(C).flip(0))
-                self.sums = log_p.new_zeros(K, N, len(self.first))
+                groups = int(group.max()) + 1
+                # one class of each group (any: the weights are the same across a group)
+                self.member = torch.zeros(groups, dtype=torch.long).scatter_(
+                    0, group, torch.arange(C)
+                )
+                self.sums = log_p.new_zeros(K, N, groups)
                 for k in range(K):
                     self.sums[k].index_add_(1, group, log_p[k].exp())
         else:
@@ -147,7 +150,7 @@ class PoolNLL:
         label_weights = weights[:, self.labels]  # [K, N]
         if self.pool == "linear":
             label_mass = (label_weights * self.label_p).sum(0).clamp_min(1e-300)
-            total = torch.einsum("kng,kg->n", self.sums, weights[:, self.first])
+            total = torch.einsum("kng,kg->n", self.sums, weights[:, self.member])
             return (total.log() - label_mass.log()).mean()
         score = self.unknown + sum(w * floored for w, floored in zip(weights, self.floored))
         label_score = (label_weights * self.label_log_p).sum(0)
