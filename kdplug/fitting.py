@@ -137,7 +137,8 @@ def _held_out(
     chunk: int,
 ) -> dict[Any, torch.Tensor]:
     rows = labels >= 0
-    logits, labels = logits[:, rows], labels[rows]
+    if not bool(rows.all()):
+        logits, labels = logits[:, rows], labels[rows]
     N = len(labels)
     out = {key: logits.new_zeros(N, logits.shape[-1]) for key in outputs}
     parts = split_folds(N, min(folds, N)) if can_fit(combiner) and N >= 2 else []

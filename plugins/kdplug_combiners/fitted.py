@@ -283,14 +283,13 @@ class Auto:
             return self._fit(logits, known, labels)
 
     def _fit(self, logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor) -> dict:
-        rows = labels >= 0
-        logits, labels = logits[:, rows], labels[rows].long()
+        rows = torch.nonzero(labels >= 0).squeeze(1)
         known = known.bool()
-        if len(labels) == 0:
+        if len(rows) == 0:
             self.fitted, self.warned = None, True
             return {"fitted": False, "rows": 0, "fallback": UNFITTED}
-        logits, labels, sample = self._sample(logits, labels)
-        logits = logits.double()
+        rows, sample = self._sample(rows, logits.shape[2])
+        logits, labels = logits[:, rows].double(), labels[rows].long()
         K, N, C = logits.shape
         temperatures = self._temperatures(logits, known, labels)
         log_p = tempered_log_probs(logits, known, temperatures)
@@ -342,18 +341,16 @@ class Auto:
             ),
         }
 
-    def _sample(self, logits: torch.Tensor, labels: torch.Tensor):
-        """The rows to fit on: all of them up to ``fit_values`` values per teacher (rows x
-        classes, at least ``MIN_ROWS`` rows), else a fixed random choice of that many; and
-        what the record says of it (None for all)."""
-        N, C = len(labels), logits.shape[2]
-        keep = max(self.fit_values // max(C, 1), MIN_ROWS)
-        if N <= keep:
-            return logits, labels, None
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(0))
-        chosen = order[:keep].sort().values
-        said = f"a random {keep} of {N} rows (fit_values={self.fit_values} at {C} classes)"
-        return logits[:, chosen], labels[chosen], said
+    def _sample(self, rows: torch.Tensor, classes: int) -> tuple[torch.Tensor, str | None]:
+        """The labeled ``rows`` to fit on: all of them up to ``fit_values`` values per
+        teacher (rows x classes, at least ``MIN_ROWS`` rows), else a fixed random choice of
+        that many; and what the record says of it (None for all)."""
+        keep = max(self.fit_values // max(classes, 1), MIN_ROWS)
+        if len(rows) <= keep:
+            return rows, None
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
+        limit = f"fit_values={self.fit_values} at {classes} classes"
+        return rows[order[:keep].sort().values], f"a random {keep} of {len(rows)} rows ({limit})"
 
     def _forced_pool(self) -> str:
         return "linear" if self.pool == "cv" else self.pool
