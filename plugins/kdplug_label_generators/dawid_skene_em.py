@@ -57,14 +57,18 @@ def blocks(parts) -> Iterator[ShardRows]:
 class Parameters:
     pi: torch.Tensor  # [C] class priors
     theta: torch.Tensor  # [K, C, C]: theta_k[c, l] = P(k says l | true class c)
+    # [K, C, C]: log theta_k[c, l] at [k, l, c] (for votes: a vote l's row of log
+    # likelihoods over c, gathered whole), None with soft evidence
+    log_by_vote: torch.Tensor | None = None
 
 
 def by_vote(weight: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
-    """``out[k, c, l] = sum_i weight[k, i, c] [v_ik = l]`` ``[K, C, C]`` for ``weight
-    [K, R, C]`` and ``votes [K, R]``: the product with one-hot votes, without them."""
-    C = weight.shape[2]
+    """``out[k, c, l] = sum_i weight[i, c] [v_ik = l]`` ``[K, C, C]`` for ``weight [R, C]``
+    and ``votes [K, R]``: the product with one-hot votes, without them (each row of
+    ``weight`` added into the row of ``out[k]^T`` its vote names)."""
+    C = weight.shape[1]
     zeros = torch.zeros(C, C, dtype=torch.float64)
-    return torch.stack([zeros.clone().index_add_(1, v, w.T) for w, v in zip(weight, votes)])
+    return torch.stack([zeros.clone().index_add_(0, v, weight).T for v in votes])
 
 
 class DawidSkene(StreamingGenerator):
@@ -94,7 +98,7 @@ class DawidSkene(StreamingGenerator):
         q_sum, counts = 0.0, 0.0
         for rows in blocks(shards):
             q = self._initial(rows)
-            q_sum, counts = q_sum + q.sum(0), counts + self._vote_counts(q, rows.votes)
+            q_sum, counts = q_sum + q.sum(0), counts + by_vote(q, rows.votes)
         previous, converged, iterations = None, False, 0
         while iterations < self.max_iter and not converged:
             iterations += 1
@@ -107,7 +111,7 @@ class DawidSkene(StreamingGenerator):
                 else:
                     before = self._e_step(previous, rows)[0]
                 change = max(change, float((q - before).abs().max()))
-                counts = counts + self._counts(params, q / likelihood, evidence, rows.votes)
+                counts = counts + self._counts(params, q, likelihood, evidence, rows.votes)
                 q_sum = q_sum + q.sum(0)
                 accuracy = accuracy + q.gather(1, rows.votes.T).sum(0)
             previous, converged = params, change < self.tol
@@ -142,36 +146,36 @@ class DawidSkene(StreamingGenerator):
             1, rows.votes.T, share
         )
 
-    def _vote_counts(self, q: torch.Tensor, votes: torch.Tensor) -> torch.Tensor:
-        """``sum_i q_i(c) [v_ik = l]`` ``[K, C, C]``."""
-        return by_vote(q.expand(len(votes), *q.shape), votes)
-
     def _e_step(self, params: Parameters, rows: ShardRows):
-        """Posteriors ``q [R, C]``, likelihoods ``L [K, R, C]`` and the evidence (None for
-        votes) of the rows under ``params``."""
-        if self.soft:
-            probs = rows.teacher_probs.double()
-            evidence = torch.where(self.said.bool(), probs / self.mean, torch.zeros_like(probs))
-            evidence = evidence.float()  # the products in float32: twice float64's speed
-            likelihood = torch.einsum("kcl,knl->knc", params.theta.float(), evidence).double()
-        else:
-            evidence = None
-            likelihood = torch.stack([theta[:, v].T for theta, v in zip(params.theta, rows.votes)])
+        """Posteriors ``q [R, C]``, likelihoods ``L [K, R, C]`` and the evidence of the
+        rows under ``params`` (for votes only ``q``: the rest is None)."""
+        if not self.soft:  # log q = log pi + sum_k log theta_k[:, v_ik], a row gathered per vote
+            score = params.pi.log().expand(rows.votes.shape[1], -1).clone()
+            for log_rows, v in zip(params.log_by_vote, rows.votes):
+                score += log_rows.index_select(0, v)
+            return torch.softmax(score, dim=1), None, None
+        probs = rows.teacher_probs.double()
+        evidence = torch.where(self.said.bool(), probs / self.mean, torch.zeros_like(probs))
+        evidence = evidence.float()  # the products in float32: twice float64's speed
+        likelihood = torch.einsum("kcl,knl->knc", params.theta.float(), evidence).double()
         likelihood = likelihood.clamp_min(TINY)
         q = torch.softmax(params.pi.log() + likelihood.log().sum(0), dim=1)
         return q, likelihood, evidence
 
-    def _counts(self, params: Parameters, weight, evidence, votes) -> torch.Tensor:
-        """The expected counts ``theta * sum_i weight_ik(c) e_ik(l)`` ``[K, C, C]``."""
+    def _counts(self, params: Parameters, q, likelihood, evidence, votes) -> torch.Tensor:
+        """The expected counts ``[K, C, C]``: ``theta * sum_i q_i(c) / L_ik(c) e_ik(l)``;
+        for votes that is ``sum_i q_i(c) [v_ik = l]``."""
         if evidence is None:
-            summed = by_vote(weight, votes)
-        else:
-            summed = torch.einsum("knc,knl->kcl", weight, evidence.double())
-        return params.theta * summed
+            return by_vote(q, votes)
+        return params.theta * torch.einsum("knc,knl->kcl", q / likelihood, evidence.double())
 
     def _m_step(self, q_mean: torch.Tensor, counts: torch.Tensor) -> Parameters:
         """Priors ``[C]`` and ``theta`` ``[K, C, C]`` (0 where k cannot say l) from the mean
         posterior ``[C]`` and the expected counts ``[K, C, C]``."""
         said = self.said
         counts = (counts + self.smoothing * said) * said
-        return Parameters(q_mean.clamp_min(1e-12), counts / counts.sum(2, keepdim=True))
+        theta = counts / counts.sum(2, keepdim=True)
+        log_by_vote = (
+            None if self.soft else theta.clamp_min(TINY).log().transpose(1, 2).contiguous()
+        )
+        return Parameters(q_mean.clamp_min(1e-12), theta, log_by_vote)
