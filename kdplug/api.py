@@ -37,6 +37,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "Run": "kdplug.run:Run",
             "create_component": "kdplug.plugins:create",
             "model_intermediates": "kdplug.features:model_intermediates",
+            "Progress": "kdplug.progress:Progress",
         },
     ),
     "errors": (

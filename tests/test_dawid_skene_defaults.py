@@ -104,3 +104,16 @@ def test_the_default_uses_how_sure_each_teacher_is_where_votes_cannot():
     votes = accuracy(run("dawid-skene,soft=false", probs).label)
     default = accuracy(run("dawid-skene", probs).label)
     assert default >= mean - 0.01 and default > votes + 0.03, (default, mean, votes)
+
+
+def test_the_em_says_each_iteration_and_how_far_the_posteriors_moved(caplog):
+    import logging
+
+    probs = torch.tensor(HAND_MADE, dtype=torch.float32)
+    with caplog.at_level(logging.INFO, logger="kdplug.progress"):
+        out = run("dawid-skene,max_iter=3,smoothing=0.5", probs)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kdplug.progress"]
+    assert out.info["iterations"] == 3 and len(lines) == 4  # one per iteration, one at the end
+    for step, line in enumerate(lines[:3], 1):
+        assert line.startswith(f"dawid-skene EM: iteration {step}/3, change ")
+    assert lines[3].startswith("dawid-skene EM: iteration 3/3") and " done in " in lines[3]

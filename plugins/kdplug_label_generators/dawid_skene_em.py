@@ -31,7 +31,14 @@ from dataclasses import dataclass
 
 import torch
 
-from kdplug.api import Labels, LabelShards, ShardRows, StreamingGenerator, hard_labels
+from kdplug.api import (
+    Labels,
+    LabelShards,
+    Progress,
+    ShardRows,
+    StreamingGenerator,
+    hard_labels,
+)
 
 INITS = ("vote", "mean")
 TINY = 1e-300
@@ -100,21 +107,23 @@ class DawidSkene(StreamingGenerator):
             q = self._initial(rows)
             q_sum, counts = q_sum + q.sum(0), counts + by_vote(q, rows.votes)
         previous, converged, iterations = None, False, 0
-        while iterations < self.max_iter and not converged:
-            iterations += 1
-            params = self._m_step(q_sum / shards.rows, counts)
-            q_sum, counts, change, accuracy = 0.0, 0.0, 0.0, 0.0
-            for rows in blocks(shards):
-                q, likelihood, evidence = self._e_step(params, rows)
-                if previous is None:
-                    before = self._initial(rows)
-                else:
-                    before = self._e_step(previous, rows)[0]
-                change = max(change, float((q - before).abs().max()))
-                counts = counts + self._counts(params, q, likelihood, evidence, rows.votes)
-                q_sum = q_sum + q.sum(0)
-                accuracy = accuracy + q.gather(1, rows.votes.T).sum(0)
-            previous, converged = params, change < self.tol
+        with Progress("dawid-skene EM", self.max_iter, unit="iteration", every=1) as progress:
+            while iterations < self.max_iter and not converged:
+                iterations += 1
+                params = self._m_step(q_sum / shards.rows, counts)
+                q_sum, counts, change, accuracy = 0.0, 0.0, 0.0, 0.0
+                for rows in blocks(shards):
+                    q, likelihood, evidence = self._e_step(params, rows)
+                    if previous is None:
+                        before = self._initial(rows)
+                    else:
+                        before = self._e_step(previous, rows)[0]
+                    change = max(change, float((q - before).abs().max()))
+                    counts = counts + self._counts(params, q, likelihood, evidence, rows.votes)
+                    q_sum = q_sum + q.sum(0)
+                    accuracy = accuracy + q.gather(1, rows.votes.T).sum(0)
+                previous, converged = params, change < self.tol
+                progress.update(rows=shards.rows, values=lambda change=change: {"change": change})
         self.params = previous
         self.info = {
             "teacher_accuracy": (accuracy / shards.rows).tolist(),
