@@ -54,7 +54,6 @@ FILE_HOLDERS = {("kdplug/fitting.py", "component"): (Combiner, LossStrategy)}
 NOT_COMPONENTS = {
     ("kdplug/api.py", "importlib.import_module(module)", "*"): "the public names' modules",
     ("kdplug/augment_views.py", "augment", "*"): "the ViewAugment dataclass's own fields",
-    ("kdplug/calibration.py", "loss", "backward"): "a tensor: the NLL being minimized",
     ("kdplug/components.py", "obj", "*"): "missing(): the members it checks",
     ("kdplug/components.py", "own[name]", "__kdplug_optional__"): "the @optional mark",
     ("kdplug/data.py", "self.dataset", "_fingerprint"): "datasets.Dataset's fingerprint",
