@@ -226,6 +226,8 @@ def main() -> None:
                         "peak_gb": peak,
                         "accepted": report["accepted"],
                         "probs": report["probs"]["written"],
+                        # an EM's iterations (dawid-skene), where the generator says them
+                        "iterations": report["generator"]["info"].get("iterations"),
                     }
                 )
                 print(json.dumps(results[-1]), flush=True)
