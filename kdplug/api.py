@@ -108,6 +108,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
         {
             "one_thread": "kdplug.fitting:one_thread",
             "split_folds": "kdplug.fitting:split_folds",
+            "fixed_sample": "kdplug.fitting:fixed_sample",
             "choose_temperature": "kdplug.fitting:choose_temperature",
             "apply_temperature": "kdplug.calibration:apply_temperature",
             "fit_temperature": "kdplug.calibration:fit_temperature",

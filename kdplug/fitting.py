@@ -64,6 +64,15 @@ def split_folds(n: int, folds: int, seed: int = 0) -> list[torch.Tensor]:
     return [part for part in torch.tensor_split(order, folds) if len(part)]
 
 
+def fixed_sample(count: int, keep: int) -> torch.Tensor:
+    """``keep`` of the positions ``range(count)``, sorted (all of them where ``count <=
+    keep``): a random choice, the same on every run, as the fits and checks take their rows."""
+    if count <= keep:
+        return torch.arange(count)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
+    return order[:keep].sort().values
+
+
 def can_fit(component: Any) -> bool:
     return callable(getattr(component, "fit", None))
 
@@ -324,8 +333,7 @@ def collect_outputs(
 
     if len(indices) > FIT_ROWS:
         log.info("fitting on a random %d of the %d labeled rows (FIT_ROWS)", FIT_ROWS, len(indices))
-        order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(0))
-        indices = [indices[i] for i in sorted(order[:FIT_ROWS].tolist())]
+        indices = [indices[i] for i in fixed_sample(len(indices), FIT_ROWS).tolist()]
     rank, world = (distributed.rank(), distributed.world_size()) if shared else (0, 1)
     mine = list(indices)[rank::world]
     logits, labels, positions, known, seen = [], [], [], None, 0

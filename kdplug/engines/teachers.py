@@ -339,14 +339,10 @@ def fit_sample(labeled: np.ndarray, rows: int) -> np.ndarray:
     """``[rows]`` bool: the labeled rows whose outputs are kept for the checks, the fits and
     the selection: all of them up to ``FIT_ROWS``, else a random ``FIT_ROWS`` (the same
     choice as ``kdplug.fitting.collect_outputs``)."""
-    from kdplug.fitting import FIT_ROWS
+    from kdplug.fitting import FIT_ROWS, fixed_sample
 
-    chosen = labeled
-    if len(labeled) > FIT_ROWS:
-        order = torch.randperm(len(labeled), generator=torch.Generator().manual_seed(0))
-        chosen = labeled[order[:FIT_ROWS].numpy()]
     kept = np.zeros(rows, dtype=bool)
-    kept[chosen] = True
+    kept[labeled[fixed_sample(len(labeled), FIT_ROWS).numpy()]] = True
     return kept
 
 

@@ -45,6 +45,7 @@ from kdplug.api import (
     accuracy,
     apply_temperature,
     fit_temperature,
+    fixed_sample,
     masked_log_softmax,
     nll,
     normalize_weights,
@@ -348,9 +349,8 @@ class Auto:
         keep = max(self.fit_values // max(classes, 1), MIN_ROWS)
         if len(rows) <= keep:
             return rows, None
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
         limit = f"fit_values={self.fit_values} at {classes} classes"
-        return rows[order[:keep].sort().values], f"a random {keep} of {len(rows)} rows ({limit})"
+        return rows[fixed_sample(len(rows), keep)], f"a random {keep} of {len(rows)} rows ({limit})"
 
     def _forced_pool(self) -> str:
         return "linear" if self.pool == "cv" else self.pool
