@@ -29,7 +29,9 @@ symmetric: no flip), so the difference is the consistency term. Run:
     .venv/bin/python bench/consistency.py --out bench-results/consistency-mu1 \\
         --runs ce ce-steps consistency --options mu=1 threshold=0.8
 
-(the three settings docs/benchmarks.md reports).
+(settings docs/benchmarks.md reports). ``--per-class N`` gives the student only N labeled
+rows of each class (the teachers keep theirs): where the labels alone are far from what
+all the rows labeled would give, so the unlabeled rows have more to add.
 
 ``results.json`` and ``results.md`` are written to ``--out``.
 """
@@ -100,24 +102,39 @@ def all_labeled(splits: dict[str, str], root: Path) -> str:
     return f"disk:{root},image_size={multi_teacher.SIZE}"
 
 
-def runs(teachers: list[str], oracle: str) -> dict[str, dict]:
+def fewer_labeled(splits: dict[str, str], per_class: int, root: Path) -> tuple[str, int]:
+    """The first ``per_class`` rows of each class of the labeled split (a seeded shuffle),
+    saved as a split of their own; its spec and its number of rows."""
+    import numpy as np
+
+    from kdplug.data import load_data
+
+    dataset = load_data(splits["labeled"]).dataset
+    labels = np.asarray(dataset["label"])
+    order = np.random.default_rng(0).permutation(len(labels))
+    keep = [i for c in np.unique(labels) for i in order[labels[order] == c][:per_class]]
+    dataset.select(sorted(int(i) for i in keep)).save_to_disk(str(root))
+    return f"disk:{root},image_size={multi_teacher.SIZE}", len(keep)
+
+
+def runs(teachers: list[str], oracle: str, labeled: int) -> dict[str, dict]:
     """The runs of ``--runs`` by name: DistillConfig fields beyond the shared ones
-    (``oracle``: the split of ``all_labeled``)."""
+    (``oracle``: the split of ``all_labeled``; ``labeled``: the student's labeled rows)."""
     with_teachers = {"teachers": teachers, "combiner": ARGS.combiner, "unlabeled": True}
-    splits = multi_teacher.SPLITS
+    unlabeled = multi_teacher.SPLITS["unlabeled"]
     every = {
         "kd": {"loss": ARGS.kd, **with_teachers},
         "kd+consistency": {"loss": consistency_spec(ARGS.kd), **with_teachers},
         "ce": {"loss": "ce"},
         "ce-steps": {
             "loss": "ce",
-            "epochs": matched_epochs(splits["unlabeled"], splits["labeled"]),
+            "epochs": matched_epochs(unlabeled, labeled),
         },
         "consistency": {"loss": consistency_spec(None), "unlabeled": True},
         "oracle-steps": {
             "loss": "ce",
             "train": oracle,
-            "epochs": matched_epochs(splits["unlabeled"], splits["labeled"] + splits["unlabeled"]),
+            "epochs": matched_epochs(unlabeled, labeled + unlabeled),
         },
     }
     return {name: every[name] for name in ARGS.runs}
@@ -141,7 +158,8 @@ def markdown(results: dict) -> str:
             f"| {name} | {entry['labeled']['accuracy']:.3f} | {entry['test']['accuracy']:.3f} |"
         )
     seeds = len(results["seeds"])
-    lines += ["", f"Student test accuracy over {seeds} seeds:", ""]
+    labeled = results["splits"]["labeled"]
+    lines += ["", f"Student test accuracy over {seeds} seeds ({labeled} labeled rows):", ""]
     lines += ["| run | loss | epochs | mean ± std | per seed |", "|---|---|---|---|---|"]
     for name, run in results["runs"].items():
         mean, std = mean_std(run["accuracy"])
@@ -170,6 +188,10 @@ def main() -> None:
     started = time.perf_counter()
     splits = multi_teacher.make_splits(out / "data")
     teachers = multi_teacher.make_teachers(out, splits, "unequal", seed=0)
+    labeled = multi_teacher.SPLITS["labeled"]
+    if ARGS.per_class:
+        fewer = fewer_labeled(splits, ARGS.per_class, out / "data" / "fewer")
+        splits["labeled"], labeled = fewer
     table = multi_teacher.teacher_accuracy(teachers, splits)
     seeds = list(range(ARGS.seeds))
     shared = {
@@ -182,7 +204,7 @@ def main() -> None:
     }
     results_runs = {}
     oracle = all_labeled(splits, out / "data" / "all-labeled")
-    for name, own in runs(list(teachers.values()), oracle).items():
+    for name, own in runs(list(teachers.values()), oracle, labeled).items():
         config = {**shared, **own}
         if config.get("unlabeled"):
             config["unlabeled"] = splits["unlabeled"]
@@ -213,7 +235,7 @@ def main() -> None:
         "augment": ARGS.augment,
         "combiner": ARGS.combiner,
         "seeds": seeds,
-        "splits": multi_teacher.SPLIT_SIZES,
+        "splits": {**multi_teacher.SPLIT_SIZES, "labeled": labeled},
         "teacher_specs": teachers,
         "teachers": table,
         "runs": results_runs,
@@ -231,6 +253,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=0,
+        help="the student's labeled rows: this many of each class of the labeled split "
+        "(default: all 150; the teachers keep theirs)",
+    )
     parser.add_argument("--augment", default=WEAK, help="the weak view, on both sides")
     parser.add_argument("--combiner", default="auto")
     parser.add_argument("--kd", default="kd", help="the teachers' loss (consistency's base)")
