@@ -31,6 +31,7 @@ __all__ = [
     "alignment",
     "build_teacher_set",
     "classes_from_teachers",
+    "run_classes",
     "create_teachers",
     "feed_teachers",
     "load_temperatures",
@@ -448,3 +449,27 @@ def classes_from_teachers(teachers: Sequence[Any], names: Sequence[str]) -> list
             union[:20],
         )
     return union
+
+
+def run_classes(
+    given: Sequence[str] | None, data: Any, teachers: Sequence[Any], specs: Sequence[str | Spec]
+) -> tuple[list[str], str]:
+    """A run's class names and where they came from: ``given`` (``--classes``), else the
+    data's (``data``: a ``kdplug.data.DataSource``), else the teachers' when every one names
+    its classes (``classes_from_teachers``); else one line saying what to pass."""
+    if given:
+        return list(given), "--classes"
+    if data.classes:
+        return list(data.classes), "data"
+    names = [str(spec) for spec in specs]
+    from_teachers = classes_from_teachers(teachers, names)
+    if from_teachers:
+        return from_teachers, "teachers"
+    unnamed = [
+        name for name, teacher in zip(names, teachers) if getattr(teacher, "classes", None) is None
+    ]
+    raise UsageError(
+        f"{data.spec} has no label column to take class names from (columns: {data.columns}), "
+        f"and teacher {unnamed[0]} names no classes; pass --classes a,b,c (in the unnamed "
+        "teachers' output order), or give each teacher classes=a;b;c"
+    )

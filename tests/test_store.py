@@ -326,7 +326,7 @@ def test_corrupt_truncated_or_unfinished_stores_are_refused(digits_splits, tmp_p
         ({"dtype": "int8"}, "--dtype must be one of float16, float32"),
     ],
 )
-def test_bad_cache_options_are_refused(change, message, digits_splits, tmp_path):
+def test_bad_cache_options_are_refused(change, message, probe, digits_splits, tmp_path):
     config = CacheConfig(["probe:10"], [digits_splits["labeled"]], str(tmp_path / "s"), **change)
     with pytest.raises(UsageError, match=message):
         run_cache(config)

@@ -228,3 +228,13 @@ def test_label_takes_its_classes_from_teachers_that_name_them(
     specs = [teachers["named"], teachers["unnamed"]]
     with pytest.raises(UsageError, match=f"teacher {teachers['unnamed']} names no classes"):
         run_label(LabelConfig(specs, unlabeled, str(tmp_path / "n"), progress=False))
+
+
+def test_cache_takes_its_classes_from_teachers_that_name_them(teachers, unlabeled, tmp_path):
+    from kdplug.engines.cache import CacheConfig, run_cache
+
+    record = run_cache(CacheConfig([teachers["named"]], [unlabeled], str(tmp_path / "s")))
+    assert record["classes"] == DIGITS
+    specs = [teachers["named"], teachers["unnamed"]]
+    with pytest.raises(UsageError, match=f"teacher {teachers['unnamed']} names no classes"):
+        run_cache(CacheConfig(specs, [unlabeled], str(tmp_path / "n")))

@@ -55,7 +55,7 @@ from kdplug.store.layout import (
     split_dir,
 )
 from kdplug.store.topk import top_k_entries
-from kdplug.teachers import TeacherSet, build_teacher_set
+from kdplug.teachers import TeacherSet, build_teacher_set, create_teachers, run_classes
 
 
 @dataclass
@@ -87,10 +87,10 @@ class CacheConfig:
 def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     """Cache the teachers' outputs on ``cfg.data`` into ``cfg.out``; return store.json's content."""
     augment = check_config(cfg)
-    sources = load_splits(cfg)
-    classes = sources[0].classes
+    teachers = create_teachers(cfg.teachers)
+    sources = load_splits(cfg, teachers)
     teacher_set = build_teacher_set(
-        cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows, data=sources[0]
+        cfg.teachers, sources[0].classes, cfg.calibration, cfg.skip_bad_rows, sources[0], teachers
     )
     check_teacher_inputs(cfg, teacher_set, sources)
     record = cache_record(cfg, sources, teacher_set, augment)
@@ -156,19 +156,14 @@ def check_config(cfg: CacheConfig) -> ViewAugment | None:
     return parse_view_augment(cfg.augment)
 
 
-def load_splits(cfg: CacheConfig) -> list[DataSource]:
-    """Each DATA as a source in the run's classes (``--classes``, else the first DATA's)."""
+def load_splits(cfg: CacheConfig, teachers: list[Any]) -> list[DataSource]:
+    """Each DATA as a source in the run's classes (``--classes``, else the first DATA's,
+    else the teachers' own: ``kdplug.teachers.run_classes``)."""
     if len(set(cfg.data)) != len(cfg.data):
         raise UsageError("the same --data is given twice")
     first = load_data(cfg.data[0], cfg.classes)
-    classes = cfg.classes or first.classes
-    if not classes:
-        raise UsageError(
-            f"{cfg.data[0]} has no label column to take class names from "
-            f"(columns: {first.columns}); pass --classes a,b,c "
-            "(in the teachers' output order)"
-        )
-    sources = [first.with_classes(list(classes))]
+    classes, _ = run_classes(cfg.classes, first, teachers, cfg.teachers)
+    sources = [first.with_classes(classes)]
     sources += [load_data(spec, list(classes)) for spec in cfg.data[1:]]
     for source in sources:
         if cfg.views > 1 and source.kind != "image":

@@ -83,7 +83,7 @@ from kdplug.shards import (
     write_shard,
 )
 from kdplug.spec import Spec, parse_spec
-from kdplug.teachers import TeacherSet, build_teacher_set, classes_from_teachers, create_teachers
+from kdplug.teachers import TeacherSet, build_teacher_set, create_teachers, run_classes
 
 log = logging.getLogger("kdplug")
 
@@ -139,7 +139,7 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
     keep_probs = bool(getattr(generator, "teacher_probs", False))
     source = load_data(cfg.data, cfg.classes)
     teachers = create_teachers(cfg.teachers)
-    classes, classes_from = run_classes(cfg, source, teachers)
+    classes, classes_from = run_classes(cfg.classes, source, teachers, cfg.teachers)
     truth = true_labels(cfg, source, classes)
     teacher_set = build_teacher_set(
         cfg.teachers, classes, cfg.calibration, cfg.skip_bad_rows, source, teachers
@@ -293,27 +293,6 @@ def fit_combiner(
     names = "labeled --calibration-data rows"
     return fit_on_rows(
         combiner, None, teacher_set, rows, labeled, batch_size, device, names, shared=True
-    )
-
-
-def run_classes(cfg: LabelConfig, source: DataSource, teachers: list[Any]) -> tuple[list[str], str]:
-    """The run's class names and where they came from: ``--classes``, else the data's,
-    else the teachers' when every one names its classes (``classes_from_teachers``)."""
-    if cfg.classes:
-        return list(cfg.classes), "--classes"
-    if source.classes:
-        return list(source.classes), "data"
-    names = [str(spec) for spec in cfg.teachers]
-    from_teachers = classes_from_teachers(teachers, names)
-    if from_teachers:
-        return from_teachers, "teachers"
-    unnamed = [
-        name for name, teacher in zip(names, teachers) if getattr(teacher, "classes", None) is None
-    ]
-    raise UsageError(
-        f"{cfg.data} has no label column to take class names from (columns: {source.columns}), "
-        f"and teacher {unnamed[0]} names no classes; pass --classes a,b,c (in the unnamed "
-        "teachers' output order), or give each teacher classes=a;b;c"
     )
 
 
