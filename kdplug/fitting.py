@@ -202,15 +202,21 @@ def check_fit_rows(
     logits: torch.Tensor, known: torch.Tensor, labels: torch.Tensor, rows: str
 ) -> dict[str, Any] | None:
     """Each teacher's accuracy on the labeled rows (``logits [K, N, C]``, ``labels [N]``),
-    and whether they look like the teachers' training rows (``near_perfect``, with
-    ``why``): every teacher at least ``NEAR_PERFECT`` accurate there, or one teacher right
-    on every row (its temperature fitted there would fall to the clamp: sharper only
-    scores better). None with no labeled row. ``rows`` names the rows in messages."""
+    and whether they look like the teachers' training rows (``fit_rows_record``). None with
+    no labeled row. ``rows`` names the rows in messages."""
     usable = labels >= 0
     if not usable.any():
         return None
     probs = ops.teacher_probs(logits[:, usable].float(), known)
     accuracy = [metrics.accuracy(p, labels[usable]) for p in probs]
+    return fit_rows_record(accuracy, int(usable.sum()), rows)
+
+
+def fit_rows_record(accuracy: list[float], count: int, rows: str) -> dict[str, Any]:
+    """Whether ``count`` labeled rows (named ``rows``) on which the teachers scored
+    ``accuracy`` look like their training rows (``near_perfect``, with ``why``): every
+    teacher at least ``NEAR_PERFECT`` accurate there, or one teacher right on every row
+    (its temperature fitted there would fall to the clamp: sharper only scores better)."""
     perfect = [k for k, a in enumerate(accuracy) if a == 1.0]
     why = None
     if all(a >= NEAR_PERFECT for a in accuracy):
@@ -218,7 +224,7 @@ def check_fit_rows(
     elif perfect:
         why = f"teacher {perfect[0]} is right on every one of them"
     return {
-        "rows": int(usable.sum()),
+        "rows": count,
         "source": rows,
         "teacher_accuracy": [round(a, 4) for a in accuracy],
         "near_perfect": why is not None,

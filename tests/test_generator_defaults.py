@@ -113,6 +113,7 @@ def test_label_picks_the_threshold_on_calibration_rows_and_reports_where(
     )
     fit = report["generator"]["fit"]
     assert fit["on"] == "--calibration-data" and fit["rows"] == 447
+    assert fit["fit_rows"]["rows"] == 447 and not fit["fit_rows"]["near_perfect"]
     # picked by hand: the mean of the teachers on the calibration rows
     calibration = teacher_probs_by_hand(teachers, digits_splits["test"]).mean(0)
     truth = torch.from_numpy(load_data(digits_splits["test"]).labels())
@@ -138,6 +139,32 @@ def test_label_fits_on_datas_own_labels_and_says_it_is_not_held_out(
     assert report["generator"]["fit"]["on"] == "DATA"
     assert "not a held-out measure" in caplog.text
     assert "not a held-out measure" in summary(report, "out")
+    # DATA's labeled rows are the teachers' training rows here: the CNN trained for 100
+    # epochs is right on every one, which the fit record and a warning say
+    seen = report["generator"]["fit"]["fit_rows"]
+    assert seen["near_perfect"] and seen["why"] == "teacher 1 is right on every one of them"
+    assert "too lenient on rows the teachers did not see" in caplog.text
+
+
+def test_thresholds_picked_on_the_teachers_training_rows_are_flagged(
+    teachers, digits_splits, tmp_path, caplog
+):
+    report = label(
+        teachers,
+        digits_splits["unlabeled"],
+        tmp_path / "out",
+        combiner="mean",
+        generator="threshold,accuracy=0.98",
+        calibration_data=digits_splits["labeled"],  # what the teachers were trained on
+    )
+    seen = report["generator"]["fit"]["fit_rows"]
+    assert seen["near_perfect"] and seen["source"] == "--calibration-data rows"
+    assert seen["teacher_accuracy"][1] == 1.0
+    assert (
+        "is fitted where the teachers look trained on the 150 --calibration-data rows"
+        in caplog.text
+    )
+    assert "give labeled rows the teachers did not see with --calibration-data" in caplog.text
 
 
 def test_accuracy_without_labeled_rows_is_refused_before_any_teacher_runs(

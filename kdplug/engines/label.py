@@ -572,12 +572,13 @@ class ShardBuffers:
 class Survey:
     """What one pass over the finished shards gathers before the generator: which rows are
     good (``good [N]``), the teachers' votes on them (``votes [K, G]``) and the combined
-    prediction of the rows a generator is fitted on (``fit_target [M, C]``, their mask
-    among those rows ``fit_good [M]``)."""
+    prediction and the votes of the rows a generator is fitted on (``fit_target [M, C]``,
+    ``fit_votes [K, M]``, their mask among those rows ``fit_good [M]``)."""
 
     good: torch.Tensor
     votes: torch.Tensor
     fit_target: torch.Tensor | None
+    fit_votes: torch.Tensor | None
     fit_good: torch.Tensor | None
 
 
@@ -624,7 +625,7 @@ class ShardReader:
     def survey(self, fit_rows: np.ndarray | None) -> Survey:
         """One pass: the good rows, their votes, and the target of the rows ``fit_rows``
         (positions in DATA; None: none gathered)."""
-        good, votes, targets, goods = [], [], [], []
+        good, votes, targets, fit_votes, goods = [], [], [], [], []
         wanted = None if fit_rows is None else torch.from_numpy(fit_rows)
         for shard in self.shards:
             tensors = read_shard(
@@ -636,6 +637,7 @@ class ShardReader:
             if wanted is not None:
                 mine = wanted[(wanted >= shard.start) & (wanted < shard.stop)] - shard.start
                 targets.append(tensors["target"][mine])
+                fit_votes.append(tensors["votes"][:, mine])
                 goods.append(ok[mine])
         good = torch.cat(good)
         if not good.any():
@@ -644,6 +646,7 @@ class ShardReader:
             good,
             torch.cat(votes, dim=1),
             torch.cat(targets) if wanted is not None else None,
+            torch.cat(fit_votes, dim=1) if wanted is not None else None,
             torch.cat(goods) if wanted is not None else None,
         )
 
@@ -698,7 +701,14 @@ def fit_generator(
     their labels; its record, with where the rows came from, for report.json (None without
     ``fit``). On ``--calibration-data`` rows a combiner fitted there predicts each row out
     of fold (``kdplug.fitting.held_out_prediction``), as it predicts DATA's rows."""
-    from kdplug.fitting import collect_outputs, held_out_prediction
+    from kdplug.fitting import (
+        HINT,
+        check_fit_rows,
+        collect_outputs,
+        fit_rows_record,
+        held_out_prediction,
+        seen_rows,
+    )
 
     if pick is None:
         return None
@@ -712,9 +722,12 @@ def fit_generator(
             spec,
             len(labels),
         )
+        accuracy = (survey.fit_votes[:, good] == labels).double().mean(1).tolist()
+        seen = fit_rows_record(accuracy, len(labels), "labeled rows of DATA")
     else:
         out = collect_outputs(teacher_set, pick.source, pick.rows.tolist(), batch_size, device)
         logits, known, labels = out
+        seen = check_fit_rows(logits, known, labels, "--calibration-data rows")
         record = fitted.get("combiner")
         if isinstance(record, dict) and record.get("fitted") is not False:
             prediction = held_out_prediction(combiner, logits, known, labels)
@@ -723,13 +736,21 @@ def fit_generator(
             prediction = combined_prediction(combiner, logits, known, unlabeled)[1]
     with running(generator, f"label generator {spec!r}", " while fitting on the labeled rows"):
         record = generator.fit(prediction.float().cpu(), labels.cpu())
-    record = {"on": pick.name, **(record or {})}
+    record = {"on": pick.name, **(record or {}), "fit_rows": seen}
+    if seen["near_perfect"]:
+        log.warning(
+            "label generator %r is fitted where %s: what it picks there (a threshold for an "
+            "accuracy) is too lenient on rows the teachers did not see; %s",
+            spec,
+            seen_rows(seen),
+            HINT,
+        )
     log.info(
         "label generator %r fitted on %d labeled rows of %s: %s",
         spec,
         len(labels),
         pick.name,
-        ", ".join(f"{k}={rounded(v)}" for k, v in record.items() if k != "on"),
+        ", ".join(f"{k}={rounded(v)}" for k, v in record.items() if k not in ("on", "fit_rows")),
     )
     return record
 
