@@ -44,9 +44,7 @@ def run_cli(
 
 def invoke_cli(*args):
     """``kdplug ARGS`` in this process (click's CliRunner): ``result.stderr`` holds kdplug's
-    log lines (INFO and up, as a real run prints them) and its one-line errors. The
-    environment is restored afterwards (``--allow-pickle`` and ``--allow-code`` set
-    variables for the whole process, which would trust files in later tests)."""
+    log lines (INFO and up, as a real run prints them) and its one-line errors."""
     import logging
 
     from click.testing import CliRunner
@@ -58,7 +56,7 @@ def invoke_cli(*args):
             sys.stderr.write(f"kdplug: {record.levelname}: {record.getMessage()}\n")
 
     logger, handler = logging.getLogger("kdplug"), ToStderr()
-    level, environment = logger.level, dict(os.environ)
+    level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -66,8 +64,6 @@ def invoke_cli(*args):
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-        os.environ.clear()
-        os.environ.update(environment)
 
 
 def kill_when(args: list[str], ready, timeout: float = 300) -> None:

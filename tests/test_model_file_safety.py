@@ -7,6 +7,7 @@ operators; ONNX files may not read data from outside their folder nor use custom
 
 import json
 import logging
+import os
 import pickle
 import re
 import sys
@@ -280,6 +281,11 @@ def test_torchscript_runs_only_with_the_code_opt_in(tmp_path, digits_splits):
     result = label(spec, data, tmp_path / "trusted", "--allow-code")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "marker-load").exists() and (tmp_path / "marker-run").exists()
+    # the flag trusts files for its own command only, also one that fails: a caller running
+    # the CLI in its process (here CliRunner) is not left trusting the next command's files
+    failed = label(spec, "disk:/nowhere", tmp_path / "failed", "--allow-code")
+    assert failed.exit_code == 2 and os.environ["KDPLUG_ALLOW_CODE"] == ""
+    assert error_line(label(spec, data, tmp_path / "again")).startswith(f"Error: {spec}: ")
 
 
 def test_torchscript_opt_in_by_spec_or_environment(tmp_path, monkeypatch):

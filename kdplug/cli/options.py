@@ -25,14 +25,25 @@ def teachers_option(required: bool = True) -> Callable:
 
 
 def _opt_in(env: str) -> Callable:
-    """A flag's callback that sets ``env`` (seen by the loaders and by child processes)."""
+    """A flag's callback that sets ``env`` for the command (the loaders and the command's
+    child processes see it) and puts back what was there when the command ends, so that a
+    caller running kdplug's CLI in its own process does not go on trusting files."""
 
-    def callback(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
         if value:
+            previous = os.environ.get(env)
             os.environ[env] = "1"
+            ctx.call_on_close(lambda: _put_back(env, previous))
         return value
 
     return callback
+
+
+def _put_back(env: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(env, None)
+    else:
+        os.environ[env] = value
 
 
 allow_pickle_option = click.option(
