@@ -69,6 +69,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "class_names": "kdplug.teacher_io:class_names",
             "probability_flag": "kdplug.teacher_io:probability_flag",
             "preprocess": "kdplug.teacher_io:preprocess",
+            "spec_inputs": "kdplug.teacher_io:spec_inputs",
             "Preprocess": "kdplug.preprocess:Preprocess",
             "fixed_batch": "kdplug.teacher_io:fixed_batch",
             "run_in_batches": "kdplug.teacher_io:run_in_batches",

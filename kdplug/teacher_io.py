@@ -100,6 +100,23 @@ def preprocess(
         raise UsageError(f"{source}: {exc}") from None
 
 
+NOT_GIVEN = "not given"  # where a size, mean or std that nothing set came from
+
+
+def spec_inputs(pre: Preprocess, sources: dict[str, str | None]) -> dict[str, Any]:
+    """``Teacher.inputs`` of a teacher whose preprocessing is ``pre``, made from its
+    options alone (TorchScript, torch.export, ONNX): ``sources`` says where each of
+    ``size``, ``mean`` and ``std`` came from (None: not given, so kdplug's default: no
+    resize, no normalization), for the line every command logs."""
+    return {
+        "size": list(pre.size) if pre.size is not None else None,
+        "mean": [round(float(v), 6) for v in pre.mean.flatten()],
+        "std": [round(float(v), 6) for v in pre.std.flatten()],
+        "in_chans": pre.in_chans,
+        "from": {key: sources.get(key) or NOT_GIVEN for key in ("size", "mean", "std")},
+    }
+
+
 def probs_to_logits(probs: torch.Tensor) -> torch.Tensor:
     """``log p`` with exact zeros as IMPOSSIBLE, so no temperature puts mass on them.
 

@@ -21,6 +21,7 @@ from kdplug.errors import BadRowsError, UntrustedTypes, UsageError, running
 from kdplug.ops import IMPOSSIBLE
 from kdplug.spec import Spec
 from kdplug.teacher_checks import class_notes
+from kdplug.teacher_io import NOT_GIVEN
 from kdplug.teacher_names import NAME_OPTION, as_spec, teacher_names
 
 log = logging.getLogger("kdplug")
@@ -393,6 +394,8 @@ def feed_teachers(teachers: Sequence[Any], names: Sequence[str], data: Any) -> l
     fed = []
     for teacher, name in zip(teachers, names):
         inputs = getattr(teacher, "inputs", None)
+        if inputs is not None and data is not None and data.kind != "image":
+            inputs = None  # feature rows reach a model as they are: nothing to resize
         if inputs is not None:
             inputs = {**inputs, "from": dict(inputs["from"])}
             if inputs["size"] is None and data is not None and data.kind == "image":
@@ -413,7 +416,10 @@ def describe_inputs(name: str, inputs: Any, data: Any) -> str:
         if data.in_chans == 1 and inputs["in_chans"] > 1:
             channels = f", grayscale repeated to {inputs['in_chans']} channels"
     mean, std = inputs["mean"], inputs["std"]
-    if where["size"] == where["mean"] == where["std"]:
+    if where["mean"] == where["std"] == NOT_GIVEN:
+        fed = f"{size} images ({where['size']}{channels}), not normalized (no mean= or std= "
+        fed += "given: pixels in [0, 1] as the data path decodes them)"
+    elif where["size"] == where["mean"] == where["std"]:
         fed = f"{size} images{channels}, normalized with mean {mean} and std {std} (all: "
         fed += f"{where['size']})"
     elif where["mean"] == where["std"]:

@@ -162,3 +162,43 @@ def test_label_and_distill_feed_the_checkpoint_teacher_like_the_data(
     fed = summary["teacher_checks"]["inputs"][0]
     assert fed["from"]["mean"].startswith("measured on 150 rows of disk:")
     assert summary["teacher_checks"]["flags"] == []
+
+
+def test_program_teachers_say_what_they_are_fed_from_their_options(tmp_path, caplog):
+    """TorchScript, torch.export and ONNX teachers know only their options: each command's
+    line says which were given and that the rest is kdplug's default (no resize, no
+    normalization); feature rows get no line (nothing is resized)."""
+    import numpy as np
+
+    from kdplug.data import load_data
+    from kdplug.teachers import build_teacher_set
+    from tests.teacher_fixtures import TinyCNN, onnx_linear, save_torchscript
+
+    save_torchscript(TinyCNN().eval(), tmp_path / "cnn.ts")
+    onnx_linear(tmp_path / "lin.onnx", np.zeros((64, 10)), np.zeros(10))
+    program = torch.export.export(TinyCNN().eval(), (torch.rand(2, 1, 8, 8),))
+    torch.export.save(program, str(tmp_path / "cnn.pt2"))  # a static shape: [2, 1, 8, 8]
+    plain = f"torchscript:{tmp_path / 'cnn.ts'},allow_code=true"
+    specs = [plain, f"{plain},size=16,mean=0.5,std=0.25", f"onnx:{tmp_path / 'lin.onnx'}"]
+    specs.append(f"export:{tmp_path / 'cnn.pt2'}")
+    digits = load_data("sklearn:digits")
+    with caplog.at_level(logging.INFO, logger="kdplug"):
+        fed = build_teacher_set(specs, digits.classes, data=digits).inputs
+    assert fed[0]["size"] == [8, 8] and (fed[0]["mean"], fed[0]["std"]) == ([0.0], [1.0])
+    assert fed[0]["from"] == {
+        "size": "the data's own, no resize",
+        "mean": "not given",
+        "std": "not given",
+    }
+    assert "not normalized (no mean= or std= given: pixels in [0, 1]" in caplog.text
+    assert fed[1]["size"] == [16, 16] and (fed[1]["mean"], fed[1]["std"]) == ([0.5], [0.25])
+    assert set(fed[1]["from"].values()) == {"option size=", "option mean=", "option std="}
+    assert fed[2]["size"] == [8, 8] and fed[2]["from"]["size"] == "the graph's input shape"
+    assert fed[3]["size"] == [8, 8] and fed[3]["from"]["size"] == "the program's input shape"
+    assert caplog.text.count(" is fed ") == 4
+
+    rows = load_data("sklearn:iris")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kdplug"):
+        fed = build_teacher_set([plain], rows.classes, data=rows).inputs
+    assert fed == [None] and " is fed " not in caplog.text

@@ -24,6 +24,7 @@ from kdplug.api import (
     preprocess,
     probs_to_logits,
     run_in_batches,
+    spec_inputs,
 )
 from kdplug_onnx.check import check_model
 
@@ -151,13 +152,19 @@ def load_onnx(ref, mean, std, size, in_chans, classes, probs) -> OnnxTeacher:
         raise UsageError(f"{source}: option probs must be true or false, got {probs!r}")
     check_model(path, source)
     runner = session(str(path), [CPU], source)
+    given = {
+        key: f"option {key}="
+        for key, v in (("size", size), ("mean", mean), ("std", std))
+        if v is not None
+    }
     shape = list(runner.get_inputs()[0].shape or [])
     if len(shape) == 4:
         if in_chans is None and isinstance(shape[1], int):
             in_chans = shape[1]
         if size is None and all(isinstance(s, int) for s in shape[2:]):
             size = list(shape[2:])
-    return OnnxTeacher(
+            given["size"] = "the graph's input shape"
+    teacher = OnnxTeacher(
         str(path),
         runner,
         preprocess(source, size, mean, std, in_chans),
@@ -166,3 +173,5 @@ def load_onnx(ref, mean, std, size, in_chans, classes, probs) -> OnnxTeacher:
         file_hash(path),
         source,
     )
+    teacher.inputs = spec_inputs(teacher.preprocess, given)
+    return teacher

@@ -36,6 +36,7 @@ from kdplug.api import (
     refuse_code,
     refuse_pickle,
     run_in_batches,
+    spec_inputs,
     weights_only_loads,
 )
 from kdplug_torch.program_check import RULE, archive_findings, refused_calls
@@ -127,14 +128,16 @@ def _teacher(
     fixed_mode: bool,
     batch: int | None = None,
     place: Callable[[torch.device], torch.nn.Module] | None = None,
+    size_from: str | None = None,
     **options: Any,
 ) -> ModelTeacher:
-    """Wrap ``model`` with its preprocessing and the options of the spec."""
+    """Wrap ``model`` with its preprocessing and the options of the spec (``size_from``:
+    where ``size`` came from when not from the spec)."""
     mean, std, size, in_chans = (options[k] for k in ("mean", "std", "size", "in_chans"))
     classes, probs = options["classes"], options["probs"]
     if not isinstance(probs, bool):
         raise UsageError(f"{source}: option probs must be true or false, got {probs!r}")
-    return ModelTeacher(
+    teacher = ModelTeacher(
         model,
         preprocess(source, size, mean, std, in_chans),
         class_names(classes, source),
@@ -145,6 +148,12 @@ def _teacher(
         batch,
         place,
     ).eval()
+    given = {"size": size, "mean": mean, "std": std}
+    sources = {k: f"option {k}=" for k in given if given[k] is not None}
+    if size_from:
+        sources["size"] = size_from
+    teacher.inputs = spec_inputs(teacher.preprocess, sources)
+    return teacher
 
 
 def load_torchscript(ref, mean, std, size, in_chans, classes, probs, allow_code) -> ModelTeacher:
@@ -203,11 +212,12 @@ def load_exported(
             "export the model again using torch's own tensor operators only",
         )
     shape = _input_shape(program) or []
+    size_from = None
     if len(shape) == 4:
         if in_chans is None and isinstance(shape[1], int):
             in_chans = shape[1]
         if size is None and all(isinstance(s, int) for s in shape[2:]):
-            size = list(shape[2:])
+            size, size_from = list(shape[2:]), "the program's input shape"
 
     def place(device: torch.device) -> torch.nn.Module:
         from torch.export.passes import move_to_device_pass
@@ -221,6 +231,7 @@ def load_exported(
         True,
         fixed_batch(shape[0], source) if shape else None,
         place,
+        size_from,
         mean=mean,
         std=std,
         size=size,
