@@ -200,3 +200,31 @@ def test_the_rule_that_reads_rows_as_the_teachers_training_rows(accuracies, why)
     assert check["rows"] == 392 and check["near_perfect"] is (why is not None)
     assert check["why"] == why
     assert check_fit_rows(logits, torch.ones(2, 5, dtype=torch.bool), labels * 0 - 1, "x") is None
+
+
+def test_calibrate_and_report_on_the_teachers_training_rows_say_so(
+    digits_splits, overfit_teachers, tmp_path, caplog
+):
+    from kdplug.calibration import T_MIN
+    from kdplug.engines.teachers import calibrate, report
+
+    with caplog.at_level(logging.WARNING, logger="kdplug"):
+        seen = calibrate(overfit_teachers, digits_splits["labeled"], str(tmp_path / "c.json"))
+    assert seen["fit_rows"]["near_perfect"] and seen["fit_rows"]["teacher_accuracy"] == [1, 1]
+    assert [entry["temperature"] for entry in seen["teachers"]] == pytest.approx([T_MIN, T_MIN])
+    assert "the teachers look trained on the 150 rows of" in caplog.text
+    assert "temperatures fitted there come out too sharp" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdplug"):
+        held_out = calibrate(overfit_teachers, digits_splits["test"], str(tmp_path / "h.json"))
+    assert not held_out["fit_rows"]["near_perfect"] and "too sharp" not in caplog.text
+    assert all(entry["temperature"] > 1.01 * T_MIN for entry in held_out["teachers"])
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kdplug"):
+        judged = report(overfit_teachers, digits_splits["labeled"])
+    assert judged["training_rows_check"]["near_perfect"]
+    assert "not a held-out measure; report on labeled rows they did not see" in caplog.text
+    judged = report(overfit_teachers, digits_splits["test"])
+    assert not judged["training_rows_check"]["near_perfect"]

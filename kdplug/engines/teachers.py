@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from kdplug import metrics, ops, teacher_checks
-from kdplug.calibration import apply_temperature, fit_temperature, load_temperatures
+from kdplug.calibration import T_MIN, apply_temperature, fit_temperature, load_temperatures
 from kdplug.data import DataSource, batches, load_data
 from kdplug.errors import KdplugError, UsageError
+from kdplug.fitting import check_fit_rows, seen_rows
 from kdplug.outputs import check_out, versions, write_json
 from kdplug.reports.teachers import (
     Scores,
@@ -116,6 +117,15 @@ def calibrate(
     flags = teacher_checks.check_teachers(
         teacher_set, found.logits, found.known, found.labels, f"rows of {data}"
     )
+    seen = check_fit_rows(found.logits, found.known, found.labels, f"rows of {data}")
+    if seen and seen["near_perfect"]:
+        log.warning(
+            "%s: temperatures fitted there come out too sharp for rows the teachers did not "
+            "see (a teacher right on every row gets the lowest, %s); calibrate on labeled "
+            "rows they were not trained on",
+            seen_rows(seen),
+            T_MIN,
+        )
     entries = []
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
         logits, known = found.logits[k], found.known[k]
@@ -142,6 +152,7 @@ def calibrate(
         "data_split": source.split,
         "rows": len(found.labels),
         "skipped_rows": found.skipped,
+        "fit_rows": seen,
         "teacher_checks": teacher_checks.record(teacher_set, flags),
         "versions": versions(),
     }
@@ -293,6 +304,13 @@ def report(
         described = f"labeled rows of {data} (a random {len(labels)} of {tally.raw[0].rows})"
     known = teacher_set.known.cpu()
     flags = teacher_checks.check_teachers(teacher_set, logits, known, labels, described)
+    seen = check_fit_rows(logits, known, labels, described)
+    if seen and seen["near_perfect"]:
+        log.warning(
+            "%s: the figures below are the teachers on rows they were trained on, not a "
+            "held-out measure; report on labeled rows they did not see",
+            seen_rows(seen),
+        )
     entries = []
     for k, (spec, fingerprint) in enumerate(zip(specs, teacher_set.fingerprints())):
         figures = tally.teacher(k)
@@ -318,6 +336,7 @@ def report(
         "rows": tally.raw[0].rows,
         "skipped_rows": skipped,
         "fit_rows": len(labels),
+        "training_rows_check": seen,
         "class_rows": tally.class_rows.cpu().tolist(),
         "calibration": calibration,
         "teachers": entries,
