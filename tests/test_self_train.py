@@ -8,7 +8,7 @@ import skops.io
 from sklearn.linear_model import LogisticRegression
 
 from kdplug.data import load_data
-from kdplug.engines.self_train import write_targets
+from kdplug.engines.self_train import pseudo_rows, write_targets
 from kdplug.errors import UsageError
 from tests.conftest import invoke_cli
 
@@ -34,13 +34,35 @@ def logreg(digits_splits, tmp_path_factory):
     return f"sklearn:{path}"
 
 
-def test_targets_are_one_hot_then_soft(tmp_path):
-    probs = np.array([[0.2, 0.8, 0.0], [0.5, 0.25, 0.25]], dtype=np.float32)
-    spec = write_targets(np.array([2, 0]), probs, ["a", "b", "c"], tmp_path / "t.npy")
+def test_targets_are_one_hot_then_the_accepted_rows_soft_labels(tmp_path, monkeypatch):
+    import datasets
+
+    from kdplug.engines import self_train
+
+    monkeypatch.setattr(self_train, "TARGET_BLOCK", 12)  # 4 rows of 3 classes: 4 + 2, 4 + 1
+    probs = np.array(
+        [[0.2, 0.8, 0.0], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25], [0.3, 0.3, 0.4], [0, 0, 1]],
+        dtype=np.float32,
+    )
+    features = datasets.Features(
+        {
+            "index": datasets.Value("int64"),
+            "accepted": datasets.Value("bool"),
+            "probs": datasets.Sequence(datasets.Value("float32"), length=3),
+        }
+    )
+    accepted = [True, False, True, False, True]
+    rows = {"index": [4, 3, 2, 1, 0], "accepted": accepted, "probs": probs.tolist()}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "labels"))
+    labeled, positions = pseudo_rows(tmp_path / "labels")
+    assert positions.tolist() == [4, 2, 0]
+    train = np.array([2, 0, 1, 1, 0, 2])
+    spec = write_targets(train, labeled, ["a", "b", "c"], tmp_path / "t.npy")
     assert (spec.name, spec.ref) == ("logits", str(tmp_path / "t.npy"))
     assert spec.options == {"probs": True, "classes": ["a", "b", "c"]}
     saved = np.load(tmp_path / "t.npy")
-    assert saved.tolist() == [[0, 0, 1], [1, 0, 0], *probs.tolist()]
+    assert saved.dtype == np.float32
+    assert saved.tolist() == [*np.eye(3)[train].tolist(), *probs[accepted].tolist()]
 
 
 def self_train_args(teacher, splits, out, rounds, epochs, generator) -> list[str]:

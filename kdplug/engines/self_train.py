@@ -41,6 +41,7 @@ BASELINE = "baseline"  # round 0: the student on the labeled rows alone
 TARGET_LOSS = Spec.of("kd", T=1.0, ce_weight=0.0, kd_weight=1.0)
 LABELS_ONLY = Spec.of("ce")
 ONE_TEACHER = Spec.of("mean")
+TARGET_BLOCK = 4_000_000  # values (rows x classes) copied at a time into a round's targets
 
 
 @dataclass
@@ -91,17 +92,16 @@ def takes_drop_path(spec: Spec) -> bool:
     return options is None or "drop_path_rate" in options
 
 
-def pseudo_rows(labels_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions (in the unlabeled data) and soft labels ``[M, C]`` of accepted rows."""
+def pseudo_rows(labels_dir: Path) -> tuple[Any, np.ndarray]:
+    """The labels dataset at ``labels_dir`` and the positions (in the unlabeled data) of its
+    accepted rows; their soft labels stay on disk until ``write_targets`` copies them."""
     import datasets
 
     labeled = datasets.load_from_disk(str(labels_dir))
-    accepted = np.asarray(labeled["accepted"], dtype=bool)
     if "probs" not in labeled.column_names:
         raise UsageError("self-train needs full soft labels: use a generator without topk")
-    probs = np.asarray(labeled["probs"], dtype=np.float32)
-    index = np.asarray(labeled["index"], dtype=np.int64)
-    return index[accepted], probs[accepted]
+    columns = labeled.with_format("arrow")
+    return labeled, columns["index"].to_numpy()[columns["accepted"].to_numpy()]
 
 
 def write_round_data(unlabeled: Any, rows: np.ndarray, out: Path, pool: str) -> Spec:
@@ -109,7 +109,7 @@ def write_round_data(unlabeled: Any, rows: np.ndarray, out: Path, pool: str) -> 
     from kdplug.outputs import atomic_path
 
     with atomic_path(out, directory=True) as tmp:
-        unlabeled.dataset.select(rows.tolist()).save_to_disk(str(tmp))
+        unlabeled.dataset.select(rows).save_to_disk(str(tmp))
     return round_data(out, pool)
 
 
@@ -123,17 +123,30 @@ def round_data(path: Path, pool: str) -> Spec:
     return Spec.of("disk", str(path), **{k: written[k] for k in DATA_OPTIONS if k in written})
 
 
-def write_targets(
-    train_labels: np.ndarray, probs: np.ndarray, classes: list[str], path: Path
-) -> Spec:
-    """Probabilities for distill's rows (labeled rows one-hot, then the pseudo-labeled rows),
-    saved atomically; return the teacher that serves them, named by ``classes``."""
+def write_targets(train_labels: np.ndarray, labeled: Any, classes: list[str], path: Path) -> Spec:
+    """Probabilities for distill's rows (labeled rows one-hot, then the accepted rows of the
+    labels dataset ``labeled``, in its order), written atomically into a ``.npy`` a block of
+    rows at a time (memory bounded by the block, not by the rows); return the teacher that
+    serves them, named by ``classes``."""
     from kdplug.outputs import atomic_path
 
-    onehot = np.eye(len(classes), dtype=np.float32)[train_labels]
+    table = labeled.with_format("arrow")
+    accepted = table["accepted"].to_numpy()
+    rows, C = len(train_labels) + int(accepted.sum()), len(classes)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.concatenate([onehot, probs]).astype(np.float32))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, C))
+        eye, step = np.eye(C, dtype=np.float32), max(1, TARGET_BLOCK // C)
+        for start in range(0, len(train_labels), step):
+            block = train_labels[start : start + step]
+            out[start : start + len(block)] = eye[block]
+        at = len(train_labels)
+        for start in range(0, len(table), step):
+            keep = accepted[start : start + step]
+            probs = table[start : start + step].column("probs").combine_chunks()
+            out[at : at + int(keep.sum())] = probs.flatten().to_numpy().reshape(-1, C)[keep]
+            at += int(keep.sum())
+        out.flush()
+        del out
     return Spec.of("logits", str(path), probs=True, classes=[str(c) for c in classes])
 
 
@@ -173,7 +186,7 @@ def run_round(
             probs="full",  # the rounds train on the accepted rows' soft labels
         )
     )
-    rows, probs = pseudo_rows(root / "labels")
+    labeled, rows = pseudo_rows(root / "labels")
     if not len(rows):
         raise UsageError(
             f"round {number}: the generator {cfg.generator} accepted no row; lower its threshold"
@@ -182,7 +195,7 @@ def run_round(
         pseudo = write_round_data(unlabeled, rows, root / "pseudo", cfg.unlabeled)
     else:
         pseudo = round_data(root / "pseudo", cfg.unlabeled)
-    target = write_targets(train.labels(), probs, train.classes, root / "targets.npy")
+    target = write_targets(train.labels(), labeled, train.classes, root / "targets.npy")
     summary = train_student(
         cfg, number, root / "distill", teachers=[target], unlabeled=pseudo, loss=TARGET_LOSS
     )
