@@ -236,10 +236,11 @@ def test_ratio_order_fills_every_batch_alike_and_shares_the_unlabeled_rows(monke
     labels = np.array([0, 1, 2, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1])  # 4 labeled
     order = RatioOrder(labels, batch_size=4, ratio=3.0, seed=1)
     assert (order.labeled_per_batch, order.unlabeled_per_batch, order.steps) == (1, 3, 3)
-    rows = np.array(order(0)).reshape(order.steps, 4)
+    assert order(0).dtype == np.int64
+    rows = order(0).reshape(order.steps, 4)
     assert (labels[rows[:, 0]] >= 0).all() and (labels[rows[:, 1:]] < 0).all()
     assert len(set(rows[:, 1:].ravel().tolist())) == 9
-    assert order(0) == order(0) and order(0) != order(1)
+    assert np.array_equal(order(0), order(0)) and not np.array_equal(order(0), order(1))
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     shares = []
     for rank in range(2):
