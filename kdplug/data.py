@@ -796,7 +796,7 @@ def batches(
     batch_size: int,
     *,
     shuffle: bool = False,
-    indices: list[int] | None = None,
+    indices: Sequence[int] | None = None,
     seed: int = 0,
     epoch: int = 0,
     workers: int | None = None,

@@ -76,7 +76,7 @@ def collect(
     teacher_set.to(device)
     logits, labels, skipped = [], [], 0
     pin = device.type == "cuda"
-    loader = batches(source, batch_size, indices=labeled.tolist(), pin_memory=pin)
+    loader = batches(source, batch_size, indices=labeled, pin_memory=pin)
     for x, y, idx in track(loader, desc):
         out = teacher_set(x.to(device), idx)
         keep = torch.ones(len(y), dtype=torch.bool)
@@ -388,7 +388,7 @@ def judge(
     scale = None if temperatures is None else torch.tensor(temperatures, device=device)
     fit_rows: dict[str, list[torch.Tensor]] = {"logits": [], "labels": []}
     skipped = 0
-    loader = batches(source, batch_size, indices=labeled.tolist(), pin_memory=device.type == "cuda")
+    loader = batches(source, batch_size, indices=labeled, pin_memory=device.type == "cuda")
     for x, y, idx in track(loader, "report"):
         out = teacher_set(x.to(device), idx)
         logits, y = out.logits.float(), y.to(device)
