@@ -100,17 +100,23 @@ def test_accuracy_is_refused_without_fitting_and_out_of_range():
         create("label-generators", "threshold,accuracy=0.9")(target, target[None], known(1, 2))
 
 
-def test_label_picks_the_threshold_on_calibration_rows_and_reports_where(
-    teachers, digits_splits, tmp_path
-):
-    report = label(
+def picking_on(calibration: str, teachers, digits_splits, tmp_path) -> dict:
+    """``threshold,accuracy=0.98`` over the teachers' mean on the unlabeled split, its
+    thresholds picked on the rows ``calibration``."""
+    return label(
         teachers,
         digits_splits["unlabeled"],
         tmp_path / "out",
         combiner="mean",
         generator="threshold,accuracy=0.98",
-        calibration_data=digits_splits["test"],
+        calibration_data=calibration,
     )
+
+
+def test_label_picks_the_threshold_on_calibration_rows_and_reports_where(
+    teachers, digits_splits, tmp_path
+):
+    report = picking_on(digits_splits["test"], teachers, digits_splits, tmp_path)
     fit = report["generator"]["fit"]
     assert fit["on"] == "--calibration-data" and fit["rows"] == 447
     assert fit["fit_rows"]["rows"] == 447 and not fit["fit_rows"]["near_perfect"]
@@ -149,14 +155,8 @@ def test_label_fits_on_datas_own_labels_and_says_it_is_not_held_out(
 def test_thresholds_picked_on_the_teachers_training_rows_are_flagged(
     teachers, digits_splits, tmp_path, caplog
 ):
-    report = label(
-        teachers,
-        digits_splits["unlabeled"],
-        tmp_path / "out",
-        combiner="mean",
-        generator="threshold,accuracy=0.98",
-        calibration_data=digits_splits["labeled"],  # what the teachers were trained on
-    )
+    # the labeled split is what the teachers were trained on
+    report = picking_on(digits_splits["labeled"], teachers, digits_splits, tmp_path)
     seen = report["generator"]["fit"]["fit_rows"]
     assert seen["near_perfect"] and seen["source"] == "--calibration-data rows"
     assert seen["teacher_accuracy"][1] == 1.0
