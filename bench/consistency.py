@@ -15,10 +15,10 @@ over several seeds:
   ``--epochs`` (a FixMatch epoch is one pass over the unlabeled rows, 750 / 56 = 13 steps
   at batch 64 and mu 7; a labels-only epoch is 150 / 64 = 3), against ``consistency``
   too: the same number of updates, so the difference is not only more training;
-- ``oracle-steps``: ``ce`` on the labeled and the unlabeled rows together, each with its
-  true label, for as many steps as ``consistency`` (fully supervised, the reference SSL
-  papers give): what the unlabeled rows would add if every one were labeled correctly,
-  so how far above ``ce-steps`` any use of them can be expected to reach.
+- ``oracle-steps``: ``ce`` on the student's labeled and the unlabeled rows together, each
+  with its true label, for as many steps as ``consistency`` (fully supervised, the
+  reference SSL papers give): what the unlabeled rows would add if every one were labeled
+  correctly, so how far above ``ce-steps`` any use of them can be expected to reach.
 
 Both sides of each comparison use the same ``--augment`` weak view (digits are not mirror
 symmetric: no flip), so the difference is the consistency term. Run:
@@ -117,9 +117,10 @@ def fewer_labeled(splits: dict[str, str], per_class: int, root: Path) -> tuple[s
     return f"disk:{root},image_size={multi_teacher.SIZE}", len(keep)
 
 
-def runs(teachers: list[str], oracle: str, labeled: int) -> dict[str, dict]:
+def runs(teachers: list[str], oracle: str | None, labeled: int) -> dict[str, dict]:
     """The runs of ``--runs`` by name: DistillConfig fields beyond the shared ones
-    (``oracle``: the split of ``all_labeled``; ``labeled``: the student's labeled rows)."""
+    (``oracle``: the split of ``all_labeled``, None when not asked for; ``labeled``: the
+    student's labeled rows)."""
     with_teachers = {"teachers": teachers, "combiner": ARGS.combiner, "unlabeled": True}
     unlabeled = multi_teacher.SPLITS["unlabeled"]
     every = {
@@ -203,7 +204,9 @@ def main() -> None:
         "augment": ARGS.augment,
     }
     results_runs = {}
-    oracle = all_labeled(splits, out / "data" / "all-labeled")
+    oracle = None
+    if "oracle-steps" in ARGS.runs:
+        oracle = all_labeled(splits, out / "data" / "all-labeled")
     for name, own in runs(list(teachers.values()), oracle, labeled).items():
         config = {**shared, **own}
         if config.get("unlabeled"):

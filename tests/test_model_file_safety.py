@@ -285,6 +285,8 @@ def test_torchscript_runs_only_with_the_code_opt_in(tmp_path, digits_splits):
     # the CLI in its process (here CliRunner) is not left trusting the next command's files
     failed = label(spec, "disk:/nowhere", tmp_path / "failed", "--allow-code")
     assert failed.exit_code == 2 and os.environ["KDPLUG_ALLOW_CODE"] == ""
+    unparsed = label(spec, data, tmp_path / "unparsed", "--allow-code", "--batch-size", "abc")
+    assert unparsed.exit_code == 2 and os.environ["KDPLUG_ALLOW_CODE"] == ""
     assert error_line(label(spec, data, tmp_path / "again")).startswith(f"Error: {spec}: ")
 
 

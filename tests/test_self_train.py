@@ -34,9 +34,24 @@ def logreg(digits_splits, tmp_path_factory):
     return f"sklearn:{path}"
 
 
-def test_targets_are_one_hot_then_the_accepted_rows_soft_labels(tmp_path, monkeypatch):
+def labels_dataset(path, probs: np.ndarray, accepted: list[bool]):
+    """A labels dataset as ``kdplug label`` writes it (the columns self-train reads), saved
+    at ``path``: row i at position ``len - 1 - i`` of the unlabeled data."""
     import datasets
 
+    features = datasets.Features(
+        {
+            "index": datasets.Value("int64"),
+            "accepted": datasets.Value("bool"),
+            "probs": datasets.Sequence(datasets.Value("float32"), length=probs.shape[1]),
+        }
+    )
+    rows = {"index": list(range(len(probs)))[::-1], "accepted": accepted, "probs": probs.tolist()}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    return pseudo_rows(path)
+
+
+def test_targets_are_one_hot_then_the_accepted_rows_soft_labels(tmp_path, monkeypatch):
     from kdplug.engines import self_train
 
     monkeypatch.setattr(self_train, "TARGET_BLOCK", 12)  # 4 rows of 3 classes: 4 + 2, 4 + 1
@@ -44,17 +59,8 @@ def test_targets_are_one_hot_then_the_accepted_rows_soft_labels(tmp_path, monkey
         [[0.2, 0.8, 0.0], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25], [0.3, 0.3, 0.4], [0, 0, 1]],
         dtype=np.float32,
     )
-    features = datasets.Features(
-        {
-            "index": datasets.Value("int64"),
-            "accepted": datasets.Value("bool"),
-            "probs": datasets.Sequence(datasets.Value("float32"), length=3),
-        }
-    )
     accepted = [True, False, True, False, True]
-    rows = {"index": [4, 3, 2, 1, 0], "accepted": accepted, "probs": probs.tolist()}
-    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "labels"))
-    labeled, positions = pseudo_rows(tmp_path / "labels")
+    labeled, positions = labels_dataset(tmp_path / "labels", probs, accepted)
     assert positions.tolist() == [4, 2, 0]
     train = np.array([2, 0, 1, 1, 0, 2])
     spec = write_targets(train, labeled, ["a", "b", "c"], tmp_path / "t.npy")

@@ -146,13 +146,13 @@ def test_quoted_text_parses_back_verbatim(value, items):
 def test_self_train_specs_carry_class_names_and_paths(tmp_path):
     from kdplug.engines.self_train import write_targets
     from kdplug.spec import Spec
+    from tests.test_self_train import labels_dataset
 
     folder = tmp_path / 'odd,dir=x;y "q"'
     folder.mkdir()
     classes = ["no", "yes", "01", "a;b"]
-    target = write_targets(
-        np.array([3, 0]), np.eye(4, dtype=np.float32)[[1]], classes, folder / "t.npy"
-    )
+    labeled, _ = labels_dataset(tmp_path / "labels", np.eye(4, dtype=np.float32)[[1]], [True])
+    target = write_targets(np.array([3, 0]), labeled, classes, folder / "t.npy")
     teacher = get_manager().create("teachers", target)
     assert teacher.classes == classes and teacher.array.shape == (3, 4)
     # what run.json records reads back as the same spec

@@ -27,13 +27,15 @@ def teachers_option(required: bool = True) -> Callable:
 def _opt_in(env: str) -> Callable:
     """A flag's callback that sets ``env`` for the command (the loaders and the command's
     child processes see it) and puts back what was there when the command ends, so that a
-    caller running kdplug's CLI in its own process does not go on trusting files."""
+    caller running kdplug's CLI in its own process does not go on trusting files. The
+    undo is on the root context: click closes it also when a later option fails to parse,
+    which the subcommand's own context is not."""
 
     def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
         if value:
             previous = os.environ.get(env)
             os.environ[env] = "1"
-            ctx.call_on_close(lambda: _put_back(env, previous))
+            ctx.find_root().call_on_close(lambda: _put_back(env, previous))
         return value
 
     return callback

@@ -87,8 +87,9 @@ class CacheConfig:
 def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     """Cache the teachers' outputs on ``cfg.data`` into ``cfg.out``; return store.json's content."""
     augment = check_config(cfg)
+    first = load_first(cfg)  # a missing or repeated DATA fails before any model loads
     teachers = create_teachers(cfg.teachers)
-    sources = load_splits(cfg, teachers)
+    sources = load_splits(cfg, first, teachers)
     teacher_set = build_teacher_set(
         cfg.teachers, sources[0].classes, cfg.calibration, cfg.skip_bad_rows, sources[0], teachers
     )
@@ -156,12 +157,16 @@ def check_config(cfg: CacheConfig) -> ViewAugment | None:
     return parse_view_augment(cfg.augment)
 
 
-def load_splits(cfg: CacheConfig, teachers: list[Any]) -> list[DataSource]:
-    """Each DATA as a source in the run's classes (``--classes``, else the first DATA's,
-    else the teachers' own: ``kdplug.teachers.run_classes``)."""
+def load_first(cfg: CacheConfig) -> DataSource:
+    """The first DATA (in ``--classes`` where given), once every DATA is known distinct."""
     if len(set(cfg.data)) != len(cfg.data):
         raise UsageError("the same --data is given twice")
-    first = load_data(cfg.data[0], cfg.classes)
+    return load_data(cfg.data[0], cfg.classes)
+
+
+def load_splits(cfg: CacheConfig, first: DataSource, teachers: list[Any]) -> list[DataSource]:
+    """Each DATA as a source in the run's classes (``--classes``, else the first DATA's,
+    else the teachers' own: ``kdplug.teachers.run_classes``)."""
     classes, _ = run_classes(cfg.classes, first, teachers, cfg.teachers)
     sources = [first.with_classes(classes)]
     sources += [load_data(spec, list(classes)) for spec in cfg.data[1:]]

@@ -623,8 +623,8 @@ class ShardReader:
         return LabelShards(loaders, int(survey.good.sum()), self.known)
 
     def survey(self, fit_rows: np.ndarray | None) -> Survey:
-        """One pass: the good rows, their votes, and the target of the rows ``fit_rows``
-        (positions in DATA; None: none gathered)."""
+        """One pass: the good rows, their votes, and the target and the votes of the rows
+        ``fit_rows`` (positions in DATA; None: none gathered)."""
         good, votes, targets, fit_votes, goods = [], [], [], [], []
         wanted = None if fit_rows is None else torch.from_numpy(fit_rows)
         for shard in self.shards:
@@ -722,8 +722,10 @@ def fit_generator(
             spec,
             len(labels),
         )
-        accuracy = (survey.fit_votes[:, good] == labels).double().mean(1).tolist()
-        seen = fit_rows_record(accuracy, len(labels), "labeled rows of DATA")
+        seen = None
+        if len(labels):
+            accuracy = (survey.fit_votes[:, good] == labels).double().mean(1).tolist()
+            seen = fit_rows_record(accuracy, len(labels), "labeled rows of DATA")
     else:
         out = collect_outputs(teacher_set, pick.source, pick.rows.tolist(), batch_size, device)
         logits, known, labels = out
@@ -737,7 +739,7 @@ def fit_generator(
     with running(generator, f"label generator {spec!r}", " while fitting on the labeled rows"):
         record = generator.fit(prediction.float().cpu(), labels.cpu())
     record = {"on": pick.name, **(record or {}), "fit_rows": seen}
-    if seen["near_perfect"]:
+    if seen and seen["near_perfect"]:
         log.warning(
             "label generator %r is fitted where %s: what it picks there (a threshold for an "
             "accuracy) is too lenient on rows the teachers did not see; %s",

@@ -135,10 +135,10 @@ def write_targets(train_labels: np.ndarray, labeled: Any, classes: list[str], pa
     rows, C = len(train_labels) + int(accepted.sum()), len(classes)
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, C))
-        eye, step = np.eye(C, dtype=np.float32), max(1, TARGET_BLOCK // C)
+        step = max(1, TARGET_BLOCK // C)  # the memmap starts as zeros: set the ones
         for start in range(0, len(train_labels), step):
             block = train_labels[start : start + step]
-            out[start : start + len(block)] = eye[block]
+            out[start + np.arange(len(block)), block] = 1.0
         at = len(train_labels)
         for start in range(0, len(table), step):
             keep = accepted[start : start + step]
