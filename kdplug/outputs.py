@@ -227,9 +227,8 @@ def run_inputs(*paths: str | None) -> Iterator[None]:
     try:
         yield
     finally:
-        # its own entries, not the last ones: a block left open (a command whose parsing
-        # failed after --config was read) is closed when its generator is collected, at
-        # any later moment, maybe inside another run's block
+        # its own entries, not the last ones: a block a caller left open is closed when
+        # its generator is collected, at any later moment, maybe inside another run's block
         for path in given:
             _extra_inputs.remove(path)
 

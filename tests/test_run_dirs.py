@@ -295,9 +295,9 @@ def test_prepare_out_dir_refuses_inputs_from_python_too(tmp_path):
 
 
 def test_a_run_inputs_block_closed_late_removes_only_its_own_paths():
-    """A --config block left open (its command's parsing failed after the file was read)
-    closes whenever its generator is collected, maybe inside another run's block: it must
-    not take that run's --config file off the inputs --overwrite protects."""
+    """A block a caller left open closes whenever its generator is collected, maybe inside
+    another run's block: it must not take that run's --config file off the inputs
+    --overwrite protects."""
     from kdplug import outputs
 
     leaked = outputs.run_inputs("first.yaml")
@@ -307,3 +307,18 @@ def test_a_run_inputs_block_closed_late_removes_only_its_own_paths():
         assert "second.yaml" in outputs._extra_inputs
         assert "first.yaml" not in outputs._extra_inputs
     assert "second.yaml" not in outputs._extra_inputs
+
+
+def test_a_config_file_stops_counting_as_an_input_when_its_command_fails_to_parse(tmp_path):
+    from click.testing import CliRunner
+
+    from kdplug import outputs
+    from kdplug.cli import build_cli
+
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 1\n")
+    result = CliRunner().invoke(
+        build_cli(), ["distill", "--config", str(config), "--batch-size", "abc"]
+    )
+    assert result.exit_code == 2 and "abc" in result.output
+    assert str(config) not in outputs._extra_inputs

@@ -138,7 +138,9 @@ def _load(ctx: click.Context, _param: click.Parameter, path: str | None) -> None
 
     ctx.meta[_PATH_KEY] = path
     ctx.default_map = {**(ctx.default_map or {}), **config_values(path, ctx)}
-    ctx.with_resource(run_inputs(path))
+    # on the root context: closed when the command ends, and also when an option after
+    # --config fails to parse (the command's own context is then never closed)
+    ctx.find_root().with_resource(run_inputs(path))
 
 
 def config_option(command: Callable) -> Callable:
