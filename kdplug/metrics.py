@@ -33,7 +33,8 @@ def nll(probs: Any, labels: Any, eps: float = 1e-12) -> float:
     probs, labels = _arrays(probs, labels)
     if not len(labels):
         return float("nan")
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], eps, None)).mean())
+    log_p = np.log(np.clip(probs[np.arange(len(labels)), labels], eps, 1.0))  # all <= 0
+    return float(abs(log_p.mean()))  # abs: -0.0 (log 1 negated) would print as "-0.0000"
 
 
 def reliability(probs: Any, labels: Any, bins: int = ECE_BINS) -> dict[str, list[float]]:

@@ -153,3 +153,11 @@ def test_build_teacher_set_reads_the_calibration_file(tmp_path):
     out = teacher_set(torch.zeros(2, 1), torch.tensor([0, 1]))
     expected = torch.log_softmax(torch.from_numpy(logits) / 0.5, -1)
     torch.testing.assert_close(torch.log_softmax(out.logits[0], -1), expected)
+
+
+def test_nll_of_a_certain_right_teacher_is_zero_not_minus_zero():
+    """float32 probabilities can sum a hair above 1: the NLL is clipped at 0, so a
+    calibrate line never reads `NLL ... -> -0.0000`."""
+    probs = np.array([[1.0000001, 0.0], [0.0, 1.0000001]], dtype=np.float32)
+    assert metrics.nll(probs, np.array([0, 1])) == 0.0
+    assert f"{metrics.nll(probs, np.array([0, 1])):.4f}" == "0.0000"
