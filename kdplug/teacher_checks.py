@@ -18,7 +18,7 @@ JSON-ready dict that the command writes into its JSON output (``teacher_checks``
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -40,11 +40,12 @@ def check_teachers(
     rows: str,
     compare: bool = True,
     votes: torch.Tensor | None = None,
+    fine: Collection[int] = (),
 ) -> list[dict[str, Any]]:
     """``flag_teachers`` for the teachers of ``producer`` (a ``kdplug.teachers.TeacherSet``,
     which says which teachers name their classes, or any ``Producer``) on their outputs
     ``scores [K, N, C]`` (or, given instead, their class ``votes [K, N]``) and ``known
-    [K, C]`` for ``rows``."""
+    [K, C]`` for ``rows``; ``fine``: teachers found accurate on other labeled rows."""
     teacher_set = live_teachers(producer)
     return flag_teachers(
         producer.names,
@@ -56,6 +57,7 @@ def check_teachers(
         rows=rows,
         compare=compare,
         predicted=votes,
+        fine=fine,
     )
 
 
@@ -115,23 +117,25 @@ def flag_teachers(
     rows: str = "rows",
     compare: bool = True,
     predicted: torch.Tensor | None = None,
+    fine: Collection[int] = (),
 ) -> list[dict[str, Any]]:
     """The flags of the teachers ``names`` on their outputs ``scores [K, N, C]`` (logits or
     probabilities, aligned to the run's classes), ``known [K, C]`` and ``labels [N]`` (-1
     unknown; None: no labels). ``named[k]``: teacher k names its classes; ``classes``: the
     run's, in order; ``rows`` says which rows these are; ``compare=False`` leaves out the
     disagreement check (done on other rows). ``predicted [K, N]``: each teacher's class
-    among those it knows, given instead of ``scores``."""
+    among those it knows, given instead of ``scores``. A teacher accurate on the labeled
+    rows (here, or ``fine``: on other labeled rows) is not flagged for disagreeing."""
     known = known.cpu()
     predicted = teacher_votes(scores.cpu(), known) if predicted is None else predicted.cpu()
-    flags, fine = [], set()
+    flags, fine = [], set(fine)
     if labels is not None:
         labels = torch.as_tensor(labels).long().cpu()
         for k, name in enumerate(names):
             figures = labeled_accuracy(predicted[k], labels, known[k])
             if figures is None:
                 continue
-            if figures["accuracy"] < figures["chance"] + NEAR_CHANCE * (1 - figures["chance"]):
+            if near_chance(figures):
                 flags.append(near_chance_flag(name, figures, rows))
             else:
                 fine.add(k)
@@ -161,6 +165,20 @@ def labeled_accuracy(
         "chance": round(float(torch.bincount(y).max()) / len(y), 4),
         "rows": len(y),
     }
+
+
+def near_chance(figures: dict[str, Any]) -> bool:
+    """Whether ``labeled_accuracy``'s figures are less than ``NEAR_CHANCE`` of the way from
+    chance to perfect accuracy."""
+    return figures["accuracy"] < figures["chance"] + NEAR_CHANCE * (1 - figures["chance"])
+
+
+def accurate_teachers(predicted: torch.Tensor, labels: torch.Tensor, known: torch.Tensor) -> set:
+    """The teachers (positions) whose votes ``predicted [K, N]`` are clear of chance on the
+    labeled rows ``labels [N]`` (those judged on too few rows are not among them)."""
+    labels = torch.as_tensor(labels).long().cpu()
+    judged = [labeled_accuracy(p, labels, k) for p, k in zip(predicted.cpu(), known.cpu())]
+    return {k for k, figures in enumerate(judged) if figures and not near_chance(figures)}
 
 
 def near_chance_flag(name: str, figures: dict[str, Any], rows: str) -> dict[str, Any]:

@@ -169,6 +169,31 @@ def test_reversed_classes_are_flagged_with_the_class_order(teachers, unlabeled, 
     assert "check that order (--classes)" in message and str(REVERSED[:3])[:-1] in message
 
 
+def test_a_teacher_accurate_on_calibration_rows_is_not_flagged_for_disagreeing(
+    teachers, unlabeled, digits_splits, tmp_path
+):
+    """Two teachers that disagree on DATA's unlabeled rows: labeled --calibration-data rows
+    say which one is off, and only that one is flagged (was: both)."""
+    from kdplug.engines.label import LabelConfig, run_label
+
+    specs = [teachers["named"], teachers["unnamed"]]
+    config = LabelConfig(
+        specs,
+        unlabeled,
+        str(tmp_path / "l"),
+        classes=REVERSED,
+        calibration_data=digits_splits["test"],
+        combiner="mean",
+        progress=False,
+    )
+    flags = by_check(run_label(config)["teacher_checks"]["flags"])
+    unnamed = name(teachers["unnamed"])
+    assert set(flags) == {("near_chance", unnamed), ("disagrees", unnamed)}
+    assert flags["near_chance", unnamed]["message"].startswith(
+        f"teacher {unnamed} is near chance on 447 labeled --calibration-data rows"
+    )
+
+
 def test_a_named_teacher_is_aligned_by_name_whatever_the_class_order(
     teachers, digits_splits, tmp_path
 ):

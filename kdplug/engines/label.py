@@ -307,23 +307,30 @@ def check_label_teachers(
     """``kdplug.teacher_checks`` on DATA's rows (near chance on those with a label in DATA
     or ``--eval-labels``, disagreement on all), else near chance on the labeled
     ``--calibration-data`` rows; the report's ``teacher_checks``."""
+    from kdplug.fitting import collect_outputs
+
     labels = None if truth is None else torch.from_numpy(truth)[survey.good]
     known = teacher_set.known.cpu()
-    flags = teacher_checks.check_teachers(
-        teacher_set, None, known, labels, "rows of DATA", votes=survey.votes
-    )
+    held_out, fine = [], set()
     if truth is None and calibration_rows is not None:
-        labeled = np.flatnonzero(calibration_rows.labels() >= 0).tolist()
-        flags += teacher_checks.check_on_rows(
-            teacher_set,
-            calibration_rows,
-            labeled,
-            cfg.batch_size,
-            device,
-            "--calibration-data rows",
-            compare=False,  # disagreement: on DATA's rows above
-        )
-    return teacher_checks.record(teacher_set, flags)
+        labeled = np.flatnonzero(calibration_rows.labels() >= 0)
+        if len(labeled):
+            votes, _, truths = collect_outputs(
+                teacher_set,
+                calibration_rows,
+                labeled.tolist(),
+                cfg.batch_size,
+                device,
+                per_batch=teacher_checks.teacher_votes,
+            )
+            held_out = teacher_checks.check_teachers(
+                teacher_set, None, known, truths, "--calibration-data rows", False, votes
+            )  # disagreement: on DATA's rows below, where these teachers are not flagged
+            fine = teacher_checks.accurate_teachers(votes, truths, known)
+    flags = teacher_checks.check_teachers(
+        teacher_set, None, known, labels, "rows of DATA", votes=survey.votes, fine=fine
+    )
+    return teacher_checks.record(teacher_set, flags + held_out)
 
 
 def true_labels(cfg: LabelConfig, source: DataSource, classes: list[str]) -> np.ndarray | None:
