@@ -70,6 +70,7 @@ GROUPS: dict[str, tuple[str, dict[str, str]]] = {
             "probability_flag": "kdplug.teacher_io:probability_flag",
             "preprocess": "kdplug.teacher_io:preprocess",
             "spec_inputs": "kdplug.teacher_io:spec_inputs",
+            "shape_defaults": "kdplug.teacher_io:shape_defaults",
             "Preprocess": "kdplug.preprocess:Preprocess",
             "fixed_batch": "kdplug.teacher_io:fixed_batch",
             "run_in_batches": "kdplug.teacher_io:run_in_batches",

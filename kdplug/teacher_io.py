@@ -103,17 +103,38 @@ def preprocess(
 NOT_GIVEN = "not given"  # where a size, mean or std that nothing set came from
 
 
-def spec_inputs(pre: Preprocess, sources: dict[str, str | None]) -> dict[str, Any]:
-    """``Teacher.inputs`` of a teacher whose preprocessing is ``pre``, made from its
-    options alone (TorchScript, torch.export, ONNX): ``sources`` says where each of
-    ``size``, ``mean`` and ``std`` came from (None: not given, so kdplug's default: no
-    resize, no normalization), for the line every command logs."""
+def shape_defaults(
+    shape: Sequence[Any], in_chans: int | None, size: Any
+) -> tuple[int | None, Any, bool]:
+    """``in_chans`` and ``size`` where not given, from a model input's static shape
+    ``[B, C, H, W]`` (entries not ints are symbolic: left alone), and whether ``size``
+    came from it."""
+    if len(shape) != 4:
+        return in_chans, size, False
+    if in_chans is None and isinstance(shape[1], int):
+        in_chans = shape[1]
+    if size is None and all(isinstance(s, int) for s in shape[2:]):
+        return in_chans, list(shape[2:]), True
+    return in_chans, size, False
+
+
+def spec_inputs(
+    pre: Preprocess, options: dict[str, Any], size_from: str | None = None
+) -> dict[str, Any]:
+    """``Teacher.inputs`` of a teacher whose preprocessing ``pre`` its ``options`` alone set
+    (TorchScript, torch.export, ONNX): each of ``size``, ``mean`` and ``std`` is from its
+    option where that is not None, ``size`` from ``size_from`` where given (e.g. the
+    program's input shape), the rest kdplug's default, ``NOT_GIVEN`` (no resize, no
+    normalization); for the line every command logs."""
+    sources = {key: f"option {key}=" for key in ("size", "mean", "std") if options[key] is not None}
+    if size_from:
+        sources["size"] = size_from
     return {
         "size": list(pre.size) if pre.size is not None else None,
         "mean": [round(float(v), 6) for v in pre.mean.flatten()],
         "std": [round(float(v), 6) for v in pre.std.flatten()],
         "in_chans": pre.in_chans,
-        "from": {key: sources.get(key) or NOT_GIVEN for key in ("size", "mean", "std")},
+        "from": {key: sources.get(key, NOT_GIVEN) for key in ("size", "mean", "std")},
     }
 
 

@@ -24,6 +24,7 @@ from kdplug.api import (
     preprocess,
     probs_to_logits,
     run_in_batches,
+    shape_defaults,
     spec_inputs,
 )
 from kdplug_onnx.check import check_model
@@ -152,18 +153,8 @@ def load_onnx(ref, mean, std, size, in_chans, classes, probs) -> OnnxTeacher:
         raise UsageError(f"{source}: option probs must be true or false, got {probs!r}")
     check_model(path, source)
     runner = session(str(path), [CPU], source)
-    given = {
-        key: f"option {key}="
-        for key, v in (("size", size), ("mean", mean), ("std", std))
-        if v is not None
-    }
     shape = list(runner.get_inputs()[0].shape or [])
-    if len(shape) == 4:
-        if in_chans is None and isinstance(shape[1], int):
-            in_chans = shape[1]
-        if size is None and all(isinstance(s, int) for s in shape[2:]):
-            size = list(shape[2:])
-            given["size"] = "the graph's input shape"
+    in_chans, size, from_shape = shape_defaults(shape, in_chans, size)
     teacher = OnnxTeacher(
         str(path),
         runner,
@@ -173,5 +164,7 @@ def load_onnx(ref, mean, std, size, in_chans, classes, probs) -> OnnxTeacher:
         file_hash(path),
         source,
     )
-    teacher.inputs = spec_inputs(teacher.preprocess, given)
+    options = {"size": size, "mean": mean, "std": std}
+    from_graph = "the graph's input shape" if from_shape else None
+    teacher.inputs = spec_inputs(teacher.preprocess, options, from_graph)
     return teacher

@@ -36,6 +36,7 @@ from kdplug.api import (
     refuse_code,
     refuse_pickle,
     run_in_batches,
+    shape_defaults,
     spec_inputs,
     weights_only_loads,
 )
@@ -148,11 +149,7 @@ def _teacher(
         batch,
         place,
     ).eval()
-    given = {"size": size, "mean": mean, "std": std}
-    sources = {k: f"option {k}=" for k in given if given[k] is not None}
-    if size_from:
-        sources["size"] = size_from
-    teacher.inputs = spec_inputs(teacher.preprocess, sources)
+    teacher.inputs = spec_inputs(teacher.preprocess, options, size_from)
     return teacher
 
 
@@ -212,12 +209,7 @@ def load_exported(
             "export the model again using torch's own tensor operators only",
         )
     shape = _input_shape(program) or []
-    size_from = None
-    if len(shape) == 4:
-        if in_chans is None and isinstance(shape[1], int):
-            in_chans = shape[1]
-        if size is None and all(isinstance(s, int) for s in shape[2:]):
-            size, size_from = list(shape[2:]), "the program's input shape"
+    in_chans, size, from_shape = shape_defaults(shape, in_chans, size)
 
     def place(device: torch.device) -> torch.nn.Module:
         from torch.export.passes import move_to_device_pass
@@ -231,7 +223,7 @@ def load_exported(
         True,
         fixed_batch(shape[0], source) if shape else None,
         place,
-        size_from,
+        "the program's input shape" if from_shape else None,
         mean=mean,
         std=std,
         size=size,
