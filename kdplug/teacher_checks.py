@@ -77,17 +77,20 @@ def check_on_rows(
     device: torch.device,
     rows: str,
     compare: bool = True,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], set[int]]:
     """``check_teachers`` on the producer's votes for rows ``indices`` of ``source``
-    (``kdplug.fitting.collect_outputs``; each batch's logits are dropped once voted)."""
+    (``kdplug.fitting.collect_outputs``; each batch's logits are dropped once voted): the
+    flags, and the teachers found accurate there (``accurate_teachers``), which need not
+    be flagged for disagreeing on other rows."""
     from kdplug.fitting import collect_outputs
 
     if not len(indices):
-        return []
+        return [], set()
     votes, known, labels = collect_outputs(
         producer, source, indices, batch_size, device, per_batch=teacher_votes
     )
-    return check_teachers(producer, None, known, labels, rows, compare, votes=votes)
+    flags = check_teachers(producer, None, known, labels, rows, compare, votes=votes)
+    return flags, accurate_teachers(judge(votes, labels, known))
 
 
 def teacher_votes(scores: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -130,15 +133,13 @@ def flag_teachers(
     predicted = teacher_votes(scores.cpu(), known) if predicted is None else predicted.cpu()
     flags, fine = [], set(fine)
     if labels is not None:
-        labels = torch.as_tensor(labels).long().cpu()
-        for k, name in enumerate(names):
-            figures = labeled_accuracy(predicted[k], labels, known[k])
-            if figures is None:
-                continue
-            if near_chance(figures):
-                flags.append(near_chance_flag(name, figures, rows))
-            else:
-                fine.add(k)
+        judged = judge(predicted, labels, known)
+        flags += [
+            near_chance_flag(name, figures, rows)
+            for name, figures in zip(names, judged)
+            if figures is not None and near_chance(figures)
+        ]
+        fine |= accurate_teachers(judged)
     if compare and len(names) > 1:
         agree, counts = agreement(predicted, known)
         for k in range(len(names)):
@@ -173,11 +174,16 @@ def near_chance(figures: dict[str, Any]) -> bool:
     return figures["accuracy"] < figures["chance"] + NEAR_CHANCE * (1 - figures["chance"])
 
 
-def accurate_teachers(predicted: torch.Tensor, labels: torch.Tensor, known: torch.Tensor) -> set:
-    """The teachers (positions) whose votes ``predicted [K, N]`` are clear of chance on the
-    labeled rows ``labels [N]`` (those judged on too few rows are not among them)."""
+def judge(predicted: torch.Tensor, labels: Any, known: torch.Tensor) -> list[dict | None]:
+    """``labeled_accuracy`` of each teacher's votes ``predicted [K, N]`` on the labeled rows
+    ``labels [N]``."""
     labels = torch.as_tensor(labels).long().cpu()
-    judged = [labeled_accuracy(p, labels, k) for p, k in zip(predicted.cpu(), known.cpu())]
+    return [labeled_accuracy(p, labels, k) for p, k in zip(predicted.cpu(), known.cpu())]
+
+
+def accurate_teachers(judged: Sequence[dict | None]) -> set[int]:
+    """The teachers (positions) that ``judge`` found clear of chance (those judged on too
+    few rows are not among them)."""
     return {k for k, figures in enumerate(judged) if figures and not near_chance(figures)}
 
 

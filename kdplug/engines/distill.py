@@ -1134,7 +1134,7 @@ def check_teachers(parts: Parts, config: DistillConfig, device: torch.device) ->
         return None
     labeled = np.flatnonzero(parts.train.labels() >= 0)
     rows = "--train rows"  # the message reads "near chance on N labeled --train rows"
-    flags = teacher_checks.check_on_rows(
+    flags, _ = teacher_checks.check_on_rows(
         parts.producer, parts.train, labeled, config.batch_size, device, rows
     )
     return teacher_checks.record(parts.producer, flags)

@@ -307,26 +307,19 @@ def check_label_teachers(
     """``kdplug.teacher_checks`` on DATA's rows (near chance on those with a label in DATA
     or ``--eval-labels``, disagreement on all), else near chance on the labeled
     ``--calibration-data`` rows; the report's ``teacher_checks``."""
-    from kdplug.fitting import collect_outputs
-
     labels = None if truth is None else torch.from_numpy(truth)[survey.good]
     known = teacher_set.known.cpu()
     held_out, fine = [], set()
     if truth is None and calibration_rows is not None:
-        labeled = np.flatnonzero(calibration_rows.labels() >= 0)
-        if len(labeled):
-            votes, _, truths = collect_outputs(
-                teacher_set,
-                calibration_rows,
-                labeled.tolist(),
-                cfg.batch_size,
-                device,
-                per_batch=teacher_checks.teacher_votes,
-            )
-            held_out = teacher_checks.check_teachers(
-                teacher_set, None, known, truths, "--calibration-data rows", False, votes
-            )  # disagreement: on DATA's rows below, where these teachers are not flagged
-            fine = teacher_checks.accurate_teachers(votes, truths, known)
+        held_out, fine = teacher_checks.check_on_rows(
+            teacher_set,
+            calibration_rows,
+            np.flatnonzero(calibration_rows.labels() >= 0).tolist(),
+            cfg.batch_size,
+            device,
+            "--calibration-data rows",
+            compare=False,  # disagreement: on DATA's rows below, where ``fine`` are not flagged
+        )
     flags = teacher_checks.check_teachers(
         teacher_set, None, known, labels, "rows of DATA", votes=survey.votes, fine=fine
     )
