@@ -143,8 +143,9 @@ def write_targets(train_labels: np.ndarray, labeled: Any, classes: list[str], pa
         for start in range(0, len(table), step):
             keep = accepted[start : start + step]
             probs = table[start : start + step].column("probs").combine_chunks()
-            out[at : at + int(keep.sum())] = probs.flatten().to_numpy().reshape(-1, C)[keep]
-            at += int(keep.sum())
+            kept = probs.flatten().to_numpy().reshape(-1, C)[keep]
+            out[at : at + len(kept)] = kept
+            at += len(kept)
         out.flush()
         del out
     return Spec.of("logits", str(path), probs=True, classes=[str(c) for c in classes])
