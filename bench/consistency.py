@@ -99,7 +99,7 @@ def all_labeled(splits: dict[str, str], root: Path) -> str:
 
     parts = [load_data(splits[name]).dataset for name in ("labeled", "unlabeled")]
     concatenate_datasets(parts).save_to_disk(str(root))
-    return f"disk:{root},image_size={multi_teacher.SIZE}"
+    return multi_teacher.split_spec(root)
 
 
 def fewer_labeled(splits: dict[str, str], per_class: int, root: Path) -> tuple[str, int]:
@@ -114,7 +114,7 @@ def fewer_labeled(splits: dict[str, str], per_class: int, root: Path) -> tuple[s
     order = np.random.default_rng(0).permutation(len(labels))
     keep = [i for c in np.unique(labels) for i in order[labels[order] == c][:per_class]]
     dataset.select(sorted(int(i) for i in keep)).save_to_disk(str(root))
-    return f"disk:{root},image_size={multi_teacher.SIZE}", len(keep)
+    return multi_teacher.split_spec(root), len(keep)
 
 
 def runs(teachers: list[str], oracle: str | None, labeled: int) -> dict[str, dict]:

@@ -61,8 +61,13 @@ def make_splits(root: Path, seed: int = 0) -> dict[str, str]:
         start += count
         path = root / name
         dataset.select(rows).save_to_disk(str(path))
-        specs[name] = f"disk:{path},image_size={SIZE}"
+        specs[name] = split_spec(path)
     return specs
+
+
+def split_spec(path: Path) -> str:
+    """The DATA spec of a split saved at ``path``, read at SIZE x SIZE."""
+    return f"disk:{path},image_size={SIZE}"
 
 
 def load_arrays(spec: str):
